@@ -1,0 +1,63 @@
+"""The coherence quantities of Chatterjee & Zielinski, "Making Coherence Out of Nothing At All".
+
+One definition of each quantity, used by capture reports, analysis, theory checks and reports.
+Every function works on Python/NumPy scalars and arrays and on xarray/dask objects alike
+(element-wise arithmetic only, so dask arrays stay lazy).
+
+Notation: for per-example gradients g_1..g_m, ``norm_sq_of_sum`` = ||Σ g_i||² and
+``sum_of_norm_sq`` = Σ ||g_i||².
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _where_positive(denominator, value):
+    """``value`` where ``denominator > 0``, NaN elsewhere (alpha is undefined when all g are zero)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if hasattr(value, "where"):  # xarray
+            return value.where(denominator > 0)
+        return np.where(np.asarray(denominator) > 0, value, np.nan)[()]
+
+
+def alpha(norm_sq_of_sum, sum_of_norm_sq, m):
+    """Coherence alpha = ||E g||² / E||g||² (eq. 3 of *Making Coherence Out of Nothing At All*).
+
+    Parameters
+    ----------
+    norm_sq_of_sum : array_like
+        ||Σ_i g_i||² over the m examples.
+    sum_of_norm_sq : array_like
+        Σ_i ||g_i||² over the same examples.
+    m : array_like
+        Number of examples.
+
+    Returns
+    -------
+    array_like
+        alpha = ||Σ g||² / (m · Σ||g||²), in [0, 1]; NaN where every g_i is zero.
+
+    Notes
+    -----
+    alpha = 1/m when the g_i are pairwise orthogonal (the orthogonal limit), 1 when they are all
+    equal, 0 when they sum to zero (Theorem 1).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = norm_sq_of_sum / (m * sum_of_norm_sq)
+    return _where_positive(sum_of_norm_sq, value)
+
+
+def m_coherence(norm_sq_of_sum, sum_of_norm_sq, m):
+    """m-coherence = m · alpha = ||Σ g||² / Σ||g||²: 1 in the orthogonal limit, m when all agree."""
+    return m * alpha(norm_sq_of_sum, sum_of_norm_sq, m)
+
+
+def gradient_diversity(norm_sq_of_sum, sum_of_norm_sq, m):
+    """Gradient diversity (Yin et al.) = 1 / alpha."""
+    return 1.0 / alpha(norm_sq_of_sum, sum_of_norm_sq, m)
+
+
+def self_removed_m_coherence(norm_sq_of_sum, sum_of_norm_sq, m):
+    """m-coherence − 1 = Σ_{i≠j} g_i·g_j / Σ||g_i||²: 0 in the orthogonal limit."""
+    return m_coherence(norm_sq_of_sum, sum_of_norm_sq, m) - 1

@@ -1,0 +1,1 @@
+"""Data, models, training, experiments and the `gradstore` command line."""

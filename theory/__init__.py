@@ -1,0 +1,1 @@
+"""Symbolic (sympy) and property-based checks of the coherence theorems against `analysis`."""
