@@ -1,0 +1,273 @@
+"""Seeded, resumable training with the measurements the papers need.
+
+Step ``t`` means "after ``t`` parameter updates" (step 0 is the initial model). At every evaluation
+step the trainer records train loss and accuracy on the training labels and on the true labels,
+accuracy on pristine and on corrupt examples, test loss and accuracy, and per training example the
+first step at which it was classified correctly (on its training label) and the start of its current
+unbroken run of correct predictions (both at evaluation resolution; -1 = never / not now).
+
+Observers (for example a :class:`gradstore.store.Recorder`) plug in through :class:`Observer`:
+the trainer evaluates wherever an observer asks to run and hands it the model and the metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradstore.errors import GradstoreError
+from pipelines.data import MNIST, NoisyLabels, apply_label_noise
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Tensors for one noise level: images as float (n, 1, 28, 28) in [0, 1]."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor  # training labels (noisy)
+    y_true: torch.Tensor
+    corrupt: torch.Tensor  # bool
+    train_ids: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    test_ids: torch.Tensor
+    noise: NoisyLabels
+
+    @classmethod
+    def from_mnist(cls, mnist: MNIST, *, noise: float, seed: int, device: str | torch.device = "cpu") -> TrainData:
+        noisy = apply_label_noise(mnist.train_labels, noise, seed)
+
+        def images(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1).to(device)
+
+        def ints(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+        return cls(
+            x_train=images(mnist.train_images),
+            y_train=ints(noisy.train_labels),
+            y_true=ints(noisy.true_labels),
+            corrupt=ints(noisy.corrupt),
+            train_ids=ints(mnist.train_ids),
+            x_test=images(mnist.test_images),
+            y_test=ints(mnist.test_labels),
+            test_ids=ints(mnist.test_ids),
+            noise=noisy,
+        )
+
+
+def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per example (reduction='none'): the ``loss_fn`` convention of gradstore.capture."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+#: optimizer name -> factory(params, lr). The experiments add winsorized SGD, M3, RM3, RA3.
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are Coherent Gradients §2: vanilla SGD, lr 0.1, batch 100."""
+
+    model: str = "mlp-cg"
+    noise: float = 0.0
+    seed: int = 0
+    lr: float = 0.1
+    batch_size: int = 100
+    steps: int = 300
+    eval_every: int = 50
+    optimizer: str = "sgd"
+    device: str = "cpu"
+    eval_batch: int = 2000
+
+    def validate(self) -> None:
+        if not 0.0 <= self.noise <= 1.0:
+            raise GradstoreError(f"noise must be in [0, 1], got {self.noise}")
+        for name in ("batch_size", "eval_every", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise GradstoreError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.steps < 0:
+            raise GradstoreError(f"steps must be >= 0, got {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise GradstoreError(f"learning rate must be a positive number, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise GradstoreError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise GradstoreError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+
+
+class Observer(Protocol):
+    """Something that watches training, e.g. a gradstore Recorder."""
+
+    def wants(self, step: int) -> bool:
+        """Whether to be called at ``step`` (the trainer evaluates there too)."""
+
+    def __call__(self, step: int, model: nn.Module, metrics: dict[str, float]) -> None:
+        """Observe the model after ``step`` updates, with that step's evaluation metrics."""
+
+
+@dataclass
+class LearnedTimes:
+    """Per training example: first step classified correctly, and start of the current correct run."""
+
+    first_learned: np.ndarray
+    run_start: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int) -> LearnedTimes:
+        return cls(np.full(n, -1, np.int64), np.full(n, -1, np.int64))
+
+    def update(self, step: int, correct: np.ndarray) -> None:
+        self.first_learned[(self.first_learned < 0) & correct] = step
+        self.run_start[~correct] = -1
+        self.run_start[(self.run_start < 0) & correct] = step
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    learned: LearnedTimes | None = None
+    model: nn.Module | None = None
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1]
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)]) if len(x) else x.new_zeros(0, 10)
+
+
+def evaluate(model: nn.Module, data: TrainData, *, batch: int = 2000) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics of the model on the noisy training set and the test set, in eval mode (mode restored).
+
+    Returns the metrics and the per-training-example correctness on the training labels.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out_tr = _predict(model, data.x_train, batch)
+        out_te = _predict(model, data.x_test, batch)
+    finally:
+        model.train(was_training)
+    pred_tr = out_tr.argmax(1)
+    correct = pred_tr == data.y_train
+    corrupt = data.corrupt
+
+    def frac(mask: torch.Tensor) -> float:
+        return float(mask.float().mean()) if mask.numel() else float("nan")
+
+    metrics = {
+        "train_loss": float(per_example_loss(out_tr, data.y_train).mean()),
+        "train_acc": frac(correct),
+        "train_true_acc": frac(pred_tr == data.y_true),
+        "pristine_acc": frac(correct[~corrupt]),
+        "corrupt_acc": frac(correct[corrupt]),
+        "test_loss": float(per_example_loss(out_te, data.y_test).mean()),
+        "test_acc": frac(out_te.argmax(1) == data.y_test),
+    }
+    return metrics, correct.cpu().numpy()
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint or the new one
+
+
+def train(
+    config: TrainConfig,
+    data: TrainData,
+    *,
+    observers: Sequence[Observer] = (),
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    progress: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``config.model`` on ``data`` with ``config.optimizer``; resume from ``checkpoint`` if it exists.
+
+    Deterministic on CPU for a given seed: the model is initialised from ``seed``, minibatches come
+    from epoch-wise permutations drawn from a generator seeded from ``seed``.
+    """
+    from pipelines.models import build_model
+
+    config.validate()
+    device = torch.device(config.device)
+    model = build_model(config.model, seed=config.seed).to(device)
+    optimizer = OPTIMIZERS[config.optimizer](model.parameters(), config.lr)
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    n = len(data.x_train)
+    if n == 0:
+        raise GradstoreError("the training set is empty; give a data set with training examples")
+    result = TrainResult(config, learned=LearnedTimes.empty(n))
+    order, cursor, start = torch.randperm(n, generator=gen), 0, 0
+
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state["config"] != asdict(config):
+            raise GradstoreError(f"checkpoint {ckpt_path} belongs to another configuration; use a new --out or drop --resume")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        order, cursor, start = state["order"], state["cursor"], state["step"]
+        result.history = state["history"]
+        result.learned = LearnedTimes(state["first_learned"], state["run_start"])
+
+    def observe(step: int) -> None:
+        wanted = [obs for obs in observers if obs.wants(step)]
+        if not (wanted or step % config.eval_every == 0 or step == config.steps):
+            return
+        metrics, correct = evaluate(model, data, batch=config.eval_batch)
+        result.learned.update(step, correct)
+        metrics = {"step": step, "lr": config.lr, **metrics}
+        result.history.append(metrics)
+        for obs in wanted:
+            obs(step, model, metrics)
+
+    model.train()
+    if start == 0:
+        observe(0)
+    for step in range(start + 1, config.steps + 1):
+        if cursor + config.batch_size > n:  # new epoch; drop the ragged tail
+            order, cursor = torch.randperm(n, generator=gen), 0
+        idx = order[cursor : cursor + config.batch_size].to(device)
+        cursor += config.batch_size
+        optimizer.zero_grad(set_to_none=True)
+        loss = per_example_loss(model(data.x_train[idx]), data.y_train[idx]).mean()
+        loss.backward()
+        optimizer.step()
+        observe(step)
+        if progress is not None:
+            progress(step)
+        if ckpt_path is not None and (step % checkpoint_every == 0 or step == config.steps):
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "config": asdict(config),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(),
+                    "order": order,
+                    "cursor": cursor,
+                    "step": step,
+                    "history": result.history,
+                    "first_learned": result.learned.first_learned,
+                    "run_start": result.learned.run_start,
+                },
+            )
+    result.model = model
+    return result
