@@ -1,0 +1,2 @@
+class Recorder:  # placeholder until written
+    pass

@@ -1,0 +1,233 @@
+"""The run-store schema: array names, dimensions, dtypes, chunking and the run layout.
+
+One place defines what a gradstore run holds (``docs/store-format.md`` documents it). The writer
+creates arrays from :func:`array_specs`; the reader checks a store against the same specs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gradstore.errors import StoreError
+
+#: version of the on-disk layout; a reader refuses any other value
+SCHEMA_VERSION = 1
+
+#: root attribute holding the number of committed steps (written last by every append)
+COMMITTED = "committed_steps"
+
+#: the example sets coherence moments are computed over (dimension ``sample``)
+SAMPLES = ("tracked_train", "tracked_test", "moments_train")
+
+#: steps per chunk of the small per-step arrays (one chunk is rewritten whole at each append)
+STEP_BLOCK = 64
+
+#: target size in bytes of an inner chunk of the large per-step arrays
+INNER_CHUNK_BYTES = 1 << 20
+
+STORAGE_DTYPES = ("float32", "float16")
+COMPRESSIONS = ("zstd", "blosc", "none")
+
+#: static coordinates attached to ``example`` and ``coord`` (listed in the root ``coordinates`` attr)
+AUX_COORDS = ("true_label", "train_label", "corrupt", "split", "coord_layer", "coord_param", "coord_index")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the store.
+
+    Attributes
+    ----------
+    name : str
+        Array name (and xarray variable name).
+    dims : tuple of str
+        ``dimension_names`` of the array.
+    dtype : str
+        numpy dtype name, or ``"str"`` for variable-length UTF-8 strings.
+    chunks, shards : tuple of int or None
+        Zarr chunk (inner chunk when sharded) and shard shapes; ``None`` shards: unsharded.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None = None
+
+    @property
+    def per_step(self) -> bool:
+        return bool(self.dims) and self.dims[0] == "step"
+
+
+@dataclass(frozen=True, eq=False)
+class RunLayout:
+    """What a run records: the fixed part every appended step must match.
+
+    Parameters
+    ----------
+    layers : tuple of str
+        Layer names (qualified name of the module owning parameters), in model order.
+    params : tuple of (name, shape, layer)
+        Every trainable parameter: name as in ``model.named_parameters()``, shape, owning layer.
+    example_ids : ndarray of int64, shape (example,)
+        Stable ids of the tracked examples: train examples first, then test examples.
+    true_label, train_label : ndarray of int64, shape (example,), optional
+        Clean label and the (possibly corrupted) label trained on; -1 where unknown.
+    n_train : int
+        How many of ``example_ids`` are tracked train examples (the rest are test examples).
+    coord_layer, coord_param : tuple of str
+        For each sampled gradient coordinate, its layer and parameter (empty: no coordinates).
+    coord_index : ndarray of int64
+        Flat index of each sampled coordinate inside its parameter.
+    n_proj : int
+        Random projection dimension per layer (0: no projections).
+    projection_seed : int or None
+        Seed of the projection matrices (required when ``n_proj > 0``).
+    gram : bool
+        Whether exact per-layer Gram blocks are stored.
+    dtype : {"float32", "float16"}
+        Storage dtype of ``grad_coords`` and ``grad_proj``.
+    compression : {"zstd", "blosc", "none"}
+        Compressor of every array (not checked on resume).
+    """
+
+    layers: tuple[str, ...]
+    params: tuple[tuple[str, tuple[int, ...], str], ...]
+    example_ids: np.ndarray
+    n_train: int
+    true_label: np.ndarray | None = None
+    train_label: np.ndarray | None = None
+    coord_layer: tuple[str, ...] = ()
+    coord_param: tuple[str, ...] = ()
+    coord_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    n_proj: int = 0
+    projection_seed: int | None = None
+    gram: bool = False
+    dtype: str = "float32"
+    compression: str = "zstd"
+
+    def __post_init__(self):
+        ids = np.asarray(self.example_ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise StoreError("example_ids must be a 1-d integer array; pass the stable example ids")
+        object.__setattr__(self, "example_ids", ids.astype(np.int64))
+        for name in ("true_label", "train_label"):
+            value = getattr(self, name)
+            value = np.full(ids.size, -1, np.int64) if value is None else np.asarray(value).astype(np.int64)
+            if value.shape != ids.shape:
+                raise StoreError(f"{name} has shape {value.shape}; it needs one label per example {ids.shape}")
+            object.__setattr__(self, name, value)
+        idx = np.asarray(self.coord_index, dtype=np.int64).reshape(-1)
+        object.__setattr__(self, "coord_index", idx)
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "params", tuple((str(n), tuple(int(s) for s in sh), str(la)) for n, sh, la in self.params))
+        object.__setattr__(self, "coord_layer", tuple(self.coord_layer))
+        object.__setattr__(self, "coord_param", tuple(self.coord_param))
+        if not self.layers:
+            raise StoreError("a run needs at least one layer; the model has no trainable parameters")
+        if len(set(self.layers)) != len(self.layers):
+            raise StoreError(f"layer names must be unique, got {list(self.layers)}")
+        if not 0 <= self.n_train <= ids.size:
+            raise StoreError(f"n_train={self.n_train} must lie between 0 and the number of examples ({ids.size})")
+        if len({len(self.coord_layer), len(self.coord_param), idx.size}) != 1:
+            raise StoreError("coord_layer, coord_param and coord_index must have the same length")
+        if self.n_proj < 0 or (self.n_proj > 0 and self.projection_seed is None):
+            raise StoreError("projections need n_proj > 0 and a projection_seed")
+        if self.dtype not in STORAGE_DTYPES:
+            raise StoreError(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise StoreError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+
+    @property
+    def n_example(self) -> int:
+        return int(self.example_ids.size)
+
+    @property
+    def n_coord(self) -> int:
+        return int(self.coord_index.size)
+
+    def model_description(self) -> dict:
+        """JSON description of the model stored as the root attribute ``model``."""
+        return {
+            "layers": list(self.layers),
+            "params": [{"name": n, "shape": list(s), "layer": la} for n, s, la in self.params],
+        }
+
+    def storage_description(self) -> dict:
+        """JSON description of the storage options stored as the root attribute ``storage``."""
+        return {"dtype": self.dtype, "compression": self.compression, "n_train": self.n_train,
+                "n_proj": self.n_proj, "gram": self.gram}
+
+    def replace(self, **changes) -> RunLayout:
+        return dataclasses.replace(self, **changes)
+
+
+def _rows(row_bytes: int, n_rows: int) -> int:
+    """Rows per inner chunk so that one inner chunk is about ``INNER_CHUNK_BYTES``."""
+    return int(max(1, min(n_rows, INNER_CHUNK_BYTES // max(1, row_bytes))))
+
+
+def _padded(rows: int, n: int) -> int:
+    """Smallest multiple of ``rows`` covering ``n`` (a shard must hold whole inner chunks)."""
+    return -(-n // rows) * rows
+
+
+def array_specs(layout: RunLayout) -> dict[str, ArraySpec]:
+    """Every array of a run with this layout, by name.
+
+    Static arrays are one chunk. Small per-step arrays hold ``STEP_BLOCK`` steps per chunk. The
+    large arrays (``grad_coords``, ``grad_proj``, ``gram``) hold one step per shard, written whole.
+    """
+    n, nl, ns = max(layout.n_example, 1), len(layout.layers), len(SAMPLES)
+    nc, k = max(layout.n_coord, 1), max(layout.n_proj, 1)
+    specs = [
+        ArraySpec("step", ("step",), "int64", (STEP_BLOCK,)),
+        ArraySpec("example", ("example",), "int64", (n,)),
+        ArraySpec("layer", ("layer",), "str", (nl,)),
+        ArraySpec("sample", ("sample",), "str", (ns,)),
+        ArraySpec("true_label", ("example",), "int64", (n,)),
+        ArraySpec("train_label", ("example",), "int64", (n,)),
+        ArraySpec("corrupt", ("example",), "bool", (n,)),
+        ArraySpec("split", ("example",), "str", (n,)),
+    ]
+    for name in ("lr", "train_loss", "train_acc", "test_loss", "test_acc"):
+        specs.append(ArraySpec(name, ("step",), "float64", (STEP_BLOCK,)))
+    specs.append(ArraySpec("nonfinite", ("step",), "bool", (STEP_BLOCK,)))
+    for name in ("m", "norm_sq_of_sum", "sum_of_norm_sq"):
+        specs.append(ArraySpec(name, ("step", "sample", "layer"), "float64", (STEP_BLOCK, ns, nl)))
+    specs.append(ArraySpec("loss", ("step", "example"), "float64", (STEP_BLOCK, n)))
+    specs.append(ArraySpec("correct", ("step", "example"), "bool", (STEP_BLOCK, n)))
+    for name in ("sq_norm", "dot_with_sum"):
+        specs.append(ArraySpec(name, ("step", "example", "layer"), "float64", (STEP_BLOCK, n, nl)))
+    item = np.dtype(layout.dtype).itemsize
+    r_coord, r_proj, r_gram = _rows(nc * item, n), _rows(nl * k * item, n), _rows(n * 8, n)
+    if layout.n_coord:
+        specs += [
+            ArraySpec("coord", ("coord",), "int64", (nc,)),
+            ArraySpec("coord_layer", ("coord",), "str", (nc,)),
+            ArraySpec("coord_param", ("coord",), "str", (nc,)),
+            ArraySpec("coord_index", ("coord",), "int64", (nc,)),
+            ArraySpec("grad_coords", ("step", "example", "coord"), layout.dtype,
+                      (1, r_coord, nc), (1, _padded(r_coord, n), nc)),
+        ]
+    if layout.n_proj:
+        specs += [
+            ArraySpec("proj", ("proj",), "int64", (k,)),
+            ArraySpec("grad_proj", ("step", "example", "layer", "proj"), layout.dtype,
+                      (1, r_proj, nl, k), (1, _padded(r_proj, n), nl, k)),
+        ]
+    if layout.gram:
+        specs.append(ArraySpec("gram", ("step", "layer", "example", "example_"), "float64",
+                               (1, 1, r_gram, n), (1, nl, _padded(r_gram, n), n)))
+    return {s.name: s for s in specs}
+
+
+def static_shape(spec: ArraySpec, layout: RunLayout) -> tuple[int, ...]:
+    """Shape of ``spec`` for a run of ``layout`` with zero steps."""
+    sizes = {"step": 0, "example": layout.n_example, "example_": layout.n_example,
+             "layer": len(layout.layers), "sample": len(SAMPLES), "coord": layout.n_coord,
+             "proj": layout.n_proj}
+    return tuple(sizes[d] for d in spec.dims)
