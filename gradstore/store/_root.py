@@ -24,12 +24,11 @@ def open_root(store, name: str, *, writable: bool = False) -> tuple[zarr.Group, 
     """
     try:
         group = zarr.open_group(store, mode="r+" if writable else "r", zarr_format=3)
-    except FileNotFoundError as exc:
-        raise StoreError(f"no run store at {name!r}; check the path") from exc
     except zarr.errors.ContainsArrayError as exc:
         raise StoreError(f"{name!r} is a zarr array, not a gradstore run (a zarr group); check the path") from exc
-    except zarr.errors.NodeNotFoundError as exc:
-        raise StoreError(f"{name!r} is not a zarr v3 group, so not a gradstore run; check the path") from exc
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError) as exc:
+        raise StoreError(f"{name!r} holds no zarr v3 group (no zarr.json), so it is not a gradstore run; "
+                         f"check the path") from exc
     except (ValueError, TypeError, KeyError) as exc:
         raise StoreError(f"{name!r} has damaged root metadata (zarr.json: {exc}); the store cannot be read") from exc
     attrs = group.attrs.asdict()
