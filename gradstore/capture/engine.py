@@ -1,0 +1,302 @@
+"""One forward+backward pass, every requested per-example quantity: :func:`capture`.
+
+Flow: find the modules owning trainable parameters and their rules (:func:`plan`); run the model
+in eval mode under a :class:`~gradstore.capture.hooks.Tap`; take the gradient of the summed loss
+with ``torch.autograd.grad`` (which gives Σ_n g_n and never touches ``.grad``); turn each module's
+recorded uses into factors (its rule, or the torch.func fallback) and each factor into the
+requested quantities (:mod:`gradstore.capture.factors`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gradstore.capture.factors import Dense
+from gradstore.capture.fallback import fallback_rule, warn_fallback
+from gradstore.capture.hooks import Tap
+from gradstore.capture.projection import Projection
+from gradstore.capture.registry import lookup_rule
+from gradstore.capture.state import preserved_run
+from gradstore.errors import CaptureError
+
+
+@dataclass
+class Plan:
+    """Trainable parameters of a model and the modules that own them."""
+
+    params: dict[str, nn.Parameter]  # full name -> parameter (requires_grad only)
+    owner: dict[str, tuple[str, str]]  # full name -> (module path, local name)
+    modules: dict[str, nn.Module]  # module path -> module owning >= 1 trainable parameter
+
+    @property
+    def layer_of(self) -> dict[str, str]:
+        return {name: path for name, (path, _) in self.owner.items()}
+
+
+def plan(model: nn.Module) -> Plan:
+    """The trainable parameters of ``model``, named as in ``model.named_parameters()``."""
+    params, owner, modules, seen = {}, {}, {}, {}
+    for path, module in model.named_modules():
+        for local, param in module._parameters.items():
+            if param is None:
+                continue
+            name = f"{path}.{local}" if path else local
+            if id(param) in seen:
+                raise CaptureError(
+                    f"parameter {name!r} is the same tensor as {seen[id(param)]!r} (tied weights); "
+                    "capture needs each parameter owned by one module"
+                )
+            seen[id(param)] = name
+            if param.requires_grad:
+                params[name], owner[name] = param, (path, local)
+                modules[path] = module
+    return Plan(params, owner, modules)
+
+
+@dataclass
+class CaptureResult:
+    """Per-example quantities from one pass over m examples; dicts are keyed by parameter name.
+
+    Attributes
+    ----------
+    losses : Tensor (m,)           per-example losses (detached)
+    outputs : Tensor               model outputs (detached)
+    sq_norms : {param: (m,)}       ||g_n||²
+    coords : {param: (m, n_c)}     g_n at the requested flat coordinates
+    proj : {param: (m, k)}         random projections of g_n
+    gram : {param: (m, m)}         g_n · g_m
+    dots : {param: (m,)}           g_n · v (v = Σ_j g_j for ``dot_with="sum"``)
+    grad_sum : {param: tensor}     Σ_n g_n
+    grads : {param: (m, *shape)}   materialized g_n (reference path only)
+    layer_of : {param: layer}      owning module's qualified name
+    """
+
+    m: int
+    losses: torch.Tensor
+    outputs: object
+    layer_of: dict[str, str]
+    sq_norms: dict = field(default_factory=dict)
+    coords: dict = field(default_factory=dict)
+    proj: dict = field(default_factory=dict)
+    gram: dict = field(default_factory=dict)
+    dots: dict = field(default_factory=dict)
+    grad_sum: dict = field(default_factory=dict)
+    grads: dict = field(default_factory=dict)
+
+    def by_layer(self, quantity: str) -> dict[str, torch.Tensor]:
+        """Sum a per-parameter quantity (``sq_norms``, ``gram``, ``dots``) over each layer's parameters.
+
+        Parameter blocks are disjoint, so ||g||², g·g' and g·v add across a layer's parameters.
+        """
+        values = self._summable(quantity)
+        out: dict[str, torch.Tensor] = {}
+        for name, value in values.items():
+            layer = self.layer_of[name]
+            out[layer] = value if layer not in out else out[layer] + value
+        return out
+
+    def model_total(self, quantity: str) -> torch.Tensor:
+        """Sum a per-parameter quantity over the whole model (every layer)."""
+        values = list(self._summable(quantity).values())
+        if not values:
+            raise CaptureError(f"{quantity!r} was not captured; request it in capture(...)")
+        return torch.stack(values).sum(0)
+
+    def _summable(self, quantity: str) -> dict:
+        if quantity not in ("sq_norms", "gram", "dots"):
+            raise CaptureError(f"only sq_norms, gram and dots add over parameters, not {quantity!r}")
+        return getattr(self, quantity)
+
+
+def _batch_size(inputs, targets) -> int:
+    first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        raise CaptureError("inputs must be a tensor (or tuple of tensors) with the example axis first")
+    m = first.shape[0]
+    if m == 0:
+        raise CaptureError("capture needs at least one example; got an empty batch")
+    if isinstance(targets, torch.Tensor) and (targets.dim() == 0 or targets.shape[0] != m):
+        raise CaptureError(f"targets must have {m} rows like inputs, got shape {tuple(targets.shape)}")
+    return m
+
+
+def _check_coords(coords, pl: Plan) -> dict[str, torch.Tensor]:
+    checked = {}
+    for name, index in (coords or {}).items():
+        if name not in pl.params:
+            raise CaptureError(f"coords given for {name!r}, which is not a trainable parameter of the model")
+        param = pl.params[name]
+        index = torch.as_tensor(index, dtype=torch.long, device=param.device).reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= param.numel()):
+            raise CaptureError(f"coords of {name!r} must lie in [0, {param.numel()}), the flat index range")
+        checked[name] = index
+    return checked
+
+
+def _check_dot_with(dot_with, pl: Plan):
+    if dot_with is None or isinstance(dot_with, str):
+        if dot_with not in (None, "sum"):
+            raise CaptureError(f"dot_with must be None, 'sum' or a dict of tensors, got {dot_with!r}")
+        return dot_with
+    for name, vector in dot_with.items():
+        if name not in pl.params or tuple(vector.shape) != tuple(pl.params[name].shape):
+            raise CaptureError(f"dot_with[{name!r}] must be a tensor shaped like that trainable parameter")
+    return dot_with
+
+
+def _module_factors(path, module, uses, locals_, m):
+    """Factors of ``module``'s trainable parameters (local names ``locals_``), merged over uses."""
+    rule = lookup_rule(type(module))
+    if rule is None:
+        warn_fallback(path, module)
+    merged: dict = {}
+    for use in uses:
+        if use.grad_output is None:  # this use does not reach the loss: contributes nothing
+            continue
+        if use.grad_output.shape[0] != m:
+            raise CaptureError(
+                f"module {path!r} saw a batch of {use.grad_output.shape[0]} rows, not the {m} examples; "
+                "every layer with parameters needs the example axis first"
+            )
+        if rule is None:
+            factors = fallback_rule(module, {k: module._parameters[k] for k in locals_}, use)
+        else:
+            factors = rule(module, use.inputs, use.grad_output)
+        for local in locals_:
+            if local in factors:
+                merged[local] = factors[local] if local not in merged else merged[local].merge(factors[local])
+    return merged
+
+
+def capture(
+    model: nn.Module,
+    loss_fn,
+    inputs,
+    targets,
+    *,
+    sq_norms: bool = True,
+    coords: dict | None = None,
+    projection: Projection | int | None = None,
+    gram: bool = False,
+    dot_with=None,
+    grad_sum: bool = False,
+    grads: bool = False,
+) -> CaptureResult:
+    """Per-example gradient quantities of ``model`` on m examples from ONE forward+backward pass.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Run in eval mode for the pass (BatchNorm uses running statistics); modes, RNG state,
+        parameters and ``.grad`` are left as they were. Frozen parameters are skipped.
+    loss_fn : callable
+        ``loss_fn(outputs, targets)`` returning per-example losses of shape (m,)
+        (``reduction='none'``); the engine differentiates their sum.
+    inputs : Tensor or tuple of Tensor
+        Model inputs, example axis first (a tuple is unpacked into ``model(*inputs)``).
+    targets : object
+        Passed to ``loss_fn``.
+    sq_norms : bool
+        ||g_n||² per parameter.
+    coords : dict, optional
+        Parameter name -> flat coordinate indices; gradient values there.
+    projection : Projection or int, optional
+        Seeded random projection (an int k means ``Projection(k)``).
+    gram : bool
+        The (m, m) Gram block g_n · g_m per parameter.
+    dot_with : None, "sum" or dict
+        Vectors v per parameter for g_n · v; ``"sum"`` uses v = Σ_j g_j from this same pass.
+    grad_sum : bool
+        Σ_n g_n per parameter.
+    grads : bool
+        Materialize g_n, (m, *shape) per parameter: the slow reference path.
+
+    Returns
+    -------
+    CaptureResult
+    """
+    m = _batch_size(inputs, targets)
+    pl = plan(model)
+    coords = _check_coords(coords, pl)
+    dot_with = _check_dot_with(dot_with, pl)
+    if isinstance(projection, int):
+        projection = Projection(projection)
+    names = list(pl.params)
+    with preserved_run(model), torch.enable_grad(), Tap(pl.modules) as tap:
+        model.eval()
+        outputs = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+        losses = loss_fn(outputs, targets)
+        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (m,):
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise CaptureError(
+                f"loss_fn must return per-example losses of shape ({m},), got {shape}; use reduction='none'"
+            )
+        sums = torch.autograd.grad(losses.sum(), [pl.params[n] for n in names], allow_unused=True) if names else []
+        tap.recording = False
+        total = {
+            name: (torch.zeros_like(pl.params[name]) if s is None else (s.to_dense() if s.is_sparse else s))
+            for name, s in zip(names, sums)
+        }
+        vectors = total if dot_with == "sum" else dot_with
+        result = CaptureResult(m, losses.detach(), _detach(outputs), pl.layer_of)
+        if grad_sum:
+            result.grad_sum = total
+        by_module: dict[str, list[str]] = {}
+        for name in names:
+            by_module.setdefault(pl.owner[name][0], []).append(name)
+        for path, module_names in by_module.items():
+            locals_ = [pl.owner[n][1] for n in module_names]
+            factors = _module_factors(path, pl.modules[path], tap.uses[path], locals_, m)
+            tap.uses[path] = []
+            for name in module_names:
+                param = pl.params[name]
+                factor = factors.get(pl.owner[name][1])
+                if factor is None:  # parameter did not influence the loss
+                    factor = Dense(param.new_zeros((m, *param.shape)))
+                _quantities(result, name, param, factor, sq_norms=sq_norms, coords=coords,
+                            projection=projection, gram=gram, vectors=vectors, grads=grads)
+    return result
+
+
+def _quantities(result, name, param, factor, *, sq_norms, coords, projection, gram, vectors, grads):
+    with torch.no_grad():
+        if sq_norms:
+            result.sq_norms[name] = factor.sq_norms()
+        if name in coords:
+            result.coords[name] = factor.coords(coords[name])
+        if projection is not None:
+            u, v = projection.matrices(name, param.shape, device=param.device, dtype=param.dtype)
+            result.proj[name] = factor.project(u, v)
+        if gram:
+            result.gram[name] = factor.gram()
+        if vectors is not None and name in vectors:
+            result.dots[name] = factor.dots(vectors[name])
+        if grads:
+            result.grads[name] = factor.materialize()
+
+
+def _detach(outputs):
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach()
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_detach(o) for o in outputs)
+    return outputs
+
+
+def per_example_sq_norms(model, loss_fn, inputs, targets) -> dict[str, torch.Tensor]:
+    """Parameter name -> (m,) exact ||g_n||², without materializing g_n."""
+    return capture(model, loss_fn, inputs, targets, sq_norms=True).sq_norms
+
+
+def per_example_grads(model, loss_fn, inputs, targets, coords=None) -> dict[str, torch.Tensor]:
+    """The reference path: parameter name -> (m, *shape) per-example gradients.
+
+    With ``coords`` (parameter name -> flat indices) only those parameters and coordinates are
+    returned, (m, n_coords) each, computed without materializing g_n.
+    """
+    if coords is not None:
+        return capture(model, loss_fn, inputs, targets, sq_norms=False, coords=coords).coords
+    return capture(model, loss_fn, inputs, targets, sq_norms=False, grads=True).grads

@@ -1,0 +1,265 @@
+"""Per-example gradient factors: what a layer rule returns, and every quantity computed from it.
+
+A rule describes the per-example gradients g_n of one parameter in one of two forms:
+
+* :class:`Dense` -- g_n itself, a tensor ``(n, *param.shape)``. Used for small parameters (biases,
+  norm scales) and by the torch.func fallback.
+* :class:`Outer` -- a sum of outer products over positions t, never materialized::
+
+      g_n[h, r, c] = sum_t L[n, t, h, r] * R[n, t, h, c]
+
+  Index letters: n (and m) = example, t (and s) = position (sequence / spatial location / use),
+  h = group (conv groups; 1 otherwise), r = row of the parameter, c = column. The parameter's flat
+  layout is ``(h, r, c)``: for ``nn.Linear`` L = output gradients b (n,t,1,o), R = layer inputs
+  a (n,t,1,i); for ``nn.Conv2d`` R is the unfolded input patch. ``L`` may be a :class:`OneHot`
+  (``nn.Embedding``: the row is the looked-up index).
+
+Quantities are methods of the two factor classes (``sq_norms``, ``gram``, ``dots``, ``coords``,
+``project``, ``materialize``); adding a quantity touches this file only, adding a layer only a rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+#: Intermediate tensors are kept below this many elements by processing examples in blocks.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def _blocks(n: int, per_example: int):
+    """Slices of ``range(n)`` whose blocks hold at most ``BLOCK_ELEMENTS`` intermediate elements."""
+    size = max(1, BLOCK_ELEMENTS // max(1, per_example))
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def param_matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """The (R, C) matrix view of a parameter used by projections: (shape[0], rest) or (1, numel)."""
+    if len(shape) >= 2:
+        return int(shape[0]), int(math.prod(shape[1:]))
+    return 1, int(math.prod(shape))
+
+
+@dataclass(frozen=True)
+class OneHot:
+    """Rows selected by index: a side of an :class:`Outer` equal to ``one_hot(index, size)``.
+
+    ``index`` is ``(n, t)`` int64; the side has one group (h = 1).
+    """
+
+    index: torch.Tensor
+    size: int
+
+
+# ---- side primitives (dense sides are (n, t, h, d) tensors) -------------------------------------
+
+
+def _side_dim(side) -> int:
+    return side.size if isinstance(side, OneHot) else side.shape[-1]
+
+
+def _inner_same(side, dtype) -> torch.Tensor:
+    """(n, h, t, s): inner products of positions t, s of the same example."""
+    if isinstance(side, OneHot):
+        i = side.index
+        return (i[:, :, None] == i[:, None, :]).unsqueeze(1).to(dtype)
+    return torch.einsum("ntgd,nsgd->ngts", side, side)
+
+
+def _inner_cross(side_a, side_b, dtype) -> torch.Tensor:
+    """(n, m, h, t, s): inner products of position t of example n with position s of example m."""
+    if isinstance(side_a, OneHot):
+        i, j = side_a.index, side_b.index
+        return (i[:, None, :, None] == j[None, :, None, :]).unsqueeze(2).to(dtype)
+    return torch.einsum("ntgd,msgd->nmgts", side_a, side_b)
+
+
+def _apply(side, matrix: torch.Tensor) -> torch.Tensor:
+    """(n, t, h, x) = sum_d side[n, t, h, d] * matrix[h, d, x]."""
+    if isinstance(side, OneHot):
+        return matrix[0][side.index].unsqueeze(2)
+    return torch.einsum("ntgd,gdx->ntgx", side, matrix)
+
+
+def _take(side, group: torch.Tensor, row: torch.Tensor, dtype) -> torch.Tensor:
+    """(n, t, k) = side[n, t, group[k], row[k]]."""
+    if isinstance(side, OneHot):
+        return (side.index[..., None] == row).to(dtype)
+    return side[:, :, group, row]
+
+
+def _dense(side, dtype) -> torch.Tensor:
+    if isinstance(side, OneHot):
+        return F.one_hot(side.index, side.size).to(dtype).unsqueeze(2)
+    return side
+
+
+def _cat_sides(a, b):
+    if isinstance(a, OneHot) != isinstance(b, OneHot):
+        return None
+    if isinstance(a, OneHot):
+        return OneHot(torch.cat([a.index, b.index], 1), a.size) if a.size == b.size else None
+    if a.shape[2:] != b.shape[2:]:
+        return None
+    return torch.cat([a, b], 1)
+
+
+# ---- the two factor forms ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Materialized per-example gradients ``g`` of shape (n, *param.shape)."""
+
+    g: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.g.shape[0]
+
+    def _flat(self) -> torch.Tensor:
+        return self.g.reshape(self.g.shape[0], -1)
+
+    def merge(self, other):
+        """The factor of g + g' (a module used twice)."""
+        if isinstance(other, Dense):
+            return Dense(self.g + other.g)
+        return Dense(self.g + other.materialize())
+
+    def materialize(self) -> torch.Tensor:
+        """(n, *shape) per-example gradients."""
+        return self.g
+
+    def sq_norms(self) -> torch.Tensor:
+        """(n,) ||g_n||²."""
+        flat = self._flat()
+        return (flat * flat).sum(1)
+
+    def gram(self) -> torch.Tensor:
+        """(n, m) g_n · g_m."""
+        flat = self._flat()
+        return flat @ flat.T
+
+    def dots(self, v: torch.Tensor) -> torch.Tensor:
+        """(n,) g_n · v for ``v`` of the parameter's shape."""
+        return self._flat() @ v.reshape(-1).to(self.g.dtype)
+
+    def coords(self, flat_index: torch.Tensor) -> torch.Tensor:
+        """(n, k) g_n at the flat coordinates ``flat_index``."""
+        return self._flat()[:, flat_index]
+
+    def project(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(n, k) = sum_rc g_n[r, c] u[k, r] v[k, c] on the (R, C) view of the parameter."""
+        rows, cols = u.shape[1], v.shape[1]
+        g = self.g.reshape(self.g.shape[0], rows, cols)
+        return torch.einsum("nrk,kr->nk", g @ v.T, u)
+
+
+@dataclass(frozen=True)
+class Outer:
+    """Per-example gradients ``g_n[h,r,c] = sum_t L[n,t,h,r] R[n,t,h,c]`` of a parameter of ``shape``.
+
+    ``left`` is an (n, t, h, r) tensor or a :class:`OneHot`; ``right`` an (n, t, h, c) tensor.
+    """
+
+    left: object
+    right: torch.Tensor
+    shape: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        return self.right.shape[0]
+
+    @property
+    def _dims(self) -> tuple[int, int, int, int]:
+        _, t, h, c = self.right.shape
+        return t, h, _side_dim(self.left), c
+
+    def _gram_form_cheaper(self) -> bool:
+        """Pairwise (t × s) inner products beat materializing the (r × c) gradient."""
+        t, _, r, c = self._dims
+        return t == 1 or t * (r + c) < r * c
+
+    def merge(self, other):
+        """The factor of g + g' (a module used twice): concatenate positions when the forms agree."""
+        if isinstance(other, Outer):
+            left = _cat_sides(self.left, other.left)
+            if left is not None and self.right.shape[2:] == other.right.shape[2:]:
+                return Outer(left, torch.cat([self.right, other.right], 1), self.shape)
+        return Dense(self.materialize() + other.materialize())
+
+    def materialize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(n, *shape) per-example gradients (optionally of examples ``rows`` only)."""
+        left = self.left
+        if isinstance(left, OneHot):
+            left = OneHot(left.index[rows], left.size)
+        else:
+            left = left[rows]
+        right = self.right[rows]
+        g = torch.einsum("ntgr,ntgc->ngrc", _dense(left, right.dtype), right)
+        return g.reshape(right.shape[0], *self.shape)
+
+    def sq_norms(self) -> torch.Tensor:
+        """(n,) ||g_n||², by the Gram form sum_ts (L_t·L_s)(R_t·R_s) or by materializing."""
+        t, h, r, c = self._dims
+        dtype = self.right.dtype
+        if t == 1 and not isinstance(self.left, OneHot):
+            return ((self.left * self.left).sum(-1) * (self.right * self.right).sum(-1)).sum((1, 2))
+        out = []
+        if self._gram_form_cheaper():
+            for rows in _blocks(self.n, h * t * t):
+                left = OneHot(self.left.index[rows], r) if isinstance(self.left, OneHot) else self.left[rows]
+                out.append((_inner_same(left, dtype) * _inner_same(self.right[rows], dtype)).sum((1, 2, 3)))
+        else:
+            for rows in _blocks(self.n, h * r * c):
+                g = self.materialize(rows)
+                g = g.reshape(g.shape[0], -1)
+                out.append((g * g).sum(1))
+        return torch.cat(out) if out else self.right.new_zeros(0)
+
+    def gram(self) -> torch.Tensor:
+        """(n, m) g_n · g_m over all examples of the factor."""
+        t, h, r, c = self._dims
+        dtype = self.right.dtype
+        n = self.n
+        if not self._gram_form_cheaper():
+            flat = self.materialize().reshape(n, -1)
+            return flat @ flat.T
+        if t == 1 and not isinstance(self.left, OneHot):
+            left, right = self.left[:, 0], self.right[:, 0]  # (n, h, d)
+            ll = torch.einsum("ngr,mgr->nmg", left, left)
+            rr = torch.einsum("ngc,mgc->nmg", right, right)
+            return (ll * rr).sum(-1)
+        out = []
+        for rows in _blocks(n, n * h * t * t):
+            left = OneHot(self.left.index[rows], r) if isinstance(self.left, OneHot) else self.left[rows]
+            ll = _inner_cross(left, self.left, dtype)
+            rr = _inner_cross(self.right[rows], self.right, dtype)
+            out.append((ll * rr).sum((2, 3, 4)))
+        return torch.cat(out)
+
+    def dots(self, v: torch.Tensor) -> torch.Tensor:
+        """(n,) g_n · v = sum_t L_t^T v R_t for ``v`` of the parameter's shape."""
+        t, h, r, c = self._dims
+        lv = _apply(self.left, v.to(self.right.dtype).reshape(h, r, c))  # (n, t, h, c)
+        return (lv * self.right).sum((1, 2, 3))
+
+    def coords(self, flat_index: torch.Tensor) -> torch.Tensor:
+        """(n, k) g_n at the flat coordinates ``flat_index`` of the (h, r, c) layout."""
+        _, _, r, c = self._dims
+        group, rest = flat_index // (r * c), flat_index % (r * c)
+        row, col = rest // c, rest % c
+        left = _take(self.left, group, row, self.right.dtype)  # (n, t, k)
+        return (left * self.right[:, :, group, col]).sum(1)
+
+    def project(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(n, k) = sum_t sum_h (L_t,h · u_k,h)(R_t,h · v_k): the Kronecker row u_k ⊗ v_k, never g_n."""
+        _, h, r, _ = self._dims
+        k = u.shape[0]
+        lu = _apply(self.left, u.reshape(k, h, r).permute(1, 2, 0))  # (n, t, h, k)
+        rv = self.right @ v.T  # (n, t, h, k)
+        return (lu * rv).sum((1, 2))

@@ -1,0 +1,70 @@
+"""Hook lifecycle: record every use of the observed modules during one forward+backward pass.
+
+:class:`Tap` is a context manager owning every hook handle; it stores what it records in its own
+``uses`` dict (nothing is attached to modules or parameters) and removes all hooks on exit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from gradstore.errors import CaptureError
+
+
+@dataclass
+class Use:
+    """One call of a module: its (detached) positional inputs, keyword inputs and output gradient."""
+
+    inputs: tuple
+    kwargs: dict
+    grad_output: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Tap:
+    """Record inputs and output gradients of ``modules`` (qualified name -> module) per use.
+
+    Set ``recording = False`` to make the hooks inert (e.g. while a fallback re-runs a module).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.uses: dict[str, list[Use]] = {name: [] for name in modules}
+        self.recording = True
+        self._handles: list = []
+
+    def __enter__(self) -> Tap:
+        for name, module in self.modules.items():
+            hook = partial(self._on_forward, name)
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_forward(self, name, module, args, kwargs, output):
+        if not self.recording:
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise CaptureError(
+                f"module {name!r} ({type(module).__name__}) returns {type(output).__name__}, not one "
+                "tensor; capture needs a module with parameters to return a single tensor"
+            )
+        if not output.requires_grad:
+            return None
+        use = Use(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs))
+        self.uses[name].append(use)
+        # A tensor hook registered now sees the gradient w.r.t. this value even if a later
+        # in-place op (e.g. ReLU(inplace=True)) rewrites the tensor.
+        output.register_hook(partial(_store_grad, use))
+        return None
+
+
+def _store_grad(use: Use, grad: torch.Tensor) -> None:
+    use.grad_output = grad if use.grad_output is None else use.grad_output + grad

@@ -1,0 +1,92 @@
+"""The rule registry: which per-layer rule computes the per-example gradient factors of a module.
+
+This is the stable extension point for custom modules. A **rule** is a function
+
+    rule(module, inputs, grad_output) -> dict[str, Factor]
+
+called once per use of ``module`` in a forward pass, after the backward pass. ``inputs`` is the
+tuple of positional tensors the module was called with (detached), ``grad_output`` the gradient of
+the *summed* loss with respect to the module's output, with the example axis first. It returns,
+for each of the module's own parameters (local names such as ``"weight"``), a factor
+(:class:`gradstore.capture.factors.Dense` or :class:`gradstore.capture.factors.Outer`) describing
+that parameter's per-example gradients. Quantities (norms, Gram blocks, projections, ...) are
+computed from factors elsewhere, so a rule never deals with them.
+
+Lookup policy (:func:`lookup_rule`): the rule registered for the module's exact type wins;
+otherwise the type's method resolution order is walked and the first registered base class's rule
+is used (so a subclass of ``nn.Linear`` that does not change the math needs nothing). A module
+with parameters and no rule goes to the torch.func fallback with a one-time warning.
+
+Example
+-------
+>>> from gradstore.capture import register_rule, Dense
+>>> @register_rule(MyScale)                                   # doctest: +SKIP
+... def my_scale_rule(module, inputs, grad_output):
+...     (x,) = inputs
+...     return {"scale": Dense((x * grad_output).flatten(1).sum(1, keepdim=True))}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gradstore.errors import CaptureError
+
+Rule = Callable  # (module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> dict[str, Factor]
+
+_RULES: dict[type, Rule] = {}
+
+
+def register_rule(*module_types: type, overwrite: bool = False) -> Callable[[Rule], Rule]:
+    """Decorator registering ``rule`` for each of ``module_types``.
+
+    Parameters
+    ----------
+    *module_types : type
+        ``nn.Module`` subclasses the rule handles.
+    overwrite : bool, default False
+        Replace an existing registration instead of failing.
+
+    Raises
+    ------
+    CaptureError
+        If a type already has a rule and ``overwrite`` is False, or no type is given.
+    """
+    if not module_types:
+        raise CaptureError("register_rule needs at least one module type, e.g. @register_rule(nn.Linear)")
+
+    def decorate(rule: Rule) -> Rule:
+        for module_type in module_types:
+            if not isinstance(module_type, type):
+                raise CaptureError(f"register_rule expects module classes, got {module_type!r}")
+            if module_type in _RULES and not overwrite:
+                raise CaptureError(
+                    f"a capture rule is already registered for {module_type.__qualname__}; "
+                    "pass overwrite=True to replace it"
+                )
+        for module_type in module_types:
+            _RULES[module_type] = rule
+        return rule
+
+    return decorate
+
+
+def unregister_rule(module_type: type) -> None:
+    """Remove the rule registered for exactly ``module_type`` (no error if there is none)."""
+    _RULES.pop(module_type, None)
+
+
+def lookup_rule(module_type: type) -> Rule | None:
+    """The rule for ``module_type``: exact type first, then the first registered base in its MRO."""
+    rule = _RULES.get(module_type)
+    if rule is not None:
+        return rule
+    for base in module_type.__mro__[1:]:
+        if base in _RULES:
+            return _RULES[base]
+    return None
+
+
+def registered_types() -> tuple[type, ...]:
+    """The module types that have a rule of their own, in registration order."""
+    return tuple(_RULES)

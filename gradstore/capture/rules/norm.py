@@ -1,0 +1,62 @@
+"""Normalization layers: BatchNorm (eval mode), LayerNorm, GroupNorm.
+
+Each is ``y = x̂ * weight + bias`` with x̂ computed without parameters, so with output gradient b:
+weight g_n[c] = sum_t x̂[n,c,t] b[n,c,t], bias g_n[c] = sum_t b[n,c,t] (Dense factors).
+Index letters: n = example, c = normalized feature or channel, t = every other position.
+BatchNorm is exact only in eval mode (running statistics): in training mode its output for one
+example depends on the whole batch and per-example gradients are undefined.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradstore.capture.factors import Dense
+from gradstore.capture.registry import register_rule
+from gradstore.errors import CaptureError
+
+
+def _affine(module, x_hat, grad_output, reduce_dims):
+    def reduce(x):  # note: tensor.sum(()) would sum every dim
+        return x.sum(reduce_dims) if reduce_dims else x
+
+    factors = {}
+    if getattr(module, "weight", None) is not None:
+        factors["weight"] = Dense(reduce(x_hat * grad_output))
+    if getattr(module, "bias", None) is not None:
+        factors["bias"] = Dense(reduce(grad_output))
+    return factors
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def batchnorm_rule(module, inputs, grad_output):
+    """x̂ = (x - running_mean) / sqrt(running_var + eps), channel axis 1."""
+    if module.running_mean is None or module.training:
+        raise CaptureError(
+            f"{type(module).__name__} must use running statistics for per-example gradients "
+            "(eval mode with track_running_stats=True); prime them with gradstore.capture.bn_priming"
+        )
+    x = inputs[0]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    x_hat = (x - module.running_mean.reshape(shape)) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
+    return _affine(module, x_hat, grad_output, tuple(range(2, x.dim())))
+
+
+@register_rule(nn.LayerNorm)
+def layernorm_rule(module, inputs, grad_output):
+    """x̂ = layer_norm(x) over the trailing ``normalized_shape`` dims; t = the leading dims."""
+    x = inputs[0]
+    n = x.shape[0]
+    x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    shape = (n, -1, *module.normalized_shape)
+    return _affine(module, x_hat.reshape(shape), grad_output.reshape(shape), (1,))
+
+
+@register_rule(nn.GroupNorm)
+def groupnorm_rule(module, inputs, grad_output):
+    """x̂ = group_norm(x) per example; channel axis 1, t = spatial dims."""
+    x = inputs[0]
+    x_hat = F.group_norm(x, module.num_groups, None, None, module.eps)
+    return _affine(module, x_hat, grad_output, tuple(range(2, x.dim())))

@@ -1,0 +1,41 @@
+"""Conv1d / Conv2d rule vs the vmap(grad) oracle: strides, dilation, groups, padding modes."""
+
+import torch
+from capture_harness import check_all, sq_loss
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 3), groups=st.sampled_from([1, 2]), k=st.integers(1, 3), stride=st.integers(1, 2),
+       dilation=st.integers(1, 2), padding=st.sampled_from([0, 1, "same"]),
+       mode=st.sampled_from(["zeros", "reflect", "circular"]), bias=st.booleans(), dims=st.sampled_from([1, 2]))
+def test_conv_shapes(m, groups, k, stride, dilation, padding, mode, bias, dims):
+    if padding == "same":
+        stride = 1
+    conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(
+        2 * groups, 2 * groups, k, stride=stride, dilation=dilation, padding=padding, padding_mode=mode,
+        groups=groups, bias=bias,
+    )
+    torch.manual_seed(m + k)
+    model = nn.Sequential(conv).double()
+    x = torch.randn(m, 2 * groups, *([6] * dims), dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    check_all(model, sq_loss, x, y, rtol=1e-6)
+
+
+def test_conv2d_float32():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 2, stride=2))
+    x = torch.randn(5, 3, 8, 8)
+    y = torch.randn(5, 2, 4, 4)
+    check_all(model, sq_loss, x, y, rtol=1e-4)
+
+
+def test_large_kernel_takes_the_gram_path():
+    # t * (r + c) < r * c: few output locations, many channels -> pairwise form instead of materializing
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3)).double()
+    x = torch.randn(3, 16, 4, 4, dtype=torch.float64)
+    check_all(model, sq_loss, x, torch.randn(3, 16, 2, 2, dtype=torch.float64), rtol=1e-6)

@@ -1,0 +1,203 @@
+"""The engine on a model mixing every supported layer, a reused module, frozen parameters and a
+fallback module; run-state restoration; the registry; errors."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from capture_harness import ce_loss, check_all, oracle_grads, rel_err, sq_loss
+from mixed_models import Mixed, Scale, mixed_batch
+from torch import nn
+
+from gradstore.capture import (
+    CaptureFallbackWarning,
+    Dense,
+    capture,
+    lookup_rule,
+    per_example_grads,
+    per_example_sq_norms,
+    register_rule,
+    unregister_rule,
+)
+from gradstore.capture import fallback as fallback_module
+from gradstore.errors import CaptureError
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fallback_warnings():
+    fallback_module._WARNED.clear()
+    yield
+    fallback_module._WARNED.clear()
+
+
+def _mixed(dtype):
+    torch.manual_seed(0)
+    return Mixed().to(dtype)
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+def test_mixed_model_every_quantity(dtype, rtol):
+    model = _mixed(dtype)
+    inputs, targets = mixed_batch(6, dtype)
+    with pytest.warns(CaptureFallbackWarning, match="'scale'.*register_rule"):
+        res = check_all(model, ce_loss, inputs, targets, rtol=rtol, k=5)
+    assert "head.weight" not in res.sq_norms and "head.bias" in res.sq_norms
+    assert res.layer_of["shared.weight"] == "shared"
+    per_layer = res.by_layer("sq_norms")
+    torch.testing.assert_close(per_layer["shared"], res.sq_norms["shared.weight"] + res.sq_norms["shared.bias"])
+    torch.testing.assert_close(res.model_total("sq_norms"), sum(per_layer.values()))
+    assert res.losses.shape == (6,) and not res.losses.requires_grad and res.outputs.shape == (6, 3)
+
+
+def test_fallback_warns_once_per_module():
+    model = _mixed(torch.float64)
+    inputs, targets = mixed_batch(2)
+    with pytest.warns(CaptureFallbackWarning):
+        capture(model, ce_loss, inputs, targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        capture(model, ce_loss, inputs, targets)
+
+
+def test_module_used_twice_with_different_positions():
+    torch.manual_seed(1)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).flatten(1).sum(1, keepdim=True) + self.conv(x[:, :, ::2, ::2]).flatten(1)[:, :1]
+
+    model = Twice().double()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    check_all(model, sq_loss, x, torch.randn(4, 1, dtype=torch.float64), rtol=1e-6)
+
+
+def test_capture_leaves_the_run_untouched():
+    model = _mixed(torch.float32)
+    model.train()
+    model.gn.eval()
+    inputs, targets = mixed_batch(5, torch.float32)
+    ce_loss(model(*inputs), targets).sum().backward()
+    state = copy.deepcopy(model.state_dict())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    modes = {n: m.training for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    with pytest.warns(CaptureFallbackWarning):
+        capture(model, ce_loss, inputs, targets, gram=True, dot_with="sum", projection=3, grad_sum=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert {n: p.grad for n, p in model.named_parameters() if p.grad is not None}.keys() == grads.keys()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[name])
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_public_shortcuts_and_coords_path():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    ref = oracle_grads(model, ce_loss, x, y)
+    norms = per_example_sq_norms(model, ce_loss, x, y)
+    grads = per_example_grads(model, ce_loss, x, y)
+    coords = per_example_grads(model, ce_loss, x, y, coords={"2.weight": [0, 7, 17]})
+    for name, g in ref.items():
+        assert rel_err(norms[name], g.flatten(1).pow(2).sum(1)) < 1e-10
+        assert rel_err(grads[name], g) < 1e-10
+    assert set(coords) == {"2.weight"}
+    assert rel_err(coords["2.weight"], ref["2.weight"].flatten(1)[:, [0, 7, 17]]) < 1e-10
+
+
+def test_dot_with_given_vectors():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    v = {"0.weight": torch.randn(3, 4, dtype=torch.float64)}
+    res = capture(model, ce_loss, x, y, dot_with=v)
+    g = oracle_grads(model, ce_loss, x, y)["0.weight"]
+    assert set(res.dots) == {"0.weight"}
+    assert rel_err(res.dots["0.weight"], g.flatten(1) @ v["0.weight"].flatten()) < 1e-10
+
+
+def test_unused_parameter_gives_zeros():
+    model = nn.ModuleDict({"a": nn.Linear(3, 2), "b": nn.Linear(3, 2)})
+    res = capture(lambda_model(model), sq_loss, torch.randn(4, 3), torch.randn(4, 2), grad_sum=True)
+    assert torch.equal(res.sq_norms["inner.b.weight"], torch.zeros(4))
+    assert torch.equal(res.grad_sum["inner.b.bias"], torch.zeros(2))
+
+
+def lambda_model(inner):
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner["a"](x)
+
+    return Wrap()
+
+
+def test_bad_input_errors():
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(CaptureError, match="not a trainable parameter"):
+        capture(model, sq_loss, x, y, coords={"nope": [0]})
+    with pytest.raises(CaptureError, match=r"\[0, 6\)"):
+        capture(model, sq_loss, x, y, coords={"weight": [6]})
+    with pytest.raises(CaptureError, match="targets must have 4 rows"):
+        capture(model, sq_loss, x, torch.randn(3, 2))
+    with pytest.raises(CaptureError, match="dot_with"):
+        capture(model, sq_loss, x, y, dot_with="mean")
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(CaptureError, match="tied weights"):
+        capture(tied, sq_loss, x, torch.randn(4, 3))
+
+    class Folded(nn.Module):  # its Linear sees 12 rows, not 4 examples
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(1, 2)
+
+        def forward(self, x):
+            return self.lin(x.reshape(-1, 1)).reshape(x.shape[0], -1)
+
+    with pytest.raises(CaptureError, match="example axis first"):
+        capture(Folded(), sq_loss, x, torch.randn(4, 6))
+
+
+def test_registry_policy():
+    with pytest.raises(CaptureError, match="already registered"):
+        register_rule(nn.Linear)(lambda module, inputs, grad_output: {})
+
+    class MyLinear(nn.Linear):
+        pass
+
+    assert lookup_rule(MyLinear) is lookup_rule(nn.Linear)  # MRO walk
+    assert lookup_rule(Scale) is None
+
+    @register_rule(Scale)
+    def scale_rule(module, inputs, grad_output):
+        x = inputs[0]
+        return {"s": Dense(grad_output * (x + 2 * module.s))}
+
+    try:
+        with pytest.raises(CaptureError, match="overwrite=True"):
+            register_rule(Scale)(scale_rule)
+        register_rule(Scale, overwrite=True)(scale_rule)
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(3, 4), Scale(4)).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a registered rule: no fallback warning
+            check_all(model, sq_loss, torch.randn(5, 3, dtype=torch.float64),
+                      torch.randn(5, 4, dtype=torch.float64), rtol=1e-6)
+    finally:
+        unregister_rule(Scale)
