@@ -1,0 +1,43 @@
+"""A process without gradstore opens a run with plain xarray + zarr and reads the same values."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from conftest import step_data
+
+from gradstore.store import create_run, open_run
+
+SCRIPT = r"""
+import json, sys
+sys.path = [p for p in sys.path if p not in ("", ".")]
+import xarray as xr
+ds = xr.open_zarr(sys.argv[1], consolidated=False)
+assert not any(m == "gradstore" or m.startswith(("gradstore.", "pipelines", "torch")) for m in sys.modules), \
+    sorted(m for m in sys.modules if m.startswith(("gradstore", "pipelines", "torch")))
+out = {k: ds[k].values.tolist() for k in ("step", "loss", "grad_coords", "gram", "m", "coord_param", "split")}
+out["dims"] = {k: list(ds[k].dims) for k in ds.variables}
+out["coords"] = sorted(ds.coords)
+out["schema"] = ds.attrs["gradstore_schema"]
+print(json.dumps(out))
+"""
+
+
+def test_plain_xarray_reads_the_store_without_gradstore(tmp_path, layout):
+    writer = create_run(tmp_path / "run.zarr", layout)
+    for s in (0, 5):
+        writer.append_step(s, **step_data(layout, s))
+    proc = subprocess.run([sys.executable, "-I", "-c", SCRIPT, str(tmp_path / "run.zarr")], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    ds = open_run(tmp_path / "run.zarr")
+    assert got["schema"] == 1 and got["step"] == [0, 5]
+    for key in ("loss", "grad_coords", "gram", "m"):
+        np.testing.assert_array_equal(np.array(got[key]), ds[key].values)
+    assert got["coord_param"] == list(layout.coord_param)
+    assert got["split"] == ["train"] * 7 + ["test"] * 3
+    assert {k: tuple(v) for k, v in got["dims"].items()} == {k: ds[k].dims for k in ds.variables}
+    assert {"coord_layer", "coord_param", "coord_index", "true_label", "train_label", "corrupt", "split"} <= set(
+        got["coords"])
