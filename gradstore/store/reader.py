@@ -11,7 +11,7 @@ from gradstore.store._root import check_arrays, layout_from_store, open_root
 from gradstore.store.schema import AUX_COORDS, COMMITTED, array_specs
 
 #: index coordinates, loaded eagerly (small)
-_INDEX = ("step", "example", "layer", "sample", "coord", "proj")
+_INDEX = ("step", "example", "example_", "layer", "sample", "coord", "proj")
 #: attributes that describe the on-disk state rather than the run
 _INTERNAL_ATTRS = ("coordinates",)
 

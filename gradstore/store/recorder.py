@@ -7,6 +7,7 @@ so ``import gradstore.store`` stays torch-free for the analysis side.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -101,6 +102,11 @@ class Recorder:
         Stored as root attributes.
     overwrite, resume :
         See :func:`gradstore.store.create_run`.
+    background : bool, default True
+        Write each step in a background thread while training goes on (at most one write in
+        flight; the next capture waits for it). Call :meth:`close` (or use ``with``) to wait for
+        the last write; a write error is raised by the next ``record``/``close``. A step becomes
+        visible to readers when its write commits, exactly as with ``background=False``.
     """
 
     def __init__(self, target, model, *, train_inputs, train_targets, train_ids, train_true=None,
@@ -109,7 +115,8 @@ class Recorder:
                  coords_per_layer: int = 300, coord_seed: int = 0, n_proj: int = 0,
                  projection_seed: int = 0, gram: bool = False, dtype: str = "float32",
                  compression: str = "zstd", config: dict | None = None, seeds: dict | None = None,
-                 overwrite: bool = False, resume: bool = True, storage_options: dict | None = None):
+                 overwrite: bool = False, resume: bool = True, storage_options: dict | None = None,
+                 background: bool = True):
         import torch
 
         from gradstore.capture import Projection, plan
@@ -148,6 +155,8 @@ class Recorder:
         self._projection = Projection(n_proj, seed=projection_seed) if n_proj else None
         self.writer = create_run(target, self.layout, config=config, seeds=seeds, overwrite=overwrite,
                                  resume=resume, storage_options=storage_options)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradstore-writer") if background else None
+        self._pending = None  # (step, Future) of the write in flight
 
     # ---------------------------------------------------------------- the training-loop side
     @property
@@ -157,8 +166,11 @@ class Recorder:
 
     def wants(self, step: int) -> bool:
         """Whether ``step`` is scheduled and not already committed (a resumed run skips those)."""
-        last = self.writer.last_step
+        last = self._last_step()
         return step in self.schedule and (last is None or step > last)
+
+    def _last_step(self):
+        return self._pending[0] if self._pending is not None else self.writer.last_step
 
     def __call__(self, step: int, model, metrics: dict | None = None) -> None:
         """Observer protocol of :func:`pipelines.train.train`: record ``step`` if wanted."""
@@ -168,9 +180,24 @@ class Recorder:
     def record(self, step: int, model, *, lr=math.nan, train_loss=math.nan, train_acc=math.nan,
                test_loss=math.nan, test_acc=math.nan) -> None:
         """Capture the tracked sample now and append it as ``step`` (regardless of the schedule)."""
+        step = int(step)
+        last = self._last_step()
+        if last is not None and step <= last:
+            raise StoreError(f"step {step} is not after the last recorded step {last}; steps must increase")
         values = self.capture_step(model)
-        self.writer.append_step(step, lr=lr, train_loss=train_loss, train_acc=train_acc,
-                                test_loss=test_loss, test_acc=test_acc, **values)
+        self.flush()
+        scalars = dict(lr=lr, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc)
+        if self._executor is None:
+            self.writer.append_step(step, **scalars, **values)
+        else:
+            self._pending = (step, self._executor.submit(self.writer.append_step, step, **scalars, **values))
+
+    def flush(self) -> None:
+        """Wait for the write in flight (if any); re-raise its error."""
+        if self._pending is not None:
+            future = self._pending[1]
+            self._pending = None
+            future.result()
 
     # ---------------------------------------------------------------- the capture side
     def capture_step(self, model) -> dict[str, np.ndarray]:
@@ -226,13 +253,13 @@ class Recorder:
             "moments": (res.m, [nss[layer] for layer in lay.layers], sq_norm.sum(axis=0)),
         }
         if lay.n_coord:
-            part["grad_coords"] = np.concatenate([_np(res.coords[name]) for name in self._coords], axis=1)
+            part["grad_coords"] = np.concatenate([_np(res.coords[name], lay.dtype) for name in self._coords], axis=1)
         if lay.n_proj:
             proj = {}
             for name, value in res.proj.items():
                 layer = res.layer_of[name]
                 proj[layer] = value if layer not in proj else proj[layer] + value
-            part["grad_proj"] = np.stack([_np(proj[layer]) for layer in lay.layers], axis=1)
+            part["grad_proj"] = np.stack([_np(proj[layer], lay.dtype) for layer in lay.layers], axis=1)
         return part
 
     def _all_tracked(self):
@@ -243,7 +270,13 @@ class Recorder:
         return torch.cat([self._train[0], self._test[0]]), torch.cat([self._train[1], self._test[1]])
 
     def close(self) -> None:
-        self.writer.close()
+        """Wait for the last write and release the writer thread."""
+        try:
+            self.flush()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            self.writer.close()
 
     def __enter__(self):
         return self
@@ -252,5 +285,9 @@ class Recorder:
         self.close()
 
 
-def _np(tensor) -> np.ndarray:
-    return tensor.detach().to("cpu").double().numpy()
+def _np(tensor, dtype: str = "float64") -> np.ndarray:
+    """A numpy copy on the CPU: float64 for exact statistics, the storage dtype for gradient values
+    (cast by torch, much faster than numpy's float16 conversion)."""
+    import torch
+
+    return tensor.detach().to(device="cpu", dtype=getattr(torch, dtype)).numpy()

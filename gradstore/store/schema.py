@@ -220,6 +220,7 @@ def array_specs(layout: RunLayout) -> dict[str, ArraySpec]:
                       (1, r_proj, nl, k), (1, _padded(r_proj, n), nl, k)),
         ]
     if layout.gram:
+        specs.append(ArraySpec("example_", ("example_",), "int64", (n,)))
         specs.append(ArraySpec("gram", ("step", "layer", "example", "example_"), "float64",
                                (1, 1, r_gram, n), (1, nl, _padded(r_gram, n), n)))
     return {s.name: s for s in specs}

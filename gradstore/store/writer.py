@@ -271,6 +271,8 @@ def _create(store, layout: RunLayout, name: str, *, config, seeds, code) -> RunW
         group["coord_index"][...] = layout.coord_index
     if layout.n_proj:
         group["proj"][...] = np.arange(layout.n_proj, dtype=np.int64)
+    if layout.gram:
+        group["example_"][...] = layout.example_ids
     present = [c for c in AUX_COORDS if c in specs]
     group.attrs.put({
         "gradstore_schema": SCHEMA_VERSION,

@@ -37,6 +37,7 @@ def run(store: str, n_steps: int) -> None:
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+    rec.close()
     print("done", flush=True)
 
 

@@ -41,3 +41,9 @@ def test_plain_xarray_reads_the_store_without_gradstore(tmp_path, layout):
     assert {k: tuple(v) for k, v in got["dims"].items()} == {k: ds[k].dims for k in ds.variables}
     assert {"coord_layer", "coord_param", "coord_index", "true_label", "train_label", "corrupt", "split"} <= set(
         got["coords"])
+
+
+def test_import_store_does_not_import_torch():
+    code = "import sys, gradstore.store, gradstore; gradstore.open_run; assert 'torch' not in sys.modules, 'torch'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

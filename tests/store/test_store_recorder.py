@@ -63,6 +63,7 @@ def recorded(tmp_path):
         opt.zero_grad()
         nn.functional.cross_entropy(model(xtr), ytr).backward()
         opt.step()
+    rec.close()  # waits for the background write of the last step
     return open_run(tmp_path / "run.zarr"), snapshots, (xtr, ytr, xte, yte, xm, ym), true
 
 
@@ -121,8 +122,15 @@ def test_resumed_recorder_skips_committed_steps_and_refuses_other_model(tmp_path
               coords_per_layer=2)
     rec = Recorder(tmp_path / "r2.zarr", tiny_model(), **kw)
     rec.record(3, tiny_model())
-    again = Recorder(tmp_path / "r2.zarr", tiny_model(), **kw)
-    assert not again.wants(3) and again.wants(4)
+    assert not rec.wants(3) and rec.wants(4)  # the write of step 3 may still be in flight
+    with pytest.raises(StoreError, match="step 3 is not after the last recorded step 3"):
+        rec.record(3, tiny_model())
+    rec.close()
+    again = Recorder(tmp_path / "r2.zarr", tiny_model(), background=False, **kw)
+    assert again.committed == 1 and not again.wants(3) and again.wants(4)
+    again.record(4, tiny_model())
+    assert open_run(tmp_path / "r2.zarr").step.values.tolist() == [3, 4]
+    again.close()
     with pytest.raises(StoreError, match="cannot append to .*: the model"):
         Recorder(tmp_path / "r2.zarr", nn.Sequential(nn.Flatten(), nn.Linear(6, 3)), **kw)
     with pytest.raises(StoreError, match="sampled coordinate set"):

@@ -1,0 +1,113 @@
+"""``gradstore bench store``: write throughput of the run store and the cost of writing vs capturing.
+
+Cases (real MNIST training images, the ``mlp-cg`` model 784-2048-10, ``examples`` tracked
+examples, ``coords`` sampled gradient coordinates split evenly over its two layers):
+
+* ``write``: :meth:`RunWriter.append_step` of one captured step (per-example loss, correctness,
+  per-layer ||g||² and g·Σg, moments, and ``grad_coords`` (examples × coords)) for each storage
+  dtype and compression; MB/s counts the uncompressed bytes of the step, ``ratio`` is
+  uncompressed / on-disk bytes. The step's values come from a real capture, so compressibility is
+  realistic (first-layer gradients are exactly zero at the always-black MNIST pixels).
+* ``record``: :meth:`Recorder.capture_step` (capture alone) vs :meth:`Recorder.record`
+  (capture + write, zstd, float32); the target is a ratio of at most 1.25.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def _recorder(path, x, y, coords: int, compression: str, dtype: str):
+    from gradstore.store import Recorder, Schedule
+    from pipelines.models import build_model
+
+    model = build_model("mlp-cg", seed=0).to(x.device)
+    rec = Recorder(path, model, train_inputs=x, train_targets=y, train_ids=range(len(y)),
+                   schedule=Schedule.every(1), coords_per_layer=coords // 2, compression=compression,
+                   dtype=dtype, overwrite=True, config={"bench": "store"})
+    return rec, model
+
+
+def _disk_bytes(path: Path, key: str | None = None) -> int:
+    root = path / key if key else path
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def run(*, examples: int, coords: int, steps: int, repeats: int, device: str, data_dir: str | None,
+        echo=print) -> dict:
+    """Time every case; return ``{"write": [...], "record": {...}, "source": str}``."""
+    import numpy as np
+    import torch
+
+    from pipelines.data import load_mnist
+
+    torch.manual_seed(0)
+    mnist = load_mnist(data_dir)
+    x = torch.from_numpy(mnist.train_images[:examples].astype(np.float32) / 255.0).unsqueeze(1).to(device)
+    y = torch.from_numpy(np.ascontiguousarray(mnist.train_labels[:examples])).to(device)
+    out: dict = {"source": str(getattr(mnist, "source", data_dir)), "write": []}
+    with tempfile.TemporaryDirectory(prefix="gradstore-bench-") as tmp:
+        tmp = Path(tmp)
+        rec, model = _recorder(tmp / "probe.zarr", x, y, coords, "zstd", "float32")
+        values = rec.capture_step(model)
+        logical = sum(np.asarray(v).nbytes for v in values.values())
+        for dtype in ("float32", "float16"):
+            for compression in ("none", "zstd", "blosc"):
+                path = tmp / f"w-{dtype}-{compression}.zarr"
+                writer, _ = _recorder(path, x, y, coords, compression, dtype)
+                # the Recorder hands over gradient values already in the storage dtype
+                step_values = {**values, "grad_coords": torch.from_numpy(values["grad_coords"]).to(
+                    getattr(torch, dtype)).numpy()}
+                times = []
+                for s in range(steps):
+                    t0 = time.perf_counter()
+                    writer.writer.append_step(s, **step_values)
+                    times.append(time.perf_counter() - t0)
+                item = np.dtype(dtype).itemsize
+                step_bytes = logical - values["grad_coords"].nbytes + values["grad_coords"].size * item
+                # what is written: float64 statistics + grad_coords at the storage dtype
+                med = statistics.median(times[1:] if steps > 1 else times)
+                row = {"dtype": dtype, "compression": compression, "step_mb": step_bytes / 1e6,
+                       "seconds": med, "mb_s": step_bytes / 1e6 / med,
+                       "ratio": steps * step_bytes / max(1, _disk_bytes(path)),
+                       "coords_ratio": steps * values["grad_coords"].size * item
+                       / max(1, _disk_bytes(path, "grad_coords"))}
+                out["write"].append(row)
+                echo(f"  write {dtype} {compression}: {row['mb_s']:.0f} MB/s, {row['seconds'] * 1e3:.1f} ms/step, "
+                     f"ratio {row['ratio']:.2f}")
+        rec, model = _recorder(tmp / "record.zarr", x, y, coords, "zstd", "float32")
+        rec.capture_step(model)  # warm-up
+        cap, both = [], []
+        for s in range(repeats):  # what Recorder.record does, timed in two parts
+            t0 = time.perf_counter()
+            values = rec.capture_step(model)
+            t1 = time.perf_counter()
+            rec.writer.append_step(s, **values)
+            t2 = time.perf_counter()
+            cap.append(t1 - t0)
+            both.append(t2 - t0)
+        c, b = statistics.median(cap), statistics.median(both)
+        out["record"] = {"capture_s": c, "capture_write_s": b, "ratio": b / c}
+        echo(f"  record: capture {c * 1e3:.0f} ms, capture+write {b * 1e3:.0f} ms, ratio {b / c:.3f}")
+    return out
+
+
+def markdown(rows: dict, *, examples: int, coords: int, steps: int, repeats: int, device: str) -> str:
+    """The benchmark's tables in Markdown."""
+    lines = [f"Write of one step ({examples} examples × {coords} coordinates + per-example/per-layer statistics; "
+             f"median of {steps - 1 if steps > 1 else steps} appends after the first):", "",
+             "| dtype | compression | MB per step | ms per step | MB/s | size ratio (all) | size ratio (grad_coords) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows["write"]:
+        lines.append(f"| {r['dtype']} | {r['compression']} | {r['step_mb']:.1f} | {r['seconds'] * 1e3:.1f} | "
+                     f"{r['mb_s']:.0f} | {r['ratio']:.2f} | {r['coords_ratio']:.2f} |")
+    rec = rows["record"]
+    verdict = "meets" if rec["ratio"] <= 1.25 else "misses"
+    lines += ["", f"Recorder step on `mlp-cg`, device {device}, median of {repeats}:", "",
+              "| capture alone | capture + write (zstd, float32) | ratio |", "|---|---|---|",
+              f"| {rec['capture_s'] * 1e3:.0f} ms | {rec['capture_write_s'] * 1e3:.0f} ms | "
+              f"{rec['ratio']:.3f} ({verdict} the ≤ 1.25 target) |"]
+    return "\n".join(lines)
