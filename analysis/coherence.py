@@ -44,7 +44,7 @@ def alpha(norm_sq_of_sum, sum_of_norm_sq, m):
     equal, 0 when they sum to zero (Theorem 1).
     """
     with np.errstate(divide="ignore", invalid="ignore"):
-        value = norm_sq_of_sum / (m * sum_of_norm_sq)
+        value = np.divide(norm_sq_of_sum, m * sum_of_norm_sq)  # 0/0 -> NaN even for Python floats
     return _where_positive(sum_of_norm_sq, value)
 
 
@@ -61,3 +61,37 @@ def gradient_diversity(norm_sq_of_sum, sum_of_norm_sq, m):
 def self_removed_m_coherence(norm_sq_of_sum, sum_of_norm_sq, m):
     """m-coherence − 1 = Σ_{i≠j} g_i·g_j / Σ||g_i||²: 0 in the orthogonal limit."""
     return m_coherence(norm_sq_of_sum, sum_of_norm_sq, m) - 1
+
+
+def coherence(moments, *, source: str = "exact"):
+    """All four coherence quantities from a Dataset of moments.
+
+    Parameters
+    ----------
+    moments : xarray.Dataset
+        ``m``, ``norm_sq_of_sum`` and ``sum_of_norm_sq`` with any dimensions, e.g. the output of
+        :func:`analysis.sources.layer_moments` (step, sample, layer).
+    source : str
+        Where the moments came from (``"exact"``, ``"coords"``, ``"proj"``); recorded in the
+        ``source`` attribute of the result and of each variable.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``alpha``, ``m_coherence``, ``gradient_diversity``, ``self_removed_m_coherence`` and ``m``,
+        lazy if the inputs are.
+    """
+    import xarray as xr
+
+    args = (moments["norm_sq_of_sum"], moments["sum_of_norm_sq"], moments["m"])
+    out = xr.Dataset({
+        "alpha": alpha(*args),
+        "m_coherence": m_coherence(*args),
+        "gradient_diversity": gradient_diversity(*args),
+        "self_removed_m_coherence": self_removed_m_coherence(*args),
+        "m": moments["m"],
+    })
+    for name in out.data_vars:
+        out[name].attrs["source"] = source
+    out.attrs["source"] = source
+    return out

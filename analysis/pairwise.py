@@ -1,0 +1,143 @@
+"""Pairwise gradient alignment: stiffness, gradient confusion and group coherence.
+
+All functions take a gram (…, example, example_) of g_i·g_j — the stored exact ``gram`` or one
+estimated from coordinates/projections (:func:`analysis.sources.layer_gram`) — restricted to the
+examples of interest, and stay lazy.
+
+References
+----------
+Fort, Nowak, Jastrzebski, Narayanan (2019), *Stiffness: A New Perspective on Generalization in
+Neural Networks*. Sankararaman, De, Xu, Huang, Goldstein (2020), *The Impact of Neural Network
+Overparameterization on Gradient Confusion and Stochastic Gradient Descent*.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from analysis.groups import block_sums, diagonal, off_diagonal, onehot, pair_counts
+
+CONFUSION_STATS = ("min_cosine", "median_cosine", "p05_cosine", "fraction_negative")
+
+
+def cosines(gram: xr.DataArray) -> xr.DataArray:
+    """cos(g_i, g_j) = g_i·g_j / (||g_i|| ||g_j||); NaN where a gradient is zero."""
+    norm = np.sqrt(diagonal(gram))
+    denom = norm * norm.rename(example="example_")
+    return (gram / denom).where(denom > 0)
+
+
+def stiffness(gram: xr.DataArray, *, labels=None) -> xr.Dataset:
+    """Sign and cosine stiffness over pairs z ≠ z', overall and class by class.
+
+    Parameters
+    ----------
+    gram : xarray.DataArray
+        g_i·g_j with dims (…, example, example_).
+    labels : array_like, optional
+        One class per example; adds the class-by-class matrices (within classes on the diagonal,
+        between classes off it).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``sign_stiffness`` = mean of sign(g_i·g_j) and ``cosine_stiffness`` = mean of
+        cos(g_i, g_j) over i ≠ j; with ``labels`` also ``sign_stiffness_class`` and
+        ``cosine_stiffness_class`` with dims (…, class, class_).
+
+    Notes
+    -----
+    Fort et al. (2019), eqs. 2-3: S(z, z') = E[sign(g·g')] or E[cos(g, g')]; sign(g·g') > 0 means
+    a small step on z lowers the loss on z'.
+    """
+    n = gram.sizes["example"]
+    signs = np.sign(gram)
+    cos = cosines(gram)
+    pairs = off_diagonal(n)
+    count = n * (n - 1)
+    out = xr.Dataset({
+        "sign_stiffness": (signs * pairs).sum(("example", "example_")) / count,
+        "cosine_stiffness": (cos * pairs).sum(("example", "example_")) / count,
+    })
+    if labels is not None:
+        groups = onehot(labels, dim="class", example=gram.example.values)
+        counts = pair_counts(groups)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["sign_stiffness_class"] = (block_sums(signs, groups) / counts.where(counts > 0)).transpose(
+                ..., "class", "class_")
+            out["cosine_stiffness_class"] = (block_sums(cos, groups) / counts.where(counts > 0)).transpose(
+                ..., "class", "class_")
+    return out
+
+
+def _confusion_numpy(cos: np.ndarray) -> np.ndarray:
+    n = cos.shape[-1]
+    iu = np.triu_indices(n, 1)
+    values = cos[..., iu[0], iu[1]]
+    if values.shape[-1] == 0:
+        return np.full(cos.shape[:-2] + (4,), np.nan)
+    q05, median = np.quantile(values, [0.05, 0.5], axis=-1)
+    return np.stack([values.min(-1), median, q05, (values < 0).mean(-1)], axis=-1)
+
+
+def confusion(gram: xr.DataArray) -> xr.Dataset:
+    """Gradient confusion: the distribution of pairwise cosines over pairs i < j.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``min_cosine`` (the confusion bound: g_i·g_j ≥ −η with η = −min cosine after
+        normalization), ``median_cosine``, ``p05_cosine`` (5th percentile) and
+        ``fraction_negative`` (share of pairs with negative cosine), over the leading dims.
+
+    Notes
+    -----
+    Sankararaman et al. (2020), Definition 2.1. Needs all examples of one step in one chunk
+    (rechunked if not).
+    """
+    cos = cosines(gram).chunk({"example": -1, "example_": -1}) if gram.chunks else cosines(gram)
+    stats = xr.apply_ufunc(
+        _confusion_numpy, cos, input_core_dims=[["example", "example_"]], output_core_dims=[["statistic"]],
+        dask="parallelized", output_dtypes=[np.float64], dask_gufunc_kwargs={"output_sizes": {"statistic": 4}},
+    )
+    return xr.Dataset({name: stats.isel(statistic=k) for k, name in enumerate(CONFUSION_STATS)})
+
+
+def group_coherence(gram: xr.DataArray, labels, *, dim: str = "group") -> xr.Dataset:
+    """m-coherence within each group and the pairwise alpha within and between groups.
+
+    Parameters
+    ----------
+    gram : xarray.DataArray
+        g_i·g_j with dims (…, example, example_).
+    labels : array_like
+        Group of each example (e.g. ``"easy"``/``"hard"``, classes).
+    dim : str
+        Name of the group dimension of the result (the second is ``dim + "_"``).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``m_coherence`` (…, group) = ||Σ_{i∈a} g_i||² / Σ_{i∈a} ||g_i||²;
+        ``pairwise_alpha`` (…, group, group_) = mean_{i∈a, j∈b, i≠j} g_i·g_j divided by the
+        mean ||g||² over a ∪ b (0 for orthogonal, 1 for identical gradients; within a group it
+        is (m_coherence − 1)/(m − 1)); ``m`` (group).
+    """
+    groups = onehot(labels, dim=dim, example=gram.example.values)
+    blocks = block_sums(gram, groups, pairs_only=False)
+    sq = xr.dot(diagonal(gram), groups, dim="example")
+    within = xr.Dataset({"m_coherence": _diag(blocks, dim) / sq.where(sq > 0)})
+    counts = pair_counts(groups)
+    m = groups.sum("example")
+    cross = block_sums(gram, groups, pairs_only=True) / counts.where(counts > 0)
+    mean_sq = (sq + sq.rename({dim: dim + "_"})) / (m + m.rename({dim: dim + "_"}))
+    # within a group the mean ||g||² is sq/m, which the line above also gives (2 sq / 2 m)
+    within["pairwise_alpha"] = cross / mean_sq.where(mean_sq > 0)
+    within["m"] = m
+    return within.transpose(..., dim, dim + "_")
+
+
+def _diag(blocks: xr.DataArray, dim: str) -> xr.DataArray:
+    eye = xr.DataArray(np.eye(blocks.sizes[dim]), dims=(dim, dim + "_"))
+    return (blocks * eye).sum(dim + "_")

@@ -1,0 +1,166 @@
+"""Every metric of a run in one lazy results Dataset; opening stores; writing results.
+
+:func:`analyze` builds the whole computation lazily (only small static metadata and the ``correct``
+history for easy/hard groups are read eagerly); the caller computes it with any Dask scheduler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from analysis import hardness, losssplit, minibatch, nulls, pairwise, sources
+from analysis.coherence import coherence
+from gradstore.errors import StoreError
+
+METRICS = ("coherence", "stiffness", "confusion", "loss_split", "easy_hard", "minibatch")
+
+
+def open_store(path) -> xr.Dataset:
+    """Open a run store lazily; :class:`StoreError` (one line) if it is missing or not a run."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"no run store at {str(path)!r}; give the directory a capture run wrote")
+    if not path.is_dir():
+        raise StoreError(f"{str(path)!r} is a file, not a run store directory; give the run's directory")
+    from gradstore.store import open_run
+
+    return open_run(str(path))
+
+
+def pairwise_source(ds: xr.Dataset) -> str | None:
+    """Best source of pairwise products: exact ``gram``, else ``grad_coords``, else ``grad_proj``."""
+    for source, name in (("exact", "gram"), ("coords", "grad_coords"), ("proj", "grad_proj")):
+        if name in ds.variables:
+            return source
+    return None
+
+
+def check_metrics(metrics) -> tuple[str, ...]:
+    """Validate metric names; :class:`StoreError` naming the unknown ones."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise StoreError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    return tuple(metrics)
+
+
+def _with_prefix(ds: xr.Dataset, prefix: str) -> xr.Dataset:
+    return ds.rename({name: prefix + name for name in ds.data_vars})
+
+
+def _null_vars(test: xr.Dataset, name: str) -> xr.Dataset:
+    return xr.Dataset({
+        f"{name}_null": test["null"],
+        f"{name}_null_low": test["null_low"],
+        f"{name}_null_high": test["null_high"],
+        f"{name}_p_value": test["p_value"],
+    })
+
+
+def analyze(ds: xr.Dataset, *, metrics=METRICS, n_permutations: int = 1000, seed: int = 0,
+            snapshot=None, batch_sizes=(1, 10, 100)) -> xr.Dataset:
+    """All requested metrics of a run as one lazy Dataset.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A run (:func:`open_store`, ``gradstore.open_run`` or :func:`analysis.synthetic.synthetic_run`).
+    metrics : sequence of str
+        Any of :data:`METRICS`.
+    n_permutations : int
+        Null worlds per permutation test (0: no nulls).
+    seed : int
+        Seed of the permutations and minibatch draws.
+    snapshot : int, optional
+        Step number splitting easy from hard (default: the middle captured step).
+    batch_sizes : sequence of int
+        Minibatch sizes for the amplification check (larger than the sample are dropped).
+
+    Returns
+    -------
+    xarray.Dataset
+        Coherence (dims source, step, sample, layer); stiffness, confusion, loss split and
+        minibatch per (step, layer); easy/hard per (step, layer, group[, group_]); null
+        distributions on ``permutation``. Pairwise metrics carry the ``source`` they used in
+        their attributes. The layer ``(model)`` is the whole model.
+    """
+    metrics = check_metrics(metrics)
+    parts = []
+    train = sources.split_mask(ds, "train").values
+    index = np.flatnonzero(train)
+    if "coherence" in metrics:
+        parts.append(_coherence(ds))
+    pair_source = pairwise_source(ds)
+    needs_gram = {"stiffness", "confusion", "easy_hard", "minibatch"} & set(metrics)
+    if needs_gram and pair_source is None:
+        raise StoreError("stiffness, confusion, easy/hard and minibatch need gram, grad_coords or grad_proj, "
+                         "which this run did not store; drop those metrics or capture one of them")
+    gram = sources.layer_gram(ds, pair_source, examples=index) if needs_gram else None
+    if "stiffness" in metrics:
+        labels = sources.static(ds, "true_label")[index] if "true_label" in ds.variables else None
+        parts.append(_tag(pairwise.stiffness(gram, labels=labels), pair_source))
+    if "confusion" in metrics:
+        parts.append(_tag(pairwise.confusion(gram), pair_source))
+    if "loss_split" in metrics:
+        parts.append(_loss_split(ds, index, n_permutations, seed))
+    if "easy_hard" in metrics:
+        parts.append(_tag(_easy_hard(ds, gram, index, n_permutations, seed, snapshot), pair_source))
+    if "minibatch" in metrics:
+        sizes = [k for k in batch_sizes if k <= index.size] or [1]
+        parts.append(_tag(minibatch.minibatch_coherence(gram, sizes, seed=seed), pair_source))
+    out = xr.merge(parts, compat="override", join="outer", combine_attrs="override")
+    out.attrs = dict(metrics=list(metrics), n_permutations=n_permutations, seed=seed,
+                     pairwise_source=pair_source or "none")
+    return out
+
+
+def _tag(part: xr.Dataset, source: str) -> xr.Dataset:
+    for name in part.data_vars:
+        part[name].attrs["source"] = source
+    return part
+
+
+def _coherence(ds: xr.Dataset) -> xr.Dataset:
+    found = [s for s, n in (("exact", "norm_sq_of_sum"), ("coords", "grad_coords"), ("proj", "grad_proj"))
+             if n in ds.variables]
+    if not found:
+        raise StoreError("coherence needs the stored moments, grad_coords or grad_proj; none is in this run")
+    per_source = [coherence(sources.layer_moments(ds, s), source=s) for s in found]
+    out = xr.concat(per_source, "source", join="outer", combine_attrs="drop").assign_coords(source=found)
+    for name in out.data_vars:
+        out[name].attrs["source"] = "see the source dimension: exact = stored moments, else an estimate"
+    return out
+
+
+def _loss_split(ds, index, n_permutations, seed) -> xr.Dataset:
+    source = next((s for s, n in (("exact", "dot_with_sum"), ("coords", "grad_coords"), ("proj", "grad_proj"))
+                   if n in ds.variables), None)
+    if source is None:
+        raise StoreError("the loss split needs dot_with_sum, grad_coords or grad_proj; none is in this run")
+    d = sources.layer_dot_with_sum(ds, source).isel(example=index)
+    corrupt = sources.static(ds, "corrupt")[index].astype(bool)
+    out = losssplit.loss_split(d, corrupt).drop_vars(["n_p", "n_c"])
+    out["n_pristine"], out["n_corrupt"] = int((~corrupt).sum()), int(corrupt.sum())
+    if n_permutations and 0 < corrupt.sum() < corrupt.size:
+        for name, mask, stat in (("f_p", ~corrupt, losssplit.share), ("f_c", corrupt, losssplit.share),
+                                 ("r_p", ~corrupt, losssplit.cumulative), ("r_c", corrupt, losssplit.cumulative)):
+            test = nulls.permutation_test(lambda m, stat=stat: stat(d, m), mask,
+                                          n_permutations=n_permutations, seed=seed)
+            out = out.merge(_null_vars(test, name))
+    return _tag(out, source)
+
+
+def _easy_hard(ds, gram, index, n_permutations, seed, snapshot) -> xr.Dataset:
+    correct = ds["correct"].isel(example=index)
+    easy = hardness.easy_mask(correct, at=snapshot).values
+    out = _with_prefix(hardness.easy_hard(gram, easy), "easy_hard_")
+    out["learned_step"] = hardness.learned_step(correct)
+    out["easy"] = ("example", easy)
+    out.attrs["snapshot"] = int(snapshot if snapshot is not None else correct.step.values[correct.sizes["step"] // 2])
+    if n_permutations and 0 < easy.sum() < easy.size:
+        test = nulls.permutation_test(nulls.coherence_gap(gram), easy, n_permutations=n_permutations, seed=seed)
+        out["easy_hard_gap"] = test["observed"]
+        out = out.merge(_null_vars(test, "easy_hard_gap"))
+    return out

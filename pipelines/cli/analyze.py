@@ -1,0 +1,54 @@
+"""``gradstore analyze``: every offline metric of a run store, locally or on a Dask cluster."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from analysis.report import METRICS
+
+
+@click.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="New directory for results.zarr, CSV tables and PNG plots [default: STORE.analysis].")
+@click.option("--metrics", default=",".join(METRICS), show_default=True,
+              help=f"Comma-separated metrics to compute, from: {', '.join(METRICS)}.")
+@click.option("--nulls", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Permutations per permutation test (0: no nulls).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of permutations and minibatch draws.")
+@click.option("--snapshot", type=int, default=None, help="Step splitting easy from hard [default: middle step].")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads.")
+def analyze(store: Path, out: Path | None, metrics: str, nulls: int, seed: int, snapshot: int | None,
+            scheduler: str | None) -> None:
+    """Compute coherence, stiffness, confusion, loss split, easy/hard and minibatch metrics of STORE."""
+    from analysis.output import prepare_out, write_results
+    from analysis.report import analyze as build, check_metrics, open_store
+
+    chosen = check_metrics([m.strip() for m in metrics.split(",") if m.strip()])
+    out = prepare_out(out if out is not None else store.with_name(store.name + ".analysis"))
+    ds = open_store(store)
+    lazy = build(ds, metrics=chosen, n_permutations=nulls, seed=seed, snapshot=snapshot)
+    click.echo(f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
+               f"{ds.sizes['layer']} layers; computing {', '.join(chosen)}", err=True)
+    results = _compute(lazy, scheduler)
+    files = write_results(results, out)
+    click.echo(f"wrote {len(files)} files to {out}")
+
+
+def _compute(lazy, scheduler: str | None):
+    if scheduler is None:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(out=sys.stderr):
+            return lazy.compute()
+    from distributed import Client, progress
+
+    with Client(scheduler) as client:
+        future = client.compute(lazy)
+        progress(future)
+        click.echo("", err=True)
+        return future.result()
