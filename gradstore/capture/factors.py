@@ -137,7 +137,7 @@ class Dense:
     def sq_norms(self) -> torch.Tensor:
         """(n,) ||g_n||²."""
         flat = self._flat()
-        return (flat * flat).sum(1)
+        return torch.einsum("nd,nd->n", flat, flat)
 
     def gram(self) -> torch.Tensor:
         """(n, m) g_n · g_m."""
@@ -208,7 +208,9 @@ class Outer:
         t, h, r, c = self._dims
         dtype = self.right.dtype
         if t == 1 and not isinstance(self.left, OneHot):
-            return ((self.left * self.left).sum(-1) * (self.right * self.right).sum(-1)).sum((1, 2))
+            left_sq = torch.einsum("ntgd,ntgd->ntg", self.left, self.left)
+            right_sq = torch.einsum("ntgd,ntgd->ntg", self.right, self.right)
+            return (left_sq * right_sq).sum((1, 2))
         out = []
         if self._gram_form_cheaper():
             for rows in _blocks(self.n, h * t * t):
@@ -218,7 +220,7 @@ class Outer:
             for rows in _blocks(self.n, h * r * c):
                 g = self.materialize(rows)
                 g = g.reshape(g.shape[0], -1)
-                out.append((g * g).sum(1))
+                out.append(torch.einsum("nd,nd->n", g, g))
         return torch.cat(out) if out else self.right.new_zeros(0)
 
     def gram(self) -> torch.Tensor:

@@ -1,17 +1,22 @@
 """Conv1d / Conv2d rule vs the vmap(grad) oracle: strides, dilation, groups, padding modes."""
 
+import pytest
 import torch
 from capture_harness import check_all, sq_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from gradstore.capture.rules import conv as conv_rules
 
-@settings(max_examples=20, deadline=None)
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # torch's, on the model itself
+@settings(max_examples=30, deadline=None)
 @given(m=st.integers(1, 3), groups=st.sampled_from([1, 2]), k=st.integers(1, 3), stride=st.integers(1, 2),
        dilation=st.integers(1, 2), padding=st.sampled_from([0, 1, "same"]),
-       mode=st.sampled_from(["zeros", "reflect", "circular"]), bias=st.booleans(), dims=st.sampled_from([1, 2]))
-def test_conv_shapes(m, groups, k, stride, dilation, padding, mode, bias, dims):
+       mode=st.sampled_from(["zeros", "reflect", "circular"]), bias=st.booleans(), dims=st.sampled_from([1, 2]),
+       form=st.sampled_from(["outer", "dense", "auto"]))
+def test_conv_shapes(m, groups, k, stride, dilation, padding, mode, bias, dims, form):
     if padding == "same":
         stride = 1
     conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(
@@ -22,7 +27,11 @@ def test_conv_shapes(m, groups, k, stride, dilation, padding, mode, bias, dims):
     model = nn.Sequential(conv).double()
     x = torch.randn(m, 2 * groups, *([6] * dims), dtype=torch.float64)
     y = torch.randn_like(model(x))
-    check_all(model, sq_loss, x, y, rtol=1e-6)
+    conv_rules.FORM = form
+    try:
+        check_all(model, sq_loss, x, y, rtol=1e-6)
+    finally:
+        conv_rules.FORM = "auto"
 
 
 def test_conv2d_float32():
@@ -39,3 +48,19 @@ def test_large_kernel_takes_the_gram_path():
     model = nn.Sequential(nn.Conv2d(16, 16, 3)).double()
     x = torch.randn(3, 16, 4, 4, dtype=torch.float64)
     check_all(model, sq_loss, x, torch.randn(3, 16, 2, 2, dtype=torch.float64), rtol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["outer", "dense"])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_conv_strided_dilated_grouped_both_forms(form, dims):
+    torch.manual_seed(5)
+    conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(4, 6, 3, stride=2, dilation=2, padding=2, groups=2,
+                                                    padding_mode="reflect")
+    model = nn.Sequential(conv).double()
+    x = torch.randn(3, 4, *([9] * dims), dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    conv_rules.FORM = form
+    try:
+        check_all(model, sq_loss, x, y, rtol=1e-6)
+    finally:
+        conv_rules.FORM = "auto"

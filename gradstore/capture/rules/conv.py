@@ -2,8 +2,16 @@
 
 Index letters: n = example, t = output location (flattened spatial), h = group, r = output channel
 within the group, c = (input channel within the group, kernel offsets) -- the order of
-``weight[o].flatten()``. With unfolded input patches a (n,t,h,c) and output gradient b (n,t,h,r):
+``weight[o].flatten()``. With input patches a (n,t,h,c) and output gradient b (n,t,h,r):
 weight g_n[h, r, c] = sum_t b[n,t,h,r] a[n,t,h,c]; bias g_n[o] = sum_t b[n,o,t].
+
+Two forms, whichever is cheaper for the shapes at hand (``FORM = "auto"``):
+
+* ``"outer"`` -- an :class:`Outer` factor over unfolded patches; pairwise (t × s) products then give
+  norms and Gram blocks. Cheaper when t·(r + c) < r·c (few locations, many channels).
+* ``"dense"`` -- per-example weight gradients materialized by one grouped convolution (the input
+  with examples as channels, correlated with each example's output gradient: groups = n·h, the
+  original stride and dilation swapped), no unfold. Cheaper otherwise, e.g. early conv layers.
 """
 
 from __future__ import annotations
@@ -15,35 +23,57 @@ from gradstore.capture.factors import Dense, Outer
 from gradstore.capture.registry import register_rule
 from gradstore.errors import CaptureError
 
+#: "auto" picks per call; "outer" or "dense" force one form (tests exercise both).
+FORM = "auto"
 
-def _patches(module, x):
-    """(n, t, c_in * prod(kernel)) input patches, honouring padding mode and 'same'/'valid'."""
+
+def _padded(module, x):
     pad = module._reversed_padding_repeated_twice
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     if any(pad):
-        x = F.pad(x, pad, mode=mode)
+        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    return x
+
+
+def _outer(module, x, b, groups):
+    """Outer factor from unfolded patches a (n, t, h, c) and b (n, t, h, r)."""
+    n, dims = x.shape[0], len(module.kernel_size)
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    if isinstance(module, nn.Conv1d):
+    if dims == 1:
         x = x.unsqueeze(2)
         kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
-    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (n, c*k, t)
-    return cols.transpose(1, 2)
+    a = F.unfold(x, kernel, dilation=dilation, stride=stride).transpose(1, 2)  # (n, t, c_in * k)
+    left = b.reshape(n, module.out_channels, -1).transpose(1, 2).reshape(n, -1, groups, module.out_channels // groups)
+    return Outer(left, a.reshape(n, a.shape[1], groups, -1), tuple(module.weight.shape))
+
+
+def _dense(module, x, b, groups):
+    """Per-example weight gradients (n, o, c_in/h, *k) by one grouped convolution."""
+    n, c_in, dims = x.shape[0], x.shape[1], len(module.kernel_size)
+    spatial = x.shape[2:]
+    xin = x.reshape(n, groups, c_in // groups, *spatial).movedim(2, 0).reshape(c_in // groups, n * groups, *spatial)
+    w = b.reshape(n * module.out_channels, 1, *b.shape[2:])
+    conv = F.conv1d if dims == 1 else F.conv2d
+    out = conv(xin, w, stride=module.dilation, dilation=module.stride, groups=n * groups)
+    out = out[(..., *[slice(0, k) for k in module.kernel_size])]  # drop locations past the kernel
+    g = out.reshape(c_in // groups, n, module.out_channels, *module.kernel_size).movedim(0, 2)
+    return Dense(g)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
 def conv_rule(module, inputs, grad_output):
-    """Factors of ``weight`` (Outer over output locations) and ``bias`` (Dense)."""
+    """Factors of ``weight`` (Outer or Dense, see the module docstring) and ``bias`` (Dense)."""
     x = inputs[0]
     if x.dim() != len(module.kernel_size) + 2:
         raise CaptureError(
             f"{type(module).__name__} input of shape {tuple(x.shape)} has no example axis; "
             "capture needs batched inputs (examples first)"
         )
-    n, groups, out_channels = x.shape[0], module.groups, module.out_channels
-    a = _patches(module, x)
-    a = a.reshape(n, a.shape[1], groups, -1)
-    b = grad_output.reshape(n, out_channels, -1).transpose(1, 2)
-    factors = {"weight": Outer(b.reshape(n, -1, groups, out_channels // groups), a, tuple(module.weight.shape))}
+    n, groups = x.shape[0], module.groups
+    x = _padded(module, x)
+    t = grad_output[0, 0].numel()
+    r, c = module.out_channels // groups, module.weight[0].numel()
+    form = FORM if FORM != "auto" else ("outer" if t * (r + c) < r * c else "dense")
+    factors = {"weight": (_outer if form == "outer" else _dense)(module, x, grad_output, groups)}
     if module.bias is not None:
-        factors["bias"] = Dense(b.sum(1))
+        factors["bias"] = Dense(grad_output.reshape(n, module.out_channels, -1).sum(2))
     return factors

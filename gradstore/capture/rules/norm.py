@@ -32,16 +32,26 @@ def _affine(module, x_hat, grad_output, reduce_dims):
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def batchnorm_rule(module, inputs, grad_output):
-    """x̂ = (x - running_mean) / sqrt(running_var + eps), channel axis 1."""
+    """x̂ = (x - running_mean) / sqrt(running_var + eps), channel axis 1.
+
+    Without forming x̂: g_n[c] = (sum_t x[n,c,t] b[n,c,t] - mean[c] sum_t b[n,c,t]) / sqrt(var[c] + eps).
+    """
     if module.running_mean is None or module.training:
         raise CaptureError(
             f"{type(module).__name__} must use running statistics for per-example gradients "
             "(eval mode with track_running_stats=True); prime them with gradstore.capture.bn_priming"
         )
     x = inputs[0]
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    x_hat = (x - module.running_mean.reshape(shape)) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
-    return _affine(module, x_hat, grad_output, tuple(range(2, x.dim())))
+    n, c = x.shape[0], x.shape[1]
+    x, b = x.reshape(n, c, -1), grad_output.reshape(n, c, -1)
+    b_sum = b.sum(2)
+    factors = {}
+    if module.weight is not None:
+        xb = torch.einsum("nct,nct->nc", x, b)
+        factors["weight"] = Dense((xb - module.running_mean * b_sum) * torch.rsqrt(module.running_var + module.eps))
+    if module.bias is not None:
+        factors["bias"] = Dense(b_sum)
+    return factors
 
 
 @register_rule(nn.LayerNorm)

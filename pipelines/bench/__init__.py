@@ -1,0 +1,70 @@
+"""Benchmarks behind ``gradstore bench <name>``: shared timing and peak-memory helpers.
+
+Each measured case runs in a fresh Python process (:func:`run_case`), so its peak memory is its
+own: the growth of the process's peak resident set (CPU) or ``torch.cuda.max_memory_allocated``
+(CUDA) over the state after loading data and building the model. Times are medians over repeats
+after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from gradstore.errors import GradstoreError
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(fn, *, repeats: int, device: str = "cpu", warmup: bool = True) -> dict:
+    """Median wall time of ``fn()`` over ``repeats`` calls after a warm-up, and its peak memory.
+
+    Returns ``{"seconds": median, "times": [...], "peak_bytes": growth of the peak during the calls}``.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = _peak_bytes(device)
+    if warmup:
+        fn()
+        _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "times": times, "peak_bytes": _peak_bytes(device) - before}
+
+
+def run_case(module: str, args: list[str], *, timeout: float = 3600) -> dict:
+    """Run ``python -m module *args`` in a fresh process; it prints one JSON object as its last line."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GradstoreError(f"benchmark case {' '.join(args)} failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def mib(n_bytes: float) -> str:
+    """Bytes as MiB with one decimal."""
+    return f"{n_bytes / 2**20:.1f}"

@@ -1,0 +1,60 @@
+"""``gradstore bench``: benchmarks, one subcommand each (``capture`` here; add others with
+``@bench.command()`` in this module or ``bench.add_command(...)``)."""
+
+from __future__ import annotations
+
+import click
+
+from pipelines.cli.options import data_dir_option, device_option
+
+
+@click.group()
+def bench() -> None:
+    """Speed and memory benchmarks (figures for docs/benchmarks.md)."""
+
+
+@bench.command("capture")
+@click.option("--m", "m", type=click.IntRange(min=2), default=4000, show_default=True,
+              help="Examples for the MLP and CNN cases.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed calls per case (median reported), after one warm-up.")
+@click.option("--gram-m", type=click.IntRange(min=2), default=2000, show_default=True,
+              help="Examples in the Gram-block case.")
+@click.option("--vmap-m", type=click.IntRange(min=1), default=400, show_default=True,
+              help="Examples on which torch.func vmap is timed (scaled linearly to --m).")
+@click.option("--gram-small", type=click.IntRange(min=4), default=250, show_default=True,
+              help="Largest m at which the materialized Gram is timed (also at half of it).")
+@data_dir_option
+@device_option
+def capture(m: int, repeats: int, gram_m: int, vmap_m: int, gram_small: int, data_dir: str | None,
+            device: str) -> None:
+    """Capture engine vs a plain forward+backward pass, torch.func vmap and materialized Gram blocks."""
+    from pipelines.bench.capture import markdown, run
+
+    click.echo(f"gradstore bench capture: m={m}, device={device}, repeats={repeats} (each case in its own process)")
+    rows = run(m=m, device=device, repeats=repeats, data_dir=data_dir, vmap_m=min(vmap_m, m), gram_m=gram_m,
+               gram_small=gram_small, echo=click.echo)
+    click.echo("BackPACK: " + ("installed (not timed by this benchmark)" if rows["backpack"]["installed"]
+                               else "not installed"))
+    click.echo(f"data: {rows['mlp-plain']['source']}\n")
+    click.echo(markdown(rows, m=m, gram_m=gram_m, vmap_m=min(vmap_m, m), gram_small=gram_small))
+
+
+@bench.command("store")
+@click.option("--examples", type=click.IntRange(min=1), default=1000, show_default=True, help="Tracked examples.")
+@click.option("--coords", type=click.IntRange(min=2), default=4096, show_default=True,
+              help="Sampled gradient coordinates (split over the model's two layers).")
+@click.option("--steps", type=click.IntRange(min=2), default=8, show_default=True, help="Steps appended per case.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed capture / capture+write pairs (median reported).")
+@data_dir_option
+@device_option
+def store(examples: int, coords: int, steps: int, repeats: int, data_dir: str | None, device: str) -> None:
+    """Run-store write throughput (MB/s) and the cost of writing relative to capture."""
+    from pipelines.bench.store import markdown, run
+
+    click.echo(f"gradstore bench store: examples={examples}, coords={coords}, device={device}")
+    rows = run(examples=examples, coords=coords, steps=steps, repeats=repeats, device=device, data_dir=data_dir,
+               echo=click.echo)
+    click.echo(f"data: {rows['source']}\n")
+    click.echo(markdown(rows, examples=examples, coords=coords, steps=steps, repeats=repeats, device=device))
