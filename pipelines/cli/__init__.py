@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("pipelines.cli.demo", "demo", "Train on the bundled MNIST subset at 0/50/100% label noise."),
     "analyze": ("pipelines.cli.analyze", "analyze", "Offline metrics, permutation nulls and plots of a run store."),
     "inspect": ("pipelines.cli.inspect", "inspect", "Summarise a gradstore run store (steps, examples, layers, sizes)."),
+    "bench": ("pipelines.cli.bench", "bench", "Speed and memory benchmarks (capture, ...)."),
 }
 
 
