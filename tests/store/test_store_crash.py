@@ -16,8 +16,8 @@ import xarray as xr
 from gradstore.store import open_run
 
 WORKER = Path(__file__).with_name("crash_worker.py")
-N_STEPS = 30
-KILLS = 12
+N_STEPS = 20
+KILLS = 10
 
 
 @pytest.fixture

@@ -161,3 +161,24 @@ def test_schedule():
     assert s.steps(1301)[-4:] == [1000, 1100, 1200, 1300]
     with pytest.raises(StoreError):
         Schedule.every(0)
+
+
+def test_recorder_observes_the_project_training_loop(tmp_path, mnist_subset):
+    from pipelines.models import build_model
+    from pipelines.train import TrainConfig, TrainData, train
+
+    data = TrainData.from_mnist(mnist_subset, noise=0.5, seed=0)
+    with Recorder(tmp_path / "run.zarr", build_model("mlp-3x256", seed=0),
+                  train_inputs=data.x_train[:40], train_targets=data.y_train[:40], train_ids=data.train_ids[:40],
+                  train_true=data.y_true[:40], test_inputs=data.x_test[:10], test_targets=data.y_test[:10],
+                  test_ids=data.test_ids[:10], schedule=Schedule.every(2), coords_per_layer=30) as rec:
+        result = train(TrainConfig(model="mlp-3x256", noise=0.5, steps=4, eval_every=100, eval_batch=4000), data,
+                       observers=[rec])
+    ds = open_run(tmp_path / "run.zarr")
+    assert ds.step.values.tolist() == [0, 2, 4]
+    assert ds.layer.values.tolist() == ["1", "3", "5", "7"]
+    assert ds.corrupt.values[:40].tolist() == data.corrupt[:40].tolist()
+    by_step = {h["step"]: h for h in result.history}
+    np.testing.assert_allclose(ds.train_acc.values, [by_step[s]["train_acc"] for s in (0, 2, 4)])
+    np.testing.assert_allclose(ds.lr.values, 0.1)
+    assert ds.sizes["coord"] == 120 and not ds.nonfinite.values.any()
