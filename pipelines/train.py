@@ -192,6 +192,7 @@ def train(
     config: TrainConfig,
     data: TrainData,
     *,
+    model: nn.Module | None = None,
     observers: Sequence[Observer] = (),
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
@@ -199,14 +200,17 @@ def train(
 ) -> TrainResult:
     """Train ``config.model`` on ``data`` with ``config.optimizer``; resume from ``checkpoint`` if it exists.
 
-    Deterministic on CPU for a given seed: the model is initialised from ``seed``, minibatches come
-    from epoch-wise permutations drawn from a generator seeded from ``seed``.
+    Deterministic on CPU for a given seed: the model is initialised from ``seed`` (unless a freshly
+    built ``model`` is given, e.g. one a Recorder already watches), minibatches come from epoch-wise
+    permutations drawn from a generator seeded from ``seed``.
     """
     from pipelines.models import build_model
 
     config.validate()
     device = torch.device(config.device)
-    model = build_model(config.model, seed=config.seed).to(device)
+    if model is None:
+        model = build_model(config.model, seed=config.seed)
+    model = model.to(device)
     optimizer = OPTIMIZERS[config.optimizer](model.parameters(), config.lr)
     gen = torch.Generator().manual_seed(config.seed + 1)
     n = len(data.x_train)

@@ -19,7 +19,8 @@ from gradstore.errors import GradstoreError
 
 #: subcommand name -> (module, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("pipelines.cli.demo", "demo", "Train on the bundled MNIST subset at 0/50/100% label noise."),
+    "demo": ("pipelines.cli.demo", "demo", "Label noise + coherence on the bundled MNIST subset, with a report."),
+    "run": ("pipelines.cli.run", "run", "Run one of the papers' experiments end to end."),
     "analyze": ("pipelines.cli.analyze", "analyze", "Offline metrics, permutation nulls and plots of a run store."),
     "inspect": ("pipelines.cli.inspect", "inspect", "Summarise a gradstore run store (steps, examples, layers, sizes)."),
     "bench": ("pipelines.cli.bench", "bench", "Speed and memory benchmarks (capture, ...)."),

@@ -1,0 +1,33 @@
+"""``gradstore run NAME``: one of the papers' experiments, end to end (train, capture, analyse, report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipelines.cli.options import data_dir_option, device_option
+from pipelines.experiments import EXPERIMENTS
+
+
+@click.command()
+@click.argument("name", type=click.Choice(sorted(EXPERIMENTS)))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML file overriding the experiment's defaults (the paper's settings).")
+@data_dir_option
+@device_option
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Results folder (default runs/NAME).")
+@click.option("--quick", is_flag=True, help="A few-minutes variant on 2 CPU cores.")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint and committed store step.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def run(name, config_path, data_dir, device, out, quick, resume, no_progress):
+    """Run experiment NAME and write its stores, analysis, figures and report.md."""
+    from pipelines.experiments import run_experiment
+    from pipelines.experiments.common import Context, prepare_out
+    from pipelines.experiments.config import load_config
+
+    config = load_config(name, quick=quick, path=config_path)
+    out_dir = prepare_out(Path(out or f"runs/{name}{'-quick' if quick else ''}"), resume=resume)
+    ctx = Context(out=out_dir, data_dir=data_dir, device=device, resume=resume, quick=quick, progress=not no_progress)
+    report = run_experiment(name, config, ctx)
+    click.echo(f"report: {report}")

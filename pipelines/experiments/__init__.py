@@ -1,0 +1,21 @@
+"""The papers' experiments, each run by ``gradstore run NAME``.
+
+``EXPERIMENTS`` maps a name to ``(module, function, one-line description)``; the function takes the
+merged configuration (``pipelines/configs/NAME.toml``) and a :class:`~pipelines.experiments.common.Context`
+and returns the path of the markdown report it wrote.
+"""
+
+EXPERIMENTS: dict[str, tuple[str, str, str]] = {
+    "label-noise": ("pipelines.experiments.label_noise", "run", "Coherent Gradients §2: MLP under label noise"),
+}
+
+
+def run_experiment(name: str, config: dict, ctx):
+    import importlib
+
+    from gradstore.errors import GradstoreError
+
+    if name not in EXPERIMENTS:
+        raise GradstoreError(f"unknown experiment {name!r}; choose one of {', '.join(sorted(EXPERIMENTS))}")
+    module, func, _ = EXPERIMENTS[name]
+    return getattr(importlib.import_module(module), func)(config, ctx)
