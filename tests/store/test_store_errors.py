@@ -134,3 +134,12 @@ def test_interrupted_creation_is_reported_then_recreated(tmp_path, layout):
     writer = create_run(tmp_path / "c.zarr", layout, resume=False)  # a half-created run is not a run
     writer.append_step(0, **step_data(layout, 0))
     np.testing.assert_array_equal(open_run(tmp_path / "c.zarr").step.values, [0])
+
+
+def test_inspect_memory_url(layout, capsys):
+    url = "memory://gradstore-test/inspect-me.zarr"
+    writer = create_run(url, layout, overwrite=True)
+    writer.append_step(7, **step_data(layout, 7))
+    main(["inspect", url])
+    out = capsys.readouterr().out
+    assert "steps      1 committed, step 7 .. 7" in out and "disk " in out and "grad_coords" in out
