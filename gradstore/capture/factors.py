@@ -55,6 +55,11 @@ class OneHot:
     size: int
 
 
+def _sq_rows(x: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean norms over the last axis (one reduction pass, no temporary)."""
+    return torch.linalg.vector_norm(x, dim=-1).square()
+
+
 # ---- side primitives (dense sides are (n, t, h, d) tensors) -------------------------------------
 
 
@@ -136,8 +141,7 @@ class Dense:
 
     def sq_norms(self) -> torch.Tensor:
         """(n,) ||g_n||²."""
-        flat = self._flat()
-        return torch.einsum("nd,nd->n", flat, flat)
+        return _sq_rows(self._flat())
 
     def gram(self) -> torch.Tensor:
         """(n, m) g_n · g_m."""
@@ -208,9 +212,7 @@ class Outer:
         t, h, r, c = self._dims
         dtype = self.right.dtype
         if t == 1 and not isinstance(self.left, OneHot):
-            left_sq = torch.einsum("ntgd,ntgd->ntg", self.left, self.left)
-            right_sq = torch.einsum("ntgd,ntgd->ntg", self.right, self.right)
-            return (left_sq * right_sq).sum((1, 2))
+            return (_sq_rows(self.left) * _sq_rows(self.right)).sum((1, 2))
         out = []
         if self._gram_form_cheaper():
             for rows in _blocks(self.n, h * t * t):
@@ -220,7 +222,7 @@ class Outer:
             for rows in _blocks(self.n, h * r * c):
                 g = self.materialize(rows)
                 g = g.reshape(g.shape[0], -1)
-                out.append(torch.einsum("nd,nd->n", g, g))
+                out.append(_sq_rows(g))
         return torch.cat(out) if out else self.right.new_zeros(0)
 
     def gram(self) -> torch.Tensor:

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -22,7 +22,6 @@ class Use:
     inputs: tuple
     kwargs: dict
     grad_output: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Tap:

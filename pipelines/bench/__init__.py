@@ -56,6 +56,28 @@ def measure(fn, *, repeats: int, device: str = "cpu", warmup: bool = True) -> di
     return {"seconds": statistics.median(times), "times": times, "peak_bytes": _peak_bytes(device) - before}
 
 
+def measure_paired(fn, baseline, *, repeats: int, device: str = "cpu") -> dict:
+    """Time ``fn`` and ``baseline`` alternately (so both see the same machine load).
+
+    The first call of ``fn`` (its warm-up) gives its peak memory; then ``repeats`` pairs are timed.
+    Returns ``{"seconds", "times", "baseline_seconds", "baseline_times", "ratio" (median of the
+    per-pair ratios), "peak_bytes"}``.
+    """
+    first = measure(fn, repeats=1, device=device)
+    baseline()
+    _sync(device)
+    times, base_times = [], []
+    for _ in range(repeats):
+        for f, out in ((baseline, base_times), (fn, times)):
+            start = time.perf_counter()
+            f()
+            _sync(device)
+            out.append(time.perf_counter() - start)
+    ratios = [t / b for t, b in zip(times, base_times)]
+    return {"seconds": statistics.median(times), "times": times, "baseline_seconds": statistics.median(base_times),
+            "baseline_times": base_times, "ratio": statistics.median(ratios), "peak_bytes": first["peak_bytes"]}
+
+
 def run_case(module: str, args: list[str], *, timeout: float = 3600) -> dict:
     """Run ``python -m module *args`` in a fresh process; it prints one JSON object as its last line."""
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)

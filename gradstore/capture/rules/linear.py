@@ -21,5 +21,5 @@ def linear_rule(module: nn.Linear, inputs, grad_output):
     b = grad_output.reshape(n, -1, 1, module.out_features)
     factors = {"weight": Outer(b, a, tuple(module.weight.shape))}
     if module.bias is not None:
-        factors["bias"] = Dense(b.sum((1, 2)))
+        factors["bias"] = Dense(b[:, 0, 0] if b.shape[1] == 1 else b.sum(1)[:, 0])
     return factors
