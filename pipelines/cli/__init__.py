@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "analyze": ("pipelines.cli.analyze", "analyze", "Offline metrics, permutation nulls and plots of a run store."),
     "inspect": ("pipelines.cli.inspect", "inspect", "Summarise a gradstore run store (steps, examples, layers, sizes)."),
     "bench": ("pipelines.cli.bench", "bench", "Speed and memory benchmarks (capture, ...)."),
+    "theory": ("pipelines.cli.theory", "theory", "Verify the coherence theorems symbolically against the implementation."),
 }
 
 
