@@ -70,10 +70,21 @@ def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
-#: optimizer name -> factory(params, lr). The experiments add winsorized SGD, M3, RM3, RA3.
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
-}
+def _optimizers() -> dict[str, Callable[..., torch.optim.Optimizer]]:
+    from pipelines import optim
+
+    return {
+        "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+        "winsorized-sgd": lambda params, lr, c=0: optim.WinsorizedSGD(params, lr=lr, c=c),
+        "m3": lambda params, lr: optim.M3(params, lr=lr),
+        "rm3": lambda params, lr: optim.RM3(params, lr=lr),
+        "ra3": lambda params, lr: optim.RA3(params, lr=lr),
+    }
+
+
+#: optimizer name -> factory(params, lr, **TrainConfig.optimizer_options) (see pipelines.optim).
+#: An optimizer with ``needs_batch = True`` computes its own gradient in ``batch_gradient``.
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = _optimizers()
 
 
 @dataclass
@@ -90,6 +101,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     device: str = "cpu"
     eval_batch: int = 2000
+    optimizer_options: dict = field(default_factory=dict)  # e.g. {"c": 2} for winsorized-sgd
 
     def validate(self) -> None:
         if not 0.0 <= self.noise <= 1.0:
@@ -211,7 +223,10 @@ def train(
     if model is None:
         model = build_model(config.model, seed=config.seed)
     model = model.to(device)
-    optimizer = OPTIMIZERS[config.optimizer](model.parameters(), config.lr)
+    try:
+        optimizer = OPTIMIZERS[config.optimizer](model.parameters(), config.lr, **config.optimizer_options)
+    except TypeError as exc:
+        raise GradstoreError(f"bad optimizer_options {config.optimizer_options} for {config.optimizer!r}: {exc}") from None
     gen = torch.Generator().manual_seed(config.seed + 1)
     n = len(data.x_train)
     if n == 0:
@@ -251,8 +266,11 @@ def train(
         idx = order[cursor : cursor + config.batch_size].to(device)
         cursor += config.batch_size
         optimizer.zero_grad(set_to_none=True)
-        loss = per_example_loss(model(data.x_train[idx]), data.y_train[idx]).mean()
-        loss.backward()
+        if getattr(optimizer, "needs_batch", False):  # winsorized SGD, M3: their own gradient
+            optimizer.batch_gradient(model, per_example_loss, data.x_train[idx], data.y_train[idx])
+        else:
+            loss = per_example_loss(model(data.x_train[idx]), data.y_train[idx]).mean()
+            loss.backward()
         optimizer.step()
         observe(step)
         if progress is not None:
