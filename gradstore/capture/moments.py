@@ -109,16 +109,18 @@ def coherence_moments(model, loss_fn, inputs, targets, chunk_size: int = 1024) -
     if m == 0:
         raise CaptureError("coherence_moments needs at least one example; got an empty batch")
     device = next((p.device for p in model.parameters()), None)
-    total = None
+    sum_grad: dict = {}
+    sum_sq_norm: dict = {}
+    layer_of: dict = {}
     for start in range(0, m, chunk_size):
         rows = slice(start, min(m, start + chunk_size))
         result = capture(model, loss_fn, _to(_rows(inputs, rows), device), _to(_rows(targets, rows), device),
                          sq_norms=True, grad_sum=True)
-        part = Moments(
-            rows.stop - rows.start,
-            {k: g.to(torch.float64) for k, g in result.grad_sum.items()},
-            {k: float(s.to(torch.float64).sum()) for k, s in result.sq_norms.items()},
-            result.layer_of,
-        )
-        total = part if total is None else total + part
-    return total
+        layer_of = result.layer_of
+        for name, g in result.grad_sum.items():
+            if name in sum_grad:
+                sum_grad[name].add_(g)  # float64 += model dtype, in place
+            else:
+                sum_grad[name] = g.to(torch.float64, copy=True)
+            sum_sq_norm[name] = sum_sq_norm.get(name, 0.0) + float(result.sq_norms[name].sum(dtype=torch.float64))
+    return Moments(m, sum_grad, sum_sq_norm, layer_of)

@@ -59,23 +59,30 @@ def measure(fn, *, repeats: int, device: str = "cpu", warmup: bool = True) -> di
 def measure_paired(fn, baseline, *, repeats: int, device: str = "cpu") -> dict:
     """Time ``fn`` and ``baseline`` alternately (so both see the same machine load).
 
-    The first call of ``fn`` (its warm-up) gives its peak memory; then ``repeats`` pairs are timed.
-    Returns ``{"seconds", "times", "baseline_seconds", "baseline_times", "ratio" (median of the
-    per-pair ratios), "peak_bytes"}``.
+    The first call of ``fn`` (its warm-up) gives its peak memory; then ``repeats`` pairs are timed,
+    by wall clock and by this process's CPU time (less sensitive to other processes on a shared
+    machine). Returns ``{"seconds", "times", "baseline_seconds", "baseline_times", "ratio" (median
+    of the per-pair wall-time ratios), "cpu_ratio" (same for CPU time), "peak_bytes"}``.
     """
     first = measure(fn, repeats=1, device=device)
     baseline()
     _sync(device)
-    times, base_times = [], []
+    wall: dict = {"fn": [], "base": []}
+    cpu: dict = {"fn": [], "base": []}
     for _ in range(repeats):
-        for f, out in ((baseline, base_times), (fn, times)):
-            start = time.perf_counter()
+        for key, f in (("base", baseline), ("fn", fn)):
+            start, start_cpu = time.perf_counter(), time.process_time()
             f()
             _sync(device)
-            out.append(time.perf_counter() - start)
-    ratios = [t / b for t, b in zip(times, base_times)]
-    return {"seconds": statistics.median(times), "times": times, "baseline_seconds": statistics.median(base_times),
-            "baseline_times": base_times, "ratio": statistics.median(ratios), "peak_bytes": first["peak_bytes"]}
+            wall[key].append(time.perf_counter() - start)
+            cpu[key].append(time.process_time() - start_cpu)
+    return {
+        "seconds": statistics.median(wall["fn"]), "times": wall["fn"],
+        "baseline_seconds": statistics.median(wall["base"]), "baseline_times": wall["base"],
+        "ratio": statistics.median(t / b for t, b in zip(wall["fn"], wall["base"])),
+        "cpu_ratio": statistics.median(t / b for t, b in zip(cpu["fn"], cpu["base"])),
+        "peak_bytes": first["peak_bytes"],
+    }
 
 
 def run_case(module: str, args: list[str], *, timeout: float = 3600) -> dict:

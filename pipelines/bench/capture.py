@@ -79,10 +79,12 @@ def _materialized_gram(model, loss_fn, x, y, chunk: int = 50):
     return gram
 
 
-def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None) -> dict:
-    """Run one case in this process; return its measurement."""
+def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, threads: int = 0) -> dict:
+    """Run one case in this process (``threads`` > 0 sets torch's CPU threads); return its measurement."""
     import torch
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     from gradstore.capture import capture, coherence_moments
     from pipelines.bench import measure, measure_paired
     from pipelines.models import build_model
@@ -129,12 +131,12 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None) 
 
 
 def run(*, m: int, device: str, repeats: int, data_dir: str | None, vmap_m: int, gram_m: int,
-        gram_small: int, echo=print) -> list[dict]:
+        gram_small: int, threads: int = 0, echo=print) -> dict:
     """All cases, each in a fresh process; returns rows with ratios to their plain baselines."""
     from pipelines.bench import run_case
 
     def one(name, size, reps=repeats):
-        args = [name, "--m", str(size), "--device", device, "--repeats", str(reps)]
+        args = [name, "--m", str(size), "--device", device, "--repeats", str(reps), "--threads", str(threads)]
         if data_dir:
             args += ["--data-dir", data_dir]
         row = run_case(__name__, args)
@@ -146,8 +148,8 @@ def run(*, m: int, device: str, repeats: int, data_dir: str | None, vmap_m: int,
                  "gram-ours"):
         rows[name] = one(name, gram_m if name.startswith("gram") else m)
         if "ratio" in rows[name]:
-            echo(f"  {'':<22} paired plain fwd+bwd {rows[name]['baseline_seconds']:.3f} s, "
-                 f"median ratio {rows[name]['ratio']:.3f}")
+            echo(f"  {'':<22} paired plain fwd+bwd {rows[name]['baseline_seconds']:.3f} s, median ratio "
+                 f"{rows[name]['ratio']:.3f} (wall) {rows[name]['cpu_ratio']:.3f} (CPU time)")
     rows["mlp-vmap"] = one("mlp-vmap", vmap_m)
     rows["mlp-vmap"]["scaled_seconds"] = rows["mlp-vmap"]["seconds"] * m / vmap_m
     small = {size: one("gram-materialized", size) for size in (gram_small // 2, gram_small)}
@@ -174,23 +176,27 @@ def markdown(rows: dict, *, m: int, gram_m: int, vmap_m: int, gram_small: int) -
         return f"{rows[name]['peak_bytes'] / 2**20:.0f}"
 
     r = rows
+    def paired(name):
+        return f"**{r[name]['ratio']:.2f}×** (CPU time {r[name]['cpu_ratio']:.2f}×)"
+
     lines = [
-        "| case | m | median time (s) | ratio to plain fwd+bwd | peak memory growth (MiB) |",
+        "| case | m | median wall time (s) | ratio to plain fwd+bwd (paired) | peak memory growth (MiB) |",
         "|---|---|---|---|---|",
         f"| MLP plain forward+backward | {m} | {r['mlp-plain']['seconds']:.3f} | 1 | {mib('mlp-plain')} |",
         f"| MLP exact m-coherence, model + per layer (one chunk) | {m} | {r['mlp-moments']['seconds']:.3f} | "
-        f"**{r['mlp-moments']['ratio']:.2f}×** | {mib('mlp-moments')} |",
+        f"{paired('mlp-moments')} | {mib('mlp-moments')} |",
         f"| same, chunks of 1000 | {m} | {r['mlp-moments-chunked']['seconds']:.3f} | "
-        f"{r['mlp-moments-chunked']['ratio']:.2f}× | {mib('mlp-moments-chunked')} |",
-        f"| MLP torch.func vmap(grad) moments (timed on {vmap_m}, ×{m // vmap_m}) | {m} | "
-        f"{r['mlp-vmap']['scaled_seconds']:.1f} | {r['mlp-vmap']['ratio']:.0f}× | {mib('mlp-vmap')} (at {vmap_m}) |",
+        f"{paired('mlp-moments-chunked')} | {mib('mlp-moments-chunked')} |",
+        f"| MLP torch.func vmap(grad) moments (timed on {vmap_m}, ×{m / vmap_m:g}) | {m} | "
+        f"{r['mlp-vmap']['scaled_seconds']:.1f} | {r['mlp-vmap']['ratio']:.0f}× (vs the row above) | "
+        f"{mib('mlp-vmap')} (at {vmap_m}) |",
         f"| MLP BackPACK BatchL2Grad | {m} | – | {'not installed' if not r['backpack']['installed'] else 'see log'} | – |",
         f"| CNN-BN plain forward+backward (eval) | {m} | {r['cnn-plain']['seconds']:.3f} | 1 | {mib('cnn-plain')} |",
         f"| CNN-BN exact m-coherence, model + per layer | {m} | {r['cnn-moments']['seconds']:.3f} | "
-        f"**{r['cnn-moments']['ratio']:.2f}×** | {mib('cnn-moments')} |",
+        f"{paired('cnn-moments')} | {mib('cnn-moments')} |",
         f"| MLP plain forward+backward | {gram_m} | {r['gram-plain']['seconds']:.3f} | 1 | {mib('gram-plain')} |",
         f"| MLP exact per-layer Gram block (capture) | {gram_m} | {r['gram-ours']['seconds']:.3f} | "
-        f"{r['gram-ours']['ratio']:.2f}× | {mib('gram-ours')} |",
+        f"{paired('gram-ours')} | {mib('gram-ours')} |",
         f"| MLP Gram from materialized per-example grads (timed at {gram_small // 2} and {gram_small}, "
         f"extrapolated a·m+b·m², at least linearly) | {gram_m} | {r['gram-materialized']['scaled_seconds']:.1f} | "
         f"– | {mib('gram-materialized')} (at {gram_small}) |",
@@ -212,8 +218,10 @@ def _main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
-    print(json.dumps(case(args.case, m=args.m, device=args.device, repeats=args.repeats, data_dir=args.data_dir)))
+    print(json.dumps(case(args.case, m=args.m, device=args.device, repeats=args.repeats, data_dir=args.data_dir,
+                          threads=args.threads)))
 
 
 if __name__ == "__main__":

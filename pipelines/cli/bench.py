@@ -24,16 +24,21 @@ def bench() -> None:
               help="Examples on which torch.func vmap is timed (scaled linearly to --m).")
 @click.option("--gram-small", type=click.IntRange(min=4), default=250, show_default=True,
               help="Largest m at which the materialized Gram is timed (also at half of it).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="torch CPU threads per case (0: torch's default).")
 @data_dir_option
 @device_option
-def capture(m: int, repeats: int, gram_m: int, vmap_m: int, gram_small: int, data_dir: str | None,
+def capture(m: int, repeats: int, gram_m: int, vmap_m: int, gram_small: int, threads: int, data_dir: str | None,
             device: str) -> None:
     """Capture engine vs a plain forward+backward pass, torch.func vmap and materialized Gram blocks."""
     from pipelines.bench.capture import markdown, run
 
-    click.echo(f"gradstore bench capture: m={m}, device={device}, repeats={repeats} (each case in its own process)")
+    import torch
+
+    click.echo(f"gradstore bench capture: m={m}, device={device}, repeats={repeats}, torch threads="
+               f"{threads or torch.get_num_threads()} (each case in its own process)")
     rows = run(m=m, device=device, repeats=repeats, data_dir=data_dir, vmap_m=min(vmap_m, m), gram_m=gram_m,
-               gram_small=gram_small, echo=click.echo)
+               gram_small=gram_small, threads=threads, echo=click.echo)
     click.echo("BackPACK: " + ("installed (not timed by this benchmark)" if rows["backpack"]["installed"]
                                else "not installed"))
     click.echo(f"data: {rows['mlp-plain']['source']}\n")
@@ -58,3 +63,29 @@ def store(examples: int, coords: int, steps: int, repeats: int, data_dir: str | 
                echo=click.echo)
     click.echo(f"data: {rows['source']}\n")
     click.echo(markdown(rows, examples=examples, coords=coords, steps=steps, repeats=repeats, device=device))
+
+
+@bench.command("analysis")
+@click.option("--examples", type=click.IntRange(min=4), default=1000, show_default=True, help="Tracked examples.")
+@click.option("--coords", type=click.IntRange(min=2), default=1024, show_default=True,
+              help="Coordinates per example in the scaling stores.")
+@click.option("--base-steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Steps of the 1x store (the others have 4x and 8x as many).")
+@click.option("--nulls", type=click.IntRange(min=1), default=1000, show_default=True, help="Permutations.")
+@click.option("--null-steps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Steps of the permutation-null case.")
+@click.option("--null-coords", type=click.IntRange(min=2), default=4096, show_default=True,
+              help="Coordinates of the permutation-null case from grad_coords.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the temporary stores go [default: the system temporary folder].")
+def analysis(examples: int, coords: int, base_steps: int, nulls: int, null_steps: int, null_coords: int,
+             workdir: str | None) -> None:
+    """Analysis wall time and peak memory on 1x/4x/8x stores; permutation-null speed."""
+    from pipelines.bench.analysis import markdown, run
+
+    kw = dict(examples=examples, coords=coords, base_steps=base_steps, nulls=nulls, null_steps=null_steps,
+              null_coords=null_coords)
+    click.echo(f"gradstore bench analysis: {kw}")
+    rows = run(**kw, workdir=workdir, echo=click.echo)
+    click.echo("")
+    click.echo(markdown(rows, **kw))
