@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import sympy as sp
 
 import analysis
@@ -123,6 +122,8 @@ def theorem1_bounds(*, variance=_paper_variance, bounds=(0, 1)):
     termwise = sum(p * (v - mean).dot(v - mean) for p, v in zip(dist.probs, dist.vectors))
     if not is_zero(var - termwise) or termwise.is_nonnegative is not True:
         return False, "claimed variance is not Σ p_i ||v_i − E[v]||² (a sum of nonnegative terms)"
+    if mean_sq.is_nonnegative is not True:
+        return False, "||E[v]||² is not recognised as a sum of squares"
     a = alpha_of(dist)
     if not is_zero(a * second - mean_sq):  # alpha = 0 exactly when the squared norm ||E v||² is 0
         return False, "alpha·E[v·v] ≠ ||E[v]||²"
@@ -150,6 +151,6 @@ def lemma2_scale_invariance(*, claim=lambda a, k: a):
     residual = alpha_of(dist.scaled(k)) - claim(alpha_of(dist), k)
     if not is_zero(residual):
         return False, f"alpha(kV) − claim = {show(residual)} ≠ 0"
-    if not math.isnan(float(analysis.alpha(np.float64(0.0), np.float64(0.0), 3))):
+    if not math.isnan(float(analysis.alpha(0.0, 0.0, 3))):
         return False, "analysis.alpha of all-zero gradients (k = 0) is not NaN"
     return True, "holds for symbolic nonzero k; k = 0 gives NaN (undefined), as the lemma excludes"

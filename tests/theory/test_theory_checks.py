@@ -135,3 +135,12 @@ def test_run_checks_rejects_unknown_names():
 def test_registering_a_name_twice_fails():
     with pytest.raises(ValueError, match="already registered"):
         checker("lemma4_zero_gradients", statement="", location="", method="")
+
+
+def test_theory_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, theory; theory.run_checks(['lemma4_zero_gradients']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
