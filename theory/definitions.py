@@ -1,4 +1,4 @@
-"""§3: the definition of coherence, its equal forms, Theorem 1 (bounds) and Lemma 2 (scale invariance)."""
+"""The definition of coherence and its equal forms (§3), Theorem 1 (bounds) and Lemma 2 (scale invariance) (§4)."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def _paper_variance(dist: FiniteDistribution) -> sp.Expr:
 @checker(
     "theorem1_bounds",
     statement="0 ≤ alpha ≤ 1; alpha = 0 iff E[v] = 0; alpha = 1 iff all v are equal",
-    location="§3, Theorem 1; App. A",
+    location="§4, Theorem 1; App. A",
     method="identity E[v·v] − E[v]·E[v] = E||v − E[v]||² + sign of sums of squares; extremes attained",
 )
 def theorem1_bounds(*, variance=_paper_variance, bounds=(0, 1)):
@@ -141,7 +141,7 @@ def theorem1_bounds(*, variance=_paper_variance, bounds=(0, 1)):
 @checker(
     "lemma2_scale_invariance",
     statement="alpha(k·V) = alpha(V) for every nonzero k",
-    location="§3, Lemma 2; App. A",
+    location="§4, Lemma 2; App. A",
     method="identity in symbolic nonzero k, 3 symbolic vectors in R^2, general probabilities",
 )
 def lemma2_scale_invariance(*, claim=lambda a, k: a):
