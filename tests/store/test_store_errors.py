@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import zarr
-from conftest import step_data
+from store_helpers import step_data
 
 from gradstore.errors import StoreError
 from gradstore.store import create_run, open_run

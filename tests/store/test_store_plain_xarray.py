@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import step_data
+from store_helpers import step_data
 
 from gradstore.store import create_run, open_run
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import small_layout, step_data
+from store_helpers import small_layout, step_data
 
 import gradstore
 from gradstore.errors import StoreError
