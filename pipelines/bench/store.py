@@ -8,8 +8,9 @@ examples, ``coords`` sampled gradient coordinates split evenly over its two laye
   dtype and compression; MB/s counts the uncompressed bytes of the step, ``ratio`` is
   uncompressed / on-disk bytes. The step's values come from a real capture, so compressibility is
   realistic (first-layer gradients are exactly zero at the always-black MNIST pixels).
-* ``record``: :meth:`Recorder.capture_step` (capture alone) vs :meth:`Recorder.record`
-  (capture + write, zstd, float32); the target is a ratio of at most 1.25.
+* ``record``: :meth:`Recorder.capture_step` (capture alone) vs capture + write (zstd, float32),
+  synchronously (median per step) and with the Recorder's default background writer (``repeats``
+  steps back to back, including the wait for the last write); the target is a ratio <= 1.25.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def run(*, examples: int, coords: int, steps: int, repeats: int, device: str, da
         rec, model = _recorder(tmp / "record.zarr", x, y, coords, "zstd", "float32")
         rec.capture_step(model)  # warm-up
         cap, both = [], []
-        for s in range(repeats):  # what Recorder.record does, timed in two parts
+        for s in range(repeats):  # what Recorder.record(background=False) does, timed in two parts
             t0 = time.perf_counter()
             values = rec.capture_step(model)
             t1 = time.perf_counter()
@@ -90,8 +91,24 @@ def run(*, examples: int, coords: int, steps: int, repeats: int, device: str, da
             cap.append(t1 - t0)
             both.append(t2 - t0)
         c, b = statistics.median(cap), statistics.median(both)
-        out["record"] = {"capture_s": c, "capture_write_s": b, "ratio": b / c}
-        echo(f"  record: capture {c * 1e3:.0f} ms, capture+write {b * 1e3:.0f} ms, ratio {b / c:.3f}")
+        rec.close()
+        # the default Recorder: each write runs in a background thread during the next capture
+        rec, model = _recorder(tmp / "record-bg.zarr", x, y, coords, "zstd", "float32")
+        rec.capture_step(model)
+        t0 = time.perf_counter()
+        for s in range(repeats):
+            rec.capture_step(model)
+        alone = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for s in range(repeats):
+            rec.record(s, model)
+        rec.close()
+        background = time.perf_counter() - t0
+        out["record"] = {"capture_s": c, "capture_write_s": b, "ratio": b / c, "loop_capture_s": alone / repeats,
+                         "loop_record_s": background / repeats, "loop_ratio": background / alone}
+        echo(f"  record (sync): capture {c * 1e3:.0f} ms, capture+write {b * 1e3:.0f} ms, ratio {b / c:.3f}")
+        echo(f"  record (background, {repeats} steps): {alone / repeats * 1e3:.0f} ms vs "
+             f"{background / repeats * 1e3:.0f} ms per step, ratio {background / alone:.3f}")
     return out
 
 
@@ -106,8 +123,13 @@ def markdown(rows: dict, *, examples: int, coords: int, steps: int, repeats: int
                      f"{r['mb_s']:.0f} | {r['ratio']:.2f} | {r['coords_ratio']:.2f} |")
     rec = rows["record"]
     verdict = "meets" if rec["ratio"] <= 1.25 else "misses"
-    lines += ["", f"Recorder step on `mlp-cg`, device {device}, median of {repeats}:", "",
-              "| capture alone | capture + write (zstd, float32) | ratio |", "|---|---|---|",
-              f"| {rec['capture_s'] * 1e3:.0f} ms | {rec['capture_write_s'] * 1e3:.0f} ms | "
-              f"{rec['ratio']:.3f} ({verdict} the ≤ 1.25 target) |"]
+    verdict_bg = "meets" if rec["loop_ratio"] <= 1.25 else "misses"
+    lines += ["", f"Recorder step on `mlp-cg` ({examples} tracked examples, {coords} coordinates, zstd, float32), "
+              f"device {device}:", "",
+              "| mode | capture alone | capture + write | ratio |", "|---|---|---|---|",
+              f"| synchronous write (median of {repeats}) | {rec['capture_s'] * 1e3:.0f} ms | "
+              f"{rec['capture_write_s'] * 1e3:.0f} ms | {rec['ratio']:.3f} ({verdict} the ≤ 1.25 target) |",
+              f"| background write (default; {repeats} steps back to back, incl. the final wait) | "
+              f"{rec['loop_capture_s'] * 1e3:.0f} ms | {rec['loop_record_s'] * 1e3:.0f} ms | "
+              f"{rec['loop_ratio']:.3f} ({verdict_bg} the target) |"]
     return "\n".join(lines)
