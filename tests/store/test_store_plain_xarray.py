@@ -20,6 +20,8 @@ out = {k: ds[k].values.tolist() for k in ("step", "loss", "grad_coords", "gram",
 out["dims"] = {k: list(ds[k].dims) for k in ds.variables}
 out["coords"] = sorted(ds.coords)
 out["schema"] = ds.attrs["gradstore_schema"]
+tree = xr.open_datatree(sys.argv[1], engine="zarr", consolidated=False)
+out["tree_sizes"] = dict(tree.ds.sizes)
 print(json.dumps(out))
 """
 
@@ -34,6 +36,7 @@ def test_plain_xarray_reads_the_store_without_gradstore(tmp_path, layout):
     got = json.loads(proc.stdout)
     ds = open_run(tmp_path / "run.zarr")
     assert got["schema"] == 1 and got["step"] == [0, 5]
+    assert got["tree_sizes"] == dict(ds.sizes)  # xarray.open_datatree sees the same root dataset
     for key in ("loss", "grad_coords", "gram", "m"):
         np.testing.assert_array_equal(np.array(got[key]), ds[key].values)
     assert got["coord_param"] == list(layout.coord_param)
