@@ -7,8 +7,9 @@ Cases (each in its own process, real MNIST training images, the project's models
   (timed on a subsample, scaled linearly in m) for comparison.
 * ``cnn-*``: the small CNN with BatchNorm (``cnn-bn``, eval mode), same m.
 * ``gram-*``: the exact per-layer Gram block of the MLP on ``gram_m`` examples; building it from
-  materialized per-example gradients is timed at two small sizes and extrapolated (a·m + b·m²),
-  since materializing ``gram_m`` gradients of 1.6 M parameters does not fit in memory.
+  materialized per-example gradients is timed at ``gram_small`` examples and scaled by blocks
+  (k = gram_m / gram_small: k materializations, k(k+1)/2 block products), since ``gram_m``
+  materialized gradients of 1.6 M parameters do not fit in memory.
 """
 
 from __future__ import annotations
@@ -59,8 +60,14 @@ def _vmap_moments(model, loss_fn, x, y, chunk: int = 50):
     return sums, sq
 
 
-def _materialized_gram(model, loss_fn, x, y, chunk: int = 50):
-    """Per-layer Gram blocks from materialized per-example gradients (torch.func)."""
+def _materialized_gram(model, loss_fn, x, y, timings: dict, chunk: int = 50):
+    """Per-layer Gram blocks from materialized per-example gradients (torch.func).
+
+    Records ``materialize_seconds`` (vmap(grad) of every example, flattened per parameter) and
+    ``product_seconds`` (the Gram products) in ``timings``.
+    """
+    import time
+
     import torch
     from torch.func import functional_call, grad, vmap
 
@@ -70,12 +77,16 @@ def _materialized_gram(model, loss_fn, x, y, chunk: int = 50):
         return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
 
     per_example = vmap(grad(one), in_dims=(None, 0, 0))
+    start = time.perf_counter()
     parts = [per_example(params, x[s:s + chunk], y[s:s + chunk]) for s in range(0, x.shape[0], chunk)]
+    flat = {k: torch.cat([p[k].flatten(1) for p in parts]) for k in params}
+    del parts
+    middle = time.perf_counter()
     gram = {}
-    for k in params:
-        flat = torch.cat([p[k].flatten(1) for p in parts])
+    for k, g in flat.items():
         layer = k.rsplit(".", 1)[0]
-        gram[layer] = flat @ flat.T + gram.get(layer, 0)
+        gram[layer] = g @ g.T + gram.get(layer, 0)
+    timings.update(materialize_seconds=middle - start, product_seconds=time.perf_counter() - middle)
     return gram
 
 
@@ -114,11 +125,14 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, 
         fn = moments(1000)
     elif name == "mlp-vmap":
         fn = lambda: _vmap_moments(model, loss_fn, x, y)  # noqa: E731
+        _vmap_moments(model, loss_fn, x[:2], y[:2])  # warm up torch.func on two examples
         repeats, warmup = 1, False
     elif name == "gram-ours":
         fn = lambda: capture(model, loss_fn, x, y, sq_norms=False, gram=True).by_layer("gram")  # noqa: E731
     elif name == "gram-materialized":
-        fn = lambda: _materialized_gram(model, loss_fn, x, y)  # noqa: E731
+        timings: dict = {}
+        fn = lambda: _materialized_gram(model, loss_fn, x, y, timings)  # noqa: E731
+        _materialized_gram(model, loss_fn, x[:2], y[:2], {})  # warm up torch.func on two examples
         repeats, warmup = 1, False
     else:
         raise ValueError(f"unknown case {name!r}")
@@ -127,6 +141,8 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, 
         result = measure_paired(fn, plain, repeats=repeats, device=device)
     else:
         result = measure(fn, repeats=repeats, device=device, warmup=warmup)
+        if name == "gram-materialized":
+            result.update(timings)
     return {"case": name, "m": m, "device": device, "source": source, **result}
 
 
@@ -152,19 +168,16 @@ def run(*, m: int, device: str, repeats: int, data_dir: str | None, vmap_m: int,
                  f"{rows[name]['ratio']:.3f} (wall) {rows[name]['cpu_ratio']:.3f} (CPU time)")
     rows["mlp-vmap"] = one("mlp-vmap", vmap_m)
     rows["mlp-vmap"]["scaled_seconds"] = rows["mlp-vmap"]["seconds"] * m / vmap_m
-    small = {size: one("gram-materialized", size) for size in (gram_small // 2, gram_small)}
+    small = one("gram-materialized", gram_small)
     small_ours = one("gram-ours", gram_small)
-    (m1, r1), (m2, r2) = small.items()
-    # t(m) = a m + b m^2 through both points
-    b = (r2["seconds"] / m2 - r1["seconds"] / m1) / (m2 - m1)
-    a = r1["seconds"] / m1 - b * m1
-    # a noisy pair can give b < 0; linear scaling of the larger point is a lower bound (conservative)
-    scaled = max(a * gram_m + b * gram_m**2, r2["seconds"] * gram_m / m2)
-    rows["gram-materialized"] = {**r2, "small": {m1: r1["seconds"], m2: r2["seconds"]},
-                                 "scaled_seconds": scaled, "small_ours": small_ours["seconds"]}
+    # gram_m examples = k blocks of gram_small: k times the materialization, and k(k+1)/2 block
+    # products (the symmetric half; the same flops per block), each timed at gram_small
+    k = gram_m / gram_small
+    scaled = k * small["materialize_seconds"] + k * (k + 1) / 2 * small["product_seconds"]
+    rows["gram-materialized"] = {**small, "scaled_seconds": scaled, "small_ours": small_ours["seconds"]}
     rows["mlp-vmap"]["ratio"] = rows["mlp-vmap"]["scaled_seconds"] / rows["mlp-plain"]["seconds"]
     rows["gram-ours"]["speedup_vs_materialized"] = rows["gram-materialized"]["scaled_seconds"] / rows["gram-ours"]["seconds"]
-    rows["gram-materialized"]["speedup_at_small_m"] = r2["seconds"] / small_ours["seconds"]
+    rows["gram-materialized"]["speedup_at_small_m"] = small["seconds"] / small_ours["seconds"]
     backpack = importlib.util.find_spec("backpack") is not None
     rows["backpack"] = {"installed": backpack}
     return rows
@@ -176,6 +189,8 @@ def markdown(rows: dict, *, m: int, gram_m: int, vmap_m: int, gram_small: int) -
         return f"{rows[name]['peak_bytes'] / 2**20:.0f}"
 
     r = rows
+    g = r["gram-materialized"]
+
     def paired(name):
         return f"**{r[name]['ratio']:.2f}×** (CPU time {r[name]['cpu_ratio']:.2f}×)"
 
@@ -197,16 +212,15 @@ def markdown(rows: dict, *, m: int, gram_m: int, vmap_m: int, gram_small: int) -
         f"| MLP plain forward+backward | {gram_m} | {r['gram-plain']['seconds']:.3f} | 1 | {mib('gram-plain')} |",
         f"| MLP exact per-layer Gram block (capture) | {gram_m} | {r['gram-ours']['seconds']:.3f} | "
         f"{paired('gram-ours')} | {mib('gram-ours')} |",
-        f"| MLP Gram from materialized per-example grads (timed at {gram_small // 2} and {gram_small}, "
-        f"extrapolated a·m+b·m², at least linearly) | {gram_m} | {r['gram-materialized']['scaled_seconds']:.1f} | "
-        f"– | {mib('gram-materialized')} (at {gram_small}) |",
+        f"| MLP Gram from materialized per-example grads (timed at {gram_small}: materialize "
+        f"{g['materialize_seconds']:.1f} s + products {g['product_seconds']:.1f} s; scaled by blocks) | {gram_m} | "
+        f"{g['scaled_seconds']:.1f} | – | {mib('gram-materialized')} (at {gram_small}) |",
     ]
-    g = r["gram-materialized"]
     lines += [
         "",
         f"Gram block: capture is **{r['gram-ours']['speedup_vs_materialized']:.0f}×** faster than materializing at "
-        f"m = {gram_m} (extrapolated); measured directly at m = {gram_small}: materialized "
-        f"{g['small'][gram_small]:.2f} s vs capture {g['small_ours']:.3f} s = {g['speedup_at_small_m']:.0f}×.",
+        f"m = {gram_m} (scaled from m = {gram_small}); measured directly at m = {gram_small}: materialized "
+        f"{g['seconds']:.2f} s vs capture {g['small_ours']:.3f} s = {g['speedup_at_small_m']:.0f}×.",
     ]
     return "\n".join(lines)
 
