@@ -13,6 +13,25 @@ from __future__ import annotations
 import numpy as np
 
 
+def _quiet_divide(numerator, denominator):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.divide(numerator, denominator)
+
+
+def divide(numerator, denominator):
+    """``numerator / denominator`` with 0/0 = NaN and x/0 = ±inf, silently.
+
+    NumPy's error state is set where the division actually runs: for xarray objects backed by dask
+    that is inside each chunk's task at compute time, not when the graph is built.
+    """
+    if hasattr(numerator, "dims") or hasattr(denominator, "dims"):  # xarray, possibly lazy
+        import xarray as xr
+
+        return xr.apply_ufunc(_quiet_divide, numerator, denominator, dask="parallelized",
+                              output_dtypes=[np.float64])
+    return _quiet_divide(numerator, denominator)
+
+
 def _where_positive(denominator, value):
     """``value`` where ``denominator > 0``, NaN elsewhere (alpha is undefined when all g are zero)."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -43,8 +62,7 @@ def alpha(norm_sq_of_sum, sum_of_norm_sq, m):
     alpha = 1/m when the g_i are pairwise orthogonal (the orthogonal limit), 1 when they are all
     equal, 0 when they sum to zero (Theorem 1).
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        value = np.divide(norm_sq_of_sum, m * sum_of_norm_sq)  # 0/0 -> NaN even for Python floats
+    value = divide(norm_sq_of_sum, m * sum_of_norm_sq)  # 0/0 -> NaN, also for Python floats and dask
     return _where_positive(sum_of_norm_sq, value)
 
 
@@ -55,7 +73,7 @@ def m_coherence(norm_sq_of_sum, sum_of_norm_sq, m):
 
 def gradient_diversity(norm_sq_of_sum, sum_of_norm_sq, m):
     """Gradient diversity (Yin et al.) = 1 / alpha."""
-    return 1.0 / alpha(norm_sq_of_sum, sum_of_norm_sq, m)
+    return divide(1.0, alpha(norm_sq_of_sum, sum_of_norm_sq, m))
 
 
 def self_removed_m_coherence(norm_sq_of_sum, sum_of_norm_sq, m):

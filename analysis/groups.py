@@ -70,9 +70,9 @@ def block_sums(matrix: xr.DataArray, groups: xr.DataArray, *, pairs_only: bool =
     dim = groups.dims[1]
     if pairs_only:
         matrix = matrix * off_diagonal(matrix.sizes["example"])
-    left = xr.dot(groups.drop_vars("example", errors="ignore"), matrix, dim="example")
+    left = xr.dot(groups.drop_vars("example", errors="ignore"), matrix, dim="example", optimize=True)
     right = groups.drop_vars("example", errors="ignore").rename(example="example_", **{dim: dim + "_"})
-    return xr.dot(left, right, dim="example_")
+    return xr.dot(left, right, dim="example_", optimize=True)
 
 
 def pair_counts(groups: xr.DataArray, *, pairs_only: bool = True) -> xr.DataArray:

@@ -60,14 +60,14 @@ def minibatch_coherence(gram: xr.DataArray, sizes=(1, 10, 100), *, n_batches: in
     m = gram.sizes["example"]
     total = gram.sum(("example", "example_"))
     sq = diagonal(gram).sum("example")
-    alpha = (total / (m * sq)).where(sq > 0)
+    alpha = total / (m * sq).where(sq > 0)
     measured = []
     for j, k in enumerate(sizes):
         w = xr.DataArray(batch_counts(m, k, n_batches, seed=seed + j, replace=replace), dims=("batch", "example"))
-        wg = xr.dot(w, gram, dim="example")                           # (…, batch, example_)
-        diag = xr.dot(wg, w.rename(example="example_"), dim="example_")  # ||k h_b||², (…, batch)
+        wg = xr.dot(w, gram, dim="example", optimize=True)                           # (…, batch, example_)
+        diag = xr.dot(wg, w.rename(example="example_"), dim="example_", optimize=True)  # ||k h_b||², (…, batch)
         c = w.sum("batch").rename(example="example_")
-        everything = xr.dot(wg.sum("batch"), c, dim="example_")
+        everything = xr.dot(wg.sum("batch"), c, dim="example_", optimize=True)
         mean_sq = diag.sum("batch") / n_batches
         cross = (everything - diag.sum("batch")) / (n_batches * (n_batches - 1))
         measured.append(cross / mean_sq.where(mean_sq > 0))

@@ -86,8 +86,9 @@ def permutation_test(
 def mean_difference(values: xr.DataArray) -> Callable[[xr.DataArray], xr.DataArray]:
     """Statistic: mean of ``values`` (…, example) in the group minus mean outside it."""
     def statistic(mask):
-        inside = xr.dot(mask, values, dim="example") / mask.sum("example")
-        outside = xr.dot(1 - mask, values, dim="example") / (1 - mask).sum("example")
+        n_in, n_out = mask.sum("example"), (1 - mask).sum("example")
+        inside = xr.dot(mask, values, dim="example", optimize=True) / n_in.where(n_in > 0)
+        outside = xr.dot(1 - mask, values, dim="example", optimize=True) / n_out.where(n_out > 0)
         return inside - outside
     return statistic
 
@@ -102,8 +103,8 @@ def coherence_gap(gram: xr.DataArray) -> Callable[[xr.DataArray], xr.DataArray]:
     sq = (gram * eye).sum("example_")
 
     def coherence_of(mask):
-        quad = xr.dot(xr.dot(mask, gram, dim="example"), mask.rename(example="example_"), dim="example_")
-        norms = xr.dot(mask, sq, dim="example")
+        quad = xr.dot(xr.dot(mask, gram, dim="example"), mask.rename(example="example_"), dim="example_", optimize=True)
+        norms = xr.dot(mask, sq, dim="example", optimize=True)
         return quad / norms.where(norms > 0)
 
     return lambda mask: coherence_of(mask) - coherence_of(1 - mask)

@@ -25,7 +25,7 @@ def cosines(gram: xr.DataArray) -> xr.DataArray:
     """cos(g_i, g_j) = g_i·g_j / (||g_i|| ||g_j||); NaN where a gradient is zero."""
     norm = np.sqrt(diagonal(gram))
     denom = norm * norm.rename(example="example_")
-    return (gram / denom).where(denom > 0)
+    return gram / denom.where(denom > 0)
 
 
 def stiffness(gram: xr.DataArray, *, labels=None) -> xr.Dataset:
@@ -126,7 +126,7 @@ def group_coherence(gram: xr.DataArray, labels, *, dim: str = "group") -> xr.Dat
     """
     groups = onehot(labels, dim=dim, example=gram.example.values)
     blocks = block_sums(gram, groups, pairs_only=False)
-    sq = xr.dot(diagonal(gram), groups, dim="example")
+    sq = xr.dot(diagonal(gram), groups, dim="example", optimize=True)
     within = xr.Dataset({"m_coherence": _diag(blocks, dim) / sq.where(sq > 0)})
     counts = pair_counts(groups)
     m = groups.sum("example")

@@ -19,14 +19,20 @@ METRICS = ("coherence", "stiffness", "confusion", "loss_split", "easy_hard", "mi
 
 
 def open_store(path) -> xr.Dataset:
-    """Open a run store lazily; :class:`StoreError` (one line) if it is missing or not a run."""
+    """Open a run store lazily; :class:`StoreError` (one line) if it is missing or not a run.
+
+    ``path`` is a local directory or an fsspec URL (``s3://...``), passed on to
+    :func:`gradstore.store.open_run`.
+    """
+    from gradstore.store import open_run
+
+    if "://" in str(path):
+        return open_run(str(path))
     path = Path(path)
     if not path.exists():
         raise StoreError(f"no run store at {str(path)!r}; give the directory a capture run wrote")
     if not path.is_dir():
         raise StoreError(f"{str(path)!r} is a file, not a run store directory; give the run's directory")
-    from gradstore.store import open_run
-
     return open_run(str(path))
 
 
@@ -85,6 +91,13 @@ def analyze(ds: xr.Dataset, *, metrics=METRICS, n_permutations: int = 1000, seed
         minibatch per (step, layer); easy/hard per (step, layer, group[, group_]); null
         distributions on ``permutation``. Pairwise metrics carry the ``source`` they used in
         their attributes. The layer ``(model)`` is the whole model.
+
+    Notes
+    -----
+    Pairwise metrics, the loss split, easy/hard and minibatch use the tracked *training* examples;
+    stiffness classes are their true labels; the loss split's groups are pristine/corrupt.
+    Permutation tests are two-sided. The easy/hard null contracts every null world with the gram
+    (cost ~ permutations × examples² per step and layer).
     """
     metrics = check_metrics(metrics)
     parts = []
@@ -163,4 +176,37 @@ def _easy_hard(ds, gram, index, n_permutations, seed, snapshot) -> xr.Dataset:
         test = nulls.permutation_test(nulls.coherence_gap(gram), easy, n_permutations=n_permutations, seed=seed)
         out["easy_hard_gap"] = test["observed"]
         out = out.merge(_null_vars(test, "easy_hard_gap"))
+    return out
+
+
+def compute_by_steps(lazy: xr.Dataset, *, steps_per_batch: int = 4, compute=None, progress=None) -> xr.Dataset:
+    """Compute ``lazy`` a few steps at a time, so peak memory does not grow with the run's length.
+
+    One big compute of many metrics lets the scheduler hold per-step inputs (grams) read for one
+    metric until every other metric has used them; computing step batches bounds that to
+    ``steps_per_batch`` steps. Cumulative quantities (r_p, r_c) stay exact: a batch's graph reads
+    the earlier steps' small per-example inputs again.
+
+    Parameters
+    ----------
+    lazy : xarray.Dataset
+        From :func:`analyze`.
+    steps_per_batch : int
+        Steps per compute.
+    compute : callable, optional
+        Turns a lazy Dataset into a computed one (default ``Dataset.compute``; pass a
+        dask.distributed client's compute-and-gather to run on a cluster).
+    progress : callable, optional
+        Wraps the iterable of batches (e.g. ``tqdm``).
+    """
+    compute = compute or (lambda obj: obj.compute())
+    per_step = [n for n in lazy.data_vars if "step" in lazy[n].dims]
+    static = compute(lazy.drop_vars(per_step))
+    if "step" not in lazy.dims or not per_step:
+        return static
+    starts = range(0, lazy.sizes["step"], max(1, steps_per_batch))
+    batches = [compute(lazy[per_step].isel(step=slice(s, s + steps_per_batch)))
+               for s in (progress(starts) if progress else starts)]
+    out = xr.concat(batches, "step", data_vars="all", combine_attrs="override").merge(static)
+    out = xr.Dataset({name: out[name].transpose(*lazy[name].dims) for name in lazy.data_vars}, attrs=lazy.attrs)
     return out

@@ -76,7 +76,7 @@ def vectors(ds: xr.Dataset, source: str) -> xr.DataArray:
 def layer_inner(a: xr.DataArray, b: xr.DataArray, ds: xr.Dataset, source: str) -> xr.DataArray:
     """Per-layer inner product Σ a·b over the coordinates (or projections) of each layer."""
     if source == "coords":
-        return xr.dot(a * b, _coord_onehot(ds), dim="coord")
+        return xr.dot(a * b, _coord_onehot(ds), dim="coord", optimize=True)
     return (a * b).sum("proj")
 
 
@@ -102,11 +102,11 @@ def layer_gram(ds: xr.Dataset, source: str = "exact", *, examples=None) -> xr.Da
         gram = ds["gram"].astype(np.float64)
     elif source == "proj":
         x = vectors(ds, "proj")
-        gram = xr.dot(x, x.rename(example="example_"), dim="proj")
+        gram = xr.dot(x, x.rename(example="example_"), dim="proj", optimize=True)
     else:
         x = vectors(ds, "coords")
         onehot = _coord_onehot(ds)
-        parts = [xr.dot(x * onehot.sel(layer=name), x.rename(example="example_"), dim="coord")
+        parts = [xr.dot(x * onehot.sel(layer=name), x.rename(example="example_"), dim="coord", optimize=True)
                  for name in onehot.layer.values]
         gram = xr.concat(parts, "layer").assign_coords(layer=onehot.layer.values)
     if "example_" not in gram.coords:

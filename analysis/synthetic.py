@@ -110,15 +110,15 @@ def synthetic_run(
     xd = coords_da.astype(np.float64)
     train = xr.DataArray(split == "train", dims="example")
     sums = xr.concat([xd.where(train, 0).sum("example"), xd.where(~train, 0).sum("example")], "part")
-    own_sum = sums.isel(part=xr.DataArray(np.where(split == "train", 0, 1), dims="example"))
+    own_sum = xr.where(train, sums.isel(part=0), sums.isel(part=1))  # the example's own split's sum
     ds = xr.Dataset(
         {
             "grad_coords": coords_da,
-            "sq_norm": xr.dot(xd**2, onehot, dim="coord"),
-            "dot_with_sum": xr.dot(xd * own_sum, onehot, dim="coord"),
+            "sq_norm": xr.dot(xd**2, onehot, dim="coord", optimize=True),
+            "dot_with_sum": xr.dot(xd * own_sum, onehot, dim="coord", optimize=True),
         }
     )
-    nss = xr.dot(sums**2, onehot, dim="coord")
+    nss = xr.dot(sums**2, onehot, dim="coord", optimize=True)
     sns = xr.concat([ds.sq_norm.where(train, 0).sum("example"), ds.sq_norm.where(~train, 0).sum("example")], "part")
     pick = xr.DataArray([0, 1, 0], dims="sample")
     ds["norm_sq_of_sum"] = nss.isel(part=pick).transpose("step", "sample", "layer")
@@ -134,12 +134,12 @@ def synthetic_run(
                                             chunks=(step_chunk, n_ex)), dims=("step", "example"))
     if gram:
         grams = [xr.dot(xd.where(xr.DataArray(coord_layer == name, dims="coord"), 0),
-                        xd.rename(example="example_"), dim="coord") for name in layers]
+                        xd.rename(example="example_"), dim="coord", optimize=True) for name in layers]
         ds["gram"] = xr.concat(grams, "layer").transpose("step", "layer", "example", "example_")
     if proj:
         pr = np.random.default_rng([seed, 0x9E0]).standard_normal((n_coords, n_proj)) / np.sqrt(n_proj)
         proj_mat = xr.DataArray(pr, dims=("coord", "proj")) * onehot
-        ds["grad_proj"] = xr.dot(xd, proj_mat, dim="coord").transpose("step", "example", "layer", "proj")
+        ds["grad_proj"] = xr.dot(xd, proj_mat, dim="coord", optimize=True).transpose("step", "example", "layer", "proj")
     full = {d: -1 for d in ("example", "example_", "coord", "layer", "proj", "sample")}
     for name in list(ds.data_vars):
         ds[name] = ds[name].chunk({"step": step_chunk, **{d: c for d, c in full.items() if d in ds[name].dims}})

@@ -22,8 +22,10 @@ from analysis.report import METRICS
 @click.option("--snapshot", type=int, default=None, help="Step splitting easy from hard [default: middle step].")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads.")
+@click.option("--steps-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Steps computed together; peak memory grows with it, not with the run's length.")
 def analyze(store: Path, out: Path | None, metrics: str, nulls: int, seed: int, snapshot: int | None,
-            scheduler: str | None) -> None:
+            scheduler: str | None, steps_per_batch: int) -> None:
     """Compute coherence, stiffness, confusion, loss split, easy/hard and minibatch metrics of STORE."""
     from analysis.output import prepare_out, write_results
     from analysis.report import analyze as build, check_metrics, open_store
@@ -34,21 +36,23 @@ def analyze(store: Path, out: Path | None, metrics: str, nulls: int, seed: int, 
     lazy = build(ds, metrics=chosen, n_permutations=nulls, seed=seed, snapshot=snapshot)
     click.echo(f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
                f"{ds.sizes['layer']} layers; computing {', '.join(chosen)}", err=True)
-    results = _compute(lazy, scheduler)
+    results = _compute(lazy, scheduler, steps_per_batch)
     files = write_results(results, out)
     click.echo(f"wrote {len(files)} files to {out}")
 
 
-def _compute(lazy, scheduler: str | None):
+def _compute(lazy, scheduler: str | None, steps_per_batch: int = 8):
+    """Compute ``lazy`` in step batches (bounded memory) with a progress bar, locally or on a cluster."""
+    from tqdm import tqdm
+
+    from analysis.report import compute_by_steps
+
+    def bar(batches):
+        return tqdm(batches, desc=f"steps ({steps_per_batch} per batch)", unit="batch", file=sys.stderr)
+
     if scheduler is None:
-        from dask.diagnostics import ProgressBar
+        return compute_by_steps(lazy, steps_per_batch=steps_per_batch, progress=bar)
+    from distributed import Client
 
-        with ProgressBar(out=sys.stderr):
-            return lazy.compute()
-    from distributed import Client, progress
-
-    with Client(scheduler) as client:
-        future = client.compute(lazy)
-        progress(future)
-        click.echo("", err=True)
-        return future.result()
+    with Client(scheduler):  # the default scheduler while open: every .compute() runs on the cluster
+        return compute_by_steps(lazy, steps_per_batch=steps_per_batch, progress=bar)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analysis.report import analyze
+from analysis.report import analyze, compute_by_steps
 from analysis.synthetic import synthetic_run
 
 LAZY_METRICS = ("coherence", "stiffness", "confusion", "loss_split", "minibatch")
@@ -25,10 +25,13 @@ def test_building_the_analysis_computes_nothing():
     assert lazy == []
 
 
-def test_results_do_not_depend_on_chunking():
+def test_results_do_not_depend_on_chunking_or_step_batches():
     a = analyze(synthetic_run(n_steps=6, n_train=14, n_test=4, step_chunk=1), n_permutations=30).compute()
-    b = analyze(synthetic_run(n_steps=6, n_train=14, n_test=4, step_chunk=4), n_permutations=30).compute()
+    lazy = analyze(synthetic_run(n_steps=6, n_train=14, n_test=4, step_chunk=4), n_permutations=30)
+    b = compute_by_steps(lazy, steps_per_batch=4)  # batches of 4 and 2 steps: r_p crosses them
     xr.testing.assert_allclose(a, b)
+    for name in a.data_vars:
+        assert a[name].dims == b[name].dims, name
     assert a.attrs["pairwise_source"] == "exact" and a.f_p.attrs["source"] == "exact"
 
 
@@ -37,8 +40,10 @@ def test_threaded_and_two_process_cluster_agree():
     lazy = analyze(synthetic_run(n_steps=3, n_train=10, n_test=3), n_permutations=20,
                    metrics=("coherence", "loss_split", "confusion"))
     threaded = lazy.compute(scheduler="threads")
+    from pipelines.cli.analyze import _compute  # what `gradstore analyze --scheduler ADDRESS` runs
+
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  silence_logs=50) as cluster, distributed.Client(cluster) as client:
-        remote = client.compute(lazy).result()
+                                  silence_logs=50) as cluster:
+        remote = _compute(lazy, cluster.scheduler_address)
     xr.testing.assert_allclose(threaded, remote)
     assert np.isfinite(remote.f_p).all()
