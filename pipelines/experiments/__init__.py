@@ -9,8 +9,6 @@ EXPERIMENTS: dict[str, tuple[str, str, str]] = {
     "label-noise": ("pipelines.experiments.label_noise", "run", "Coherent Gradients §2: MLP under label noise"),
     "winsorize": ("pipelines.experiments.winsorize", "run", "Coherent Gradients §3: winsorized SGD under label noise"),
     "median-of-means": ("pipelines.experiments.median_of_means", "run", "Weak and Strong: M3, RM3, RA3 vs SGD"),
-    "winsorize": ("pipelines.experiments.winsorize", "run", "Coherent Gradients §3: winsorized SGD under label noise"),
-    "median-of-means": ("pipelines.experiments.median_of_means", "run", "Weak and Strong: M3, RM3, RA3 vs SGD"),
     "easy-hard": ("pipelines.experiments.easy_hard", "run", "Weak and Strong: easy examples generalize and cohere"),
     "coherence-evolution": ("pipelines.experiments.coherence_evolution", "run",
                             "Making Coherence…: m-coherence per layer against step, CNN and ResNet"),
