@@ -176,9 +176,14 @@ def test_coherence_evolution_quick_outputs(coherence_run):
             assert r[f"{key}_peak"] >= max(r[f"{key}_initial"], r[f"{key}_final"])
     # the same initial model and the same (true-labelled) test sample at step 0 for both noise levels
     assert rows[0]["test_initial"] == pytest.approx(rows[1]["test_initial"], rel=1e-12)
+    from pipelines.experiments.config import load_config
+
+    config = load_config("coherence-evolution", quick=True)
     table = _read_csv(out / "cnn-bn-noise-0.00" / "analysis" / "coherence.csv")
     steps = sorted({int(r["step"]) for r in table})
-    assert steps == ce.capture_steps(20, 3, 4)  # 2000 examples / batch 100 = 20 steps per epoch
+    per_epoch = config["train_examples"] // config["batch_size"]
+    assert steps == ce.capture_steps(per_epoch, config["epochs"], config["capture"]["first_epoch_every"])
+    assert [r["steps_per_epoch"] for r in rows] == [per_epoch, per_epoch]
 
 
 def test_coherence_evolution_last_capture_matches_torch_func(coherence_run):
