@@ -201,3 +201,29 @@ def test_registry_policy():
                       torch.randn(5, 4, dtype=torch.float64), rtol=1e-6)
     finally:
         unregister_rule(Scale)
+
+
+def test_a_use_that_does_not_reach_the_loss_contributes_nothing():
+    torch.manual_seed(6)
+
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.lin(x * 2)  # computed, never used
+            return self.lin(x)
+
+    model = Branch().double()
+    check_all(model, sq_loss, torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64),
+              rtol=1e-6)
+
+
+def test_state_is_restored_when_capture_fails():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5))
+    model.train()
+    with pytest.raises(CaptureError, match="reduction='none'"):
+        capture(model, lambda o, y: o.sum(), torch.randn(4, 3), torch.randn(4, 2))
+    assert model.training and model[1].training
+    assert all(not m._forward_hooks for m in model.modules())
