@@ -243,3 +243,26 @@ def test_coherence_evolution_last_capture_matches_torch_func(coherence_run):
     stored = [float(r["m_coherence"]) for r in table if int(r["step"]) == last and r["layer"] == "(model)"
               and r["sample"] == "tracked_train"]
     assert stored == [pytest.approx(expected, rel=1e-4)]
+
+
+def test_coherence_evolution_resnet_with_user_config(tmp_path):
+    """The small ResNet (BatchNorm in residual blocks and the shortcut) through a user --config file."""
+    from pipelines.cli import main
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('models = ["resnet-small"]\nnoise_levels = [0.5]\nepochs = 2\ntrain_examples = 200\n'
+                   "test_examples = 50\n[capture]\ntracked_train = 16\ntracked_test = 8\nfirst_epoch_every = 1\n"
+                   "prime_batches = 2\n")
+    out = tmp_path / "run"
+    main(["run", "coherence-evolution", "--quick", "--config", str(cfg), "--no-progress", "--out", str(out)])
+    (row,) = json.loads((out / "summary.json").read_text())
+    assert (row["model"], row["noise"], row["steps_per_epoch"]) == ("resnet-small", 0.5, 2)
+    assert (row["train_m"], row["test_m"]) == (16, 8)
+    table = _read_csv(out / "resnet-small-noise-0.50" / "analysis" / "coherence.csv")
+    layers = {r["layer"] for r in table}
+    assert {"block2.shortcut.1", "fc", "(model)"} <= layers
+    assert sorted({int(r["step"]) for r in table}) == [0, 1, 2, 4]
+    values = np.array([float(r["m_coherence"]) for r in table])
+    m = np.array([16 if r["sample"] == "tracked_train" else 8 for r in table])
+    assert np.isfinite(values).all() and (values >= 0).all() and (values <= m).all()
+    assert (out / "layers_resnet-small_noise-0.50.png").exists()
