@@ -80,6 +80,22 @@ def layer_inner(a: xr.DataArray, b: xr.DataArray, ds: xr.Dataset, source: str) -
     return (a * b).sum("proj")
 
 
+def layer_dot(x: xr.DataArray, v: xr.DataArray, ds: xr.Dataset, source: str) -> xr.DataArray:
+    """Per-layer x_i · v for per-example vectors ``x`` and one vector ``v`` (no ``example`` dim).
+
+    A matrix product per layer (no per-example temporaries the size of ``x``).
+    """
+    if source == "coords":
+        return xr.dot(x, v * _coord_onehot(ds), dim="coord", optimize=True)
+    return xr.dot(x, v, dim="proj", optimize=True)
+
+
+def _split_sums(x: xr.DataArray, ds: xr.Dataset):
+    train = split_mask(ds, "train")
+    return train, xr.dot(x, train.astype(np.float64), dim="example", optimize=True), \
+        xr.dot(x, (~train).astype(np.float64), dim="example", optimize=True)
+
+
 def layer_gram(ds: xr.Dataset, source: str = "exact", *, examples=None) -> xr.DataArray:
     """Pairwise inner products g_i·g_j, (step, layer, example, example_), whole model appended.
 
@@ -134,9 +150,8 @@ def layer_dot_with_sum(ds: xr.Dataset, source: str = "exact") -> xr.DataArray:
         out = ds["dot_with_sum"].astype(np.float64)
     else:
         x = vectors(ds, source)
-        train = split_mask(ds, "train")
-        own_sum = xr.where(train, x.where(train, 0).sum("example"), x.where(~train, 0).sum("example"))
-        out = layer_inner(x, own_sum, ds, source)
+        train, train_sum, test_sum = _split_sums(x, ds)
+        out = xr.where(train, layer_dot(x, train_sum, ds, source), layer_dot(x, test_sum, ds, source))
     return with_model(out.transpose("step", "example", "layer"))
 
 
@@ -156,11 +171,11 @@ def layer_moments(ds: xr.Dataset, source: str = "exact") -> xr.Dataset:
         parts = []
         for split in ("train", "test"):
             mask = split_mask(ds, split)
-            total = x.where(mask, 0).sum("example")
+            total = xr.dot(x, mask.astype(np.float64), dim="example", optimize=True)
             parts.append(xr.Dataset({
                 "m": xr.zeros_like(ds.step, dtype=np.float64) + float(mask.sum()),
                 "norm_sq_of_sum": layer_inner(total, total, ds, source),
-                "sum_of_norm_sq": layer_inner(x, x, ds, source).where(mask, 0).sum("example"),
+                "sum_of_norm_sq": xr.dot(layer_inner(x, x, ds, source), mask.astype(np.float64), dim="example"),
             }))
         out = xr.concat(parts, "sample").assign_coords(sample=["tracked_train", "tracked_test"])
         out["m"] = out["m"].broadcast_like(out["norm_sq_of_sum"])

@@ -8,7 +8,7 @@ Cases (each timed in its own process, which reports its wall time and peak resid
   computed from disk with the threaded scheduler, 8 steps per compute
   (:func:`analysis.report.compute_by_steps`, as ``gradstore analyze`` does). Wall time should grow linearly, peak memory not.
 * ``nulls-exact``: ``nulls`` permutations of the pristine/corrupt split of f_p over the stored
-  ``dot_with_sum`` of ``null_steps`` steps × ``examples`` examples.
+  per-example ``dot_with_sum`` of ``null_steps`` steps × ``examples`` examples (in memory).
 * ``nulls-coords``: the same from ``grad_coords`` (``null_coords`` coordinates, held in memory):
   per-example d_i = g_i·g estimated from the coordinates, then the nulls.
 """
@@ -31,6 +31,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20  # resident pages
+
+
 def _disk_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
 
@@ -41,12 +51,12 @@ def case_scale(store: str, nulls: int) -> dict:
     from analysis.report import analyze, compute_by_steps, open_store
 
     before = _peak_rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     ds = open_store(store)
     with dask.config.set(scheduler="threads"):
         result = compute_by_steps(analyze(ds, metrics=SCALE_METRICS, n_permutations=nulls), steps_per_batch=8)
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": before,
+    return {"wall_s": wall, "cpu_s": _cpu_s() - c0, "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": before,
             "steps": ds.sizes["step"], "f_p_last": float(result.f_p.isel(step=-1).sel(layer="(model)"))}
 
 
@@ -56,8 +66,9 @@ def case_nulls(source: str, steps: int, examples: int, coords: int, nulls: int) 
     from analysis import losssplit, nulls as nulls_mod, sources
     from analysis.synthetic import synthetic_run
 
-    ds = synthetic_run(n_steps=steps, n_train=examples, n_test=0, n_coords=coords, gram=False, proj=False,
-                       step_chunk=10)
+    # the exact case only needs dot_with_sum: generate it from a few coordinates
+    ds = synthetic_run(n_steps=steps, n_train=examples, n_test=0, n_coords=coords if source == "coords" else 16,
+                       gram=False, proj=False, step_chunk=10)
     ds = ds[["grad_coords", "dot_with_sum", "corrupt", "split", "coord_layer"]]
     if source == "coords":
         ds["grad_coords"] = ds["grad_coords"].persist()
@@ -66,11 +77,13 @@ def case_nulls(source: str, steps: int, examples: int, coords: int, nulls: int) 
         ds["dot_with_sum"] = ds["dot_with_sum"].persist()
         d = sources.layer_dot_with_sum(ds, "exact")
     pristine = ~np.asarray(ds.corrupt.values, bool)
+    rss_input = _rss_now_mb()
     t0 = time.perf_counter()
     test = nulls_mod.permutation_test(lambda m: losssplit.share(d, m), pristine, n_permutations=nulls,
                                       seed=0).compute(scheduler="threads")
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "peak_rss_mb": _peak_rss_mb(), "null_size": int(test.null.size),
+    return {"wall_s": wall, "peak_rss_mb": _peak_rss_mb(), "rss_with_input_mb": rss_input,
+            "rss_after_mb": _rss_now_mb(), "null_size": int(test.null.size),
             "input_mb": (ds.grad_coords.nbytes if source == "coords" else ds.dot_with_sum.nbytes) / 1e6}
 
 
@@ -115,16 +128,19 @@ def markdown(rows: dict, *, examples: int, coords: int, base_steps: int, nulls: 
              null_coords: int) -> str:
     lines = [f"Out-of-core scaling ({examples} examples, {coords} coords, exact Gram blocks, "
              f"metrics {', '.join(SCALE_METRICS)}, {nulls} permutations; threaded scheduler, 8 steps per batch):", "",
-             "| store | steps | size on disk (MB) | wall (s) | s / step | peak RSS (MB) |",
-             "|---|---|---|---|---|---|"]
+             "| store | steps | size on disk (MB) | wall (s) | CPU (s) | CPU s / step | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows["scale"]:
-        lines.append(f"| {r['factor']}x | {r['steps']} | {r['store_mb']:.0f} | {r['wall_s']:.1f} | "
-                     f"{r['wall_s'] / r['steps']:.3f} | {r['peak_rss_mb']:.0f} |")
+        lines.append(f"| {r['factor']}x | {r['steps']} | {r['store_mb']:.0f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+                     f"{r['cpu_s'] / r['steps']:.2f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", f"{nulls} permutation nulls of the pristine/corrupt split (f_p), {null_steps} steps × "
-              f"{examples} examples:", "", "| input | input size (MB) | wall (s) | peak RSS (MB) |", "|---|---|---|---|"]
+              f"{examples} examples (input held in memory):", "",
+              "| input | input size (MB) | wall (s) | RSS with input loaded (MB) | RSS after (MB) |",
+              "|---|---|---|---|---|"]
     for r in rows["nulls"]:
-        what = "stored dot_with_sum (exact)" if r["source"] == "exact" else f"grad_coords ({null_coords} coords)"
-        lines.append(f"| {what} | {r['input_mb']:.0f} | {r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+        what = "per-example dot_with_sum (exact)" if r["source"] == "exact" else f"grad_coords ({null_coords} coords)"
+        lines.append(f"| {what} | {r['input_mb']:.0f} | {r['wall_s']:.2f} | {r['rss_with_input_mb']:.0f} | "
+                     f"{r['rss_after_mb']:.0f} |")
     return "\n".join(lines)
 
 
