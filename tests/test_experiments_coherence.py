@@ -266,3 +266,26 @@ def test_coherence_evolution_resnet_with_user_config(tmp_path):
     m = np.array([16 if r["sample"] == "tracked_train" else 8 for r in table])
     assert np.isfinite(values).all() and (values >= 0).all() and (values <= m).all()
     assert (out / "layers_resnet-small_noise-0.50.png").exists()
+
+
+def test_primed_capture_leaves_training_unchanged(tmp_path, mnist_subset):
+    """Training cnn-bn with the primed Recorder gives bit-identical weights and BatchNorm statistics."""
+    from dataclasses import replace
+
+    from gradstore.store import Recorder, Schedule
+    from pipelines.models import build_model
+    from pipelines.train import TrainConfig, TrainData, train
+
+    mnist = ce.subsample(mnist_subset, 300, 50, seed=0)
+    data = TrainData.from_mnist(mnist, noise=0.5, seed=0)
+    tc = TrainConfig(model="cnn-bn", noise=0.5, steps=4, eval_every=4, batch_size=50)
+    plain = train(tc, data, model=build_model("cnn-bn")).model.state_dict()
+    model = build_model("cnn-bn")
+    recorder = Recorder(str(tmp_path / "s.zarr"), model, train_inputs=data.x_train[:12], train_targets=data.y_train[:12],
+                        train_ids=data.train_ids[:12].numpy(), schedule=Schedule.at([0, 1, 3]), coords_per_layer=0)
+    observer = ce.PrimedRecorder(recorder, [data.x_train[100:150], data.x_train[150:200]])
+    with recorder:
+        watched = train(replace(tc), data, model=model, observers=[observer]).model.state_dict()
+    assert recorder.committed == 3
+    for key, value in plain.items():
+        assert torch.equal(value, watched[key]), key
