@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -102,6 +103,10 @@ class Recorder:
         Stored as root attributes.
     overwrite, resume :
         See :func:`gradstore.store.create_run`.
+    autocast : {None, "bfloat16", "float16"}
+        Run the capture forward pass under ``torch.autocast`` (mixed precision on the model's device;
+        CPU supports bfloat16). Per-example values carry the reduced precision of the activations;
+        every sum over examples (moments, ``sum_of_norm_sq``) is accumulated in float64.
     background : bool, default True
         Write each step in a background thread while training goes on (at most one write in
         flight; the next capture waits for it). Call :meth:`close` (or use ``with``) to wait for
@@ -116,11 +121,14 @@ class Recorder:
                  projection_seed: int = 0, gram: bool = False, dtype: str = "float32",
                  compression: str = "zstd", config: dict | None = None, seeds: dict | None = None,
                  overwrite: bool = False, resume: bool = True, storage_options: dict | None = None,
-                 background: bool = True):
+                 background: bool = True, autocast: str | None = None):
         import torch
 
         from gradstore.capture import Projection, plan
 
+        if autocast not in (None, "bfloat16", "float16"):
+            raise StoreError(f"autocast must be None, 'bfloat16' or 'float16', got {autocast!r}")
+        self.autocast = autocast
         self.schedule = schedule if schedule is not None else Schedule.every(100)
         self.loss_fn = loss_fn or _cross_entropy
         pl = plan(model)
@@ -153,6 +161,7 @@ class Recorder:
         for name, index in zip(coord_param, coord_index):
             self._coords.setdefault(name, []).append(int(index))
         self._projection = Projection(n_proj, seed=projection_seed) if n_proj else None
+        self._layer_of = layer_of
         self.writer = create_run(target, self.layout, config=config, seeds=seeds, overwrite=overwrite,
                                  resume=resume, storage_options=storage_options)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradstore-writer") if background else None
@@ -216,7 +225,8 @@ class Recorder:
         for row, part in enumerate(parts):
             m[row], norm_sq_of_sum[row], sum_of_norm_sq[row] = part["moments"]
         if self._moments is not None:
-            mom = coherence_moments(model, self.loss_fn, *self._moments)
+            with autocast_forward(model, self.autocast):
+                mom = coherence_moments(model, self.loss_fn, *self._moments)
             nss, son = mom.norm_sq_of_sum(by="layer"), mom.sum_of_norm_sq(by="layer")
             m[2] = mom.m
             norm_sq_of_sum[2] = [nss[layer] for layer in lay.layers]
@@ -225,32 +235,46 @@ class Recorder:
         if lay.gram:
             device = next(model.parameters()).device
             inputs, targets = (t.to(device) for t in self._all_tracked())
-            res = capture(model, self.loss_fn, inputs, targets, sq_norms=False, gram=True)
+            with autocast_forward(model, self.autocast):
+                res = capture(model, self.loss_fn, inputs, targets, sq_norms=False, gram=True)
             by_layer = res.by_layer("gram")
             out["gram"] = np.stack([_np(by_layer[layer]) for layer in lay.layers])
         return out
 
     def _capture_split(self, model, inputs, targets) -> dict:
+        """Per-example arrays of one tracked sample and its moments."""
+        part, grad_sum = self._split_part(model, inputs, targets)
+        nss = {}
+        for name, g in grad_sum.items():
+            layer = self._layer_of[name]
+            nss[layer] = nss.get(layer, 0.0) + float((g.double() ** 2).sum())
+        part["moments"] = (part["sq_norm"].shape[0], [nss[layer] for layer in self.layout.layers],
+                           part["sq_norm"].sum(axis=0))
+        return part
+
+    def _split_part(self, model, inputs, targets, vectors=None):
+        """Capture ``inputs``; return the per-example arrays (numpy) and Σ g per parameter.
+
+        ``vectors`` (parameter name -> tensor) is what ``dot_with_sum`` dots with; default the sum
+        over these same examples (a distributed capture passes the sum over every rank's shard).
+        """
         from gradstore.capture import capture
 
         lay = self.layout
         device = next(model.parameters()).device
         inputs, targets = inputs.to(device), targets.to(device)
-        res = capture(model, self.loss_fn, inputs, targets, sq_norms=True, coords=self._coords or None,
-                      projection=self._projection, dot_with="sum", grad_sum=True)
+        with autocast_forward(model, self.autocast):
+            res = capture(model, self.loss_fn, inputs, targets, sq_norms=True, coords=self._coords or None,
+                          projection=self._projection, dot_with="sum" if vectors is None else vectors,
+                          grad_sum=vectors is None)
+        self._layer_of = res.layer_of
         sq = res.by_layer("sq_norms")
         dots = res.by_layer("dots")
-        nss = {}
-        for name, g in res.grad_sum.items():
-            layer = res.layer_of[name]
-            nss[layer] = nss.get(layer, 0.0) + float((g.double() ** 2).sum())
-        sq_norm = np.stack([_np(sq[layer]) for layer in lay.layers], axis=1)
         part = {
             "loss": _np(res.losses),
             "correct": (res.outputs.argmax(1) == targets).cpu().numpy(),
-            "sq_norm": sq_norm,
+            "sq_norm": np.stack([_np(sq[layer]) for layer in lay.layers], axis=1),
             "dot_with_sum": np.stack([_np(dots[layer]) for layer in lay.layers], axis=1),
-            "moments": (res.m, [nss[layer] for layer in lay.layers], sq_norm.sum(axis=0)),
         }
         if lay.n_coord:
             part["grad_coords"] = np.concatenate([_np(res.coords[name], lay.dtype) for name in self._coords], axis=1)
@@ -260,7 +284,7 @@ class Recorder:
                 layer = res.layer_of[name]
                 proj[layer] = value if layer not in proj else proj[layer] + value
             part["grad_proj"] = np.stack([_np(proj[layer], lay.dtype) for layer in lay.layers], axis=1)
-        return part
+        return part, res.grad_sum
 
     def _all_tracked(self):
         import torch
@@ -283,6 +307,40 @@ class Recorder:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextmanager
+def autocast_forward(model, dtype: str | None):
+    """Run ``model``'s forward passes under ``torch.autocast(dtype)``; outputs come back as float32.
+
+    Only the forward is autocast (the per-layer products of the capture engine run outside it);
+    ``None`` does nothing. Hooks on ``model`` are removed on exit.
+    """
+    if dtype is None:
+        yield model
+        return
+    import torch
+
+    device = next(model.parameters()).device.type
+    contexts = []
+
+    def enter(_module, _args):
+        ctx = torch.autocast(device_type=device, dtype=getattr(torch, dtype))
+        ctx.__enter__()
+        contexts.append(ctx)
+
+    def leave(_module, _args, output):
+        contexts.pop().__exit__(None, None, None)
+        return output.float() if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+
+    handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        while contexts:  # a forward that raised never reached ``leave``
+            contexts.pop().__exit__(None, None, None)
 
 
 def _np(tensor, dtype: str = "float64") -> np.ndarray:

@@ -1,0 +1,94 @@
+"""Local multi-process capture: ``gradstore run NAME --nproc N``.
+
+:func:`capture_workers` makes this process rank 0 of a gloo process group on 127.0.0.1 and spawns
+N-1 capture workers (``torch.multiprocessing``, spawn start method; each imports torch once). Inside
+the block, :func:`gradstore.store.distributed.make_recorder` returns a
+:class:`~gradstore.store.distributed.DistributedRecorder`, so every capture is sharded over the N
+processes while training runs once, on rank 0 (see ``docs/scaling.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+
+from gradstore.errors import GradstoreError
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init(rank: int, size: int, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+
+
+def _worker(index: int, size: int, port: int, device: str, threads: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from gradstore.store.distributed import serve
+
+    if threads:
+        torch.set_num_threads(threads)
+    _init(index + 1, size, port)
+    try:
+        serve(device)
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def capture_workers(nproc: int, device: str = "cpu", threads: int = 0):
+    """Run the block as rank 0 of ``nproc`` local processes whose captures are sharded.
+
+    Parameters
+    ----------
+    nproc : int
+        Processes in all (1: no workers, nothing changes).
+    device : {"cpu", "cuda"}
+        Where the workers capture (worker r uses ``cuda:r % device_count``).
+    threads : int
+        torch threads per worker (0: torch's default).
+    """
+    if not isinstance(nproc, int) or nproc < 1:
+        raise GradstoreError(f"--nproc must be a positive integer, got {nproc!r}")
+    if nproc == 1:
+        yield
+        return
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if dist.is_initialized():
+        raise GradstoreError("a torch.distributed process group is already initialised in this process; "
+                             "capture_workers starts its own")
+    port = _free_port()
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    context = mp.spawn(_worker, args=(nproc, port, device, threads), nprocs=nproc - 1, join=False)
+    ok = False
+    try:
+        _init(0, nproc, port)
+        yield
+        ok = True
+    finally:
+        try:
+            if ok:
+                from gradstore.store.distributed import stop_workers
+
+                stop_workers()
+                while not context.join(timeout=60):
+                    pass
+        finally:
+            if not ok:  # a worker may wait in a collective that will never come: stop ours
+                for process in context.processes:
+                    if process.is_alive():
+                        process.terminate()
+                for process in context.processes:
+                    process.join(timeout=10)
+            if dist.is_initialized():
+                dist.destroy_process_group()
