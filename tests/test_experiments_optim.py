@@ -99,6 +99,15 @@ def test_winsorize_quick_end_to_end(tmp_path):
         assert all(math.isfinite(num(h["train_loss"])) for h in hist)
     # c changes the run (c = 0 is SGD, c = 2 clips): the final models differ
     assert len({r["train_acc"] for r in rows}) > 1 or len({r["test_acc"] for r in rows}) > 1
+    # --resume on a finished run trains nothing more and reproduces the results
+    before = (out / "results.csv").read_text()
+    main(["run", "winsorize", "--quick", "--no-progress", "--resume", "--out", str(out)])
+    assert (out / "results.csv").read_text() == before
+    # without --resume the folder is refused, nothing is overwritten
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "winsorize", "--quick", "--no-progress", "--out", str(out)])
+    assert exc.value.code == 2
+    assert (out / "results.csv").read_text() == before
 
 
 def test_median_of_means_quick_end_to_end(tmp_path):

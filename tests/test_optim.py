@@ -288,3 +288,20 @@ def test_train_rejects_unknown_optimizer_options(tiny_data):
 
     with pytest.raises(GradstoreError, match="optimizer_options"):
         train(TrainConfig(model="mlp-3x256", steps=1, optimizer="m3", optimizer_options={"c": 1}), tiny_data)
+
+
+@pytest.mark.parametrize("name", ["rm3", "m3"])
+def test_resumed_training_matches_a_straight_run(tiny_data, tmp_path, name):
+    """RM3's remembered gradients travel in the checkpoint: a run killed after step 2 resumes exactly."""
+    from pipelines.train import TrainConfig, train
+
+    cfg = dict(model="mlp-3x256", noise=0.5, eval_every=2, batch_size=10, optimizer=name)
+    straight = train(TrainConfig(steps=5, **cfg), tiny_data)
+    ckpt = tmp_path / "ckpt.pt"
+    train(TrainConfig(steps=2, **cfg), tiny_data, checkpoint=ckpt, checkpoint_every=2)
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["steps"] = 5  # the same run, configured for 5 steps
+    torch.save(state, ckpt)
+    resumed = train(TrainConfig(steps=5, **cfg), tiny_data, checkpoint=ckpt)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
