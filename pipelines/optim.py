@@ -139,9 +139,9 @@ class WinsorizedSGD(_OwnGradient):
     def _directions(self, model, loss_fn, inputs, targets, names):
         from gradstore.capture import capture
 
-        c = self.defaults["c"]
+        c = self.param_groups[0]["c"]
         if any(g["c"] != c for g in self.param_groups):
-            raise GradstoreError("WinsorizedSGD takes one c for all parameter groups")
+            raise GradstoreError("WinsorizedSGD takes one c for all parameter groups; give the same c to each group")
         res = capture(model, loss_fn, inputs, targets, sq_norms=False, grad_sum=(c == 0), grads=(c > 0))
         if c == 0:
             return {n: res.grad_sum[n] / res.m for n in names}, res.losses.mean()

@@ -225,9 +225,13 @@ def test_rm3_state_dict_round_trip():
 def test_winsorized_state_dict_keeps_c_and_lr():
     model = small_mlp(0)
     opt = WinsorizedSGD(model.parameters(), lr=0.3, c=4)
-    other = WinsorizedSGD(model.parameters(), lr=0.1, c=4)
+    other = WinsorizedSGD(model.parameters(), lr=0.1, c=1)
     other.load_state_dict(opt.state_dict())
     assert other.param_groups[0]["lr"] == 0.3 and other.param_groups[0]["c"] == 4
+    # the loaded c is the one used: a batch of 8 is too small for c = 4
+    x, y = batches(1, m=8)[0]
+    with pytest.raises(GradstoreError, match="at least 9 examples"):
+        other.batch_gradient(model, per_example_loss, x, y)
 
 
 @pytest.mark.parametrize(
