@@ -65,3 +65,12 @@ def test_distributed_recorder_needs_a_process_group(tmp_path):
         with capture_workers(0):
             pass
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_run_cli_refuses_a_bad_nproc(tmp_path, capsys):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "label-noise", "--nproc", "0", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "--nproc" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

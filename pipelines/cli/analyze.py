@@ -11,7 +11,7 @@ from analysis.report import METRICS
 
 
 @click.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="New directory for results.zarr, CSV tables and PNG plots [default: STORE.analysis].")
 @click.option("--metrics", default=",".join(METRICS), show_default=True,
@@ -24,14 +24,14 @@ from analysis.report import METRICS
               help="dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads.")
 @click.option("--steps-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Steps computed together; peak memory grows with it, not with the run's length.")
-def analyze(store: Path, out: Path | None, metrics: str, nulls: int, seed: int, snapshot: int | None,
+def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, snapshot: int | None,
             scheduler: str | None, steps_per_batch: int) -> None:
     """Compute coherence, stiffness, confusion, loss split, easy/hard and minibatch metrics of STORE."""
     from analysis.output import prepare_out, write_results
     from analysis.report import analyze as build, check_metrics, open_store
 
     chosen = check_metrics([m.strip() for m in metrics.split(",") if m.strip()])
-    out = prepare_out(out if out is not None else store.with_name(store.name + ".analysis"))
+    out = prepare_out(out if out is not None else _default_out(store))
     ds = open_store(store)
     lazy = build(ds, metrics=chosen, n_permutations=nulls, seed=seed, snapshot=snapshot)
     click.echo(f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
@@ -39,6 +39,14 @@ def analyze(store: Path, out: Path | None, metrics: str, nulls: int, seed: int, 
     results = _compute(lazy, scheduler, steps_per_batch)
     files = write_results(results, out)
     click.echo(f"wrote {len(files)} files to {out}")
+
+
+def _default_out(store: str) -> Path:
+    """``STORE.analysis`` beside a local store; ``NAME.analysis`` in the working directory for a URL."""
+    if "://" in store:
+        return Path(store.rstrip("/").rsplit("/", 1)[-1] + ".analysis")
+    path = Path(store)
+    return path.with_name(path.name + ".analysis")
 
 
 def _compute(lazy, scheduler: str | None, steps_per_batch: int = 8):

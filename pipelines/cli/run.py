@@ -20,14 +20,21 @@ from pipelines.experiments import EXPERIMENTS
 @click.option("--quick", is_flag=True, help="A few-minutes variant on 2 CPU cores.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint and committed store step.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def run(name, config_path, data_dir, device, out, quick, resume, no_progress):
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local processes sharing every capture (gloo on 127.0.0.1); training runs once, on rank 0.")
+@click.option("--autocast", type=click.Choice(["bfloat16", "float16"]), default=None,
+              help="Capture forward passes under torch.autocast (mixed precision; sums stay float64).")
+def run(name, config_path, data_dir, device, out, quick, resume, no_progress, nproc, autocast):
     """Run experiment NAME and write its stores, analysis, figures and report.md."""
+    from pipelines.distributed import capture_workers
     from pipelines.experiments import run_experiment
     from pipelines.experiments.common import Context, prepare_out
     from pipelines.experiments.config import load_config
 
     config = load_config(name, quick=quick, path=config_path)
     out_dir = prepare_out(Path(out or f"runs/{name}{'-quick' if quick else ''}"), resume=resume)
-    ctx = Context(out=out_dir, data_dir=data_dir, device=device, resume=resume, quick=quick, progress=not no_progress)
-    report = run_experiment(name, config, ctx)
+    ctx = Context(out=out_dir, data_dir=data_dir, device=device, resume=resume, quick=quick, progress=not no_progress,
+                  autocast=autocast)
+    with capture_workers(nproc, device):
+        report = run_experiment(name, config, ctx)
     click.echo(f"report: {report}")

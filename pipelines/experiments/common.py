@@ -24,6 +24,7 @@ class Context:
     resume: bool = False
     quick: bool = False
     progress: bool = True
+    autocast: str | None = None  # mixed-precision capture (Recorder(autocast=...))
 
 
 def prepare_out(out: Path, *, resume: bool) -> Path:
@@ -60,7 +61,7 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
     """
     from tqdm import tqdm
 
-    from gradstore.store import Recorder
+    from gradstore.store.distributed import make_recorder
     from pipelines.models import build_model
     from pipelines.train import TrainConfig, TrainData, train
 
@@ -77,7 +78,7 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
     model = build_model(config["model"], seed=seed).to(ctx.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     store = run_dir / "store.zarr"
-    recorder = Recorder(
+    recorder = make_recorder(  # sharded over the ranks of `gradstore run --nproc N`
         str(store), model,
         train_inputs=data.x_train[tr], train_targets=data.y_train[tr], train_ids=data.train_ids[tr].cpu().numpy(),
         train_true=data.y_true[tr].cpu().numpy(),
@@ -86,7 +87,7 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
         moments_inputs=data.x_train[mo] if len(mo) else None, moments_targets=data.y_train[mo] if len(mo) else None,
         schedule=schedule_from(cap), coords_per_layer=cap["coords_per_layer"], coord_seed=seed,
         n_proj=cap["projection_dim"], projection_seed=seed, gram=cap["gram"],
-        config={**config, "noise": noise}, seeds={"seed": seed}, resume=ctx.resume,
+        config={**config, "noise": noise}, seeds={"seed": seed}, resume=ctx.resume, autocast=ctx.autocast,
     )
     with recorder, tqdm(total=tc.steps, desc=desc, unit="step", disable=not ctx.progress, leave=False) as bar:
         result = train(tc, data, model=model, observers=[recorder], checkpoint=run_dir / "checkpoint.pt",
