@@ -17,7 +17,7 @@ import xarray as xr
 
 def share(dot_with_sum: xr.DataArray, mask: xr.DataArray) -> xr.DataArray:
     """f = Σ_{i in mask} d_i / Σ_i d_i (the masked group's share of the loss reduction)."""
-    total = dot_with_sum.sum("example")
+    total = dot_with_sum.sum("example", skipna=False)
     return xr.dot(mask.astype(float), dot_with_sum, dim="example", optimize=True) / total.where(total != 0)
 
 
@@ -25,7 +25,7 @@ def cumulative(dot_with_sum: xr.DataArray, mask: xr.DataArray) -> xr.DataArray:
     """r(t) = (1/n) Σ_{τ≤t} Σ_{i in mask} d_i(τ), n = number of examples in the mask."""
     mask = mask.astype(float)
     n = mask.sum("example")
-    return xr.dot(mask, dot_with_sum, dim="example", optimize=True).cumsum("step") / n.where(n > 0)
+    return xr.dot(mask, dot_with_sum, dim="example", optimize=True).cumsum("step", skipna=False) / n.where(n > 0)
 
 
 def loss_split(dot_with_sum: xr.DataArray, corrupt) -> xr.Dataset:

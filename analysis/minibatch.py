@@ -58,18 +58,18 @@ def minibatch_coherence(gram: xr.DataArray, sizes=(1, 10, 100), *, n_batches: in
     if n_batches < 2:
         raise GradstoreError(f"n_batches must be at least 2, got {n_batches}")
     m = gram.sizes["example"]
-    total = gram.sum(("example", "example_"))
-    sq = diagonal(gram).sum("example")
+    total = gram.sum(("example", "example_"), skipna=False)
+    sq = diagonal(gram).sum("example", skipna=False)
     alpha = total / (m * sq).where(sq > 0)
     measured = []
     for j, k in enumerate(sizes):
         w = xr.DataArray(batch_counts(m, k, n_batches, seed=seed + j, replace=replace), dims=("batch", "example"))
         wg = xr.dot(w, gram, dim="example", optimize=True)                           # (…, batch, example_)
         diag = xr.dot(wg, w.rename(example="example_"), dim="example_", optimize=True)  # ||k h_b||², (…, batch)
-        c = w.sum("batch").rename(example="example_")
-        everything = xr.dot(wg.sum("batch"), c, dim="example_", optimize=True)
-        mean_sq = diag.sum("batch") / n_batches
-        cross = (everything - diag.sum("batch")) / (n_batches * (n_batches - 1))
+        c = w.sum("batch", skipna=False).rename(example="example_")
+        everything = xr.dot(wg.sum("batch", skipna=False), c, dim="example_", optimize=True)
+        mean_sq = diag.sum("batch", skipna=False) / n_batches
+        cross = (everything - diag.sum("batch", skipna=False)) / (n_batches * (n_batches - 1))
         measured.append(cross / mean_sq.where(mean_sq > 0))
     size = xr.DataArray(list(sizes), dims="batch_size", name="batch_size")
     return xr.Dataset({

@@ -72,11 +72,11 @@ def permutation_test(
     greater = (1 + (null >= observed).sum("permutation")) / (n_permutations + 1)
     less = (1 + (null <= observed).sum("permutation")) / (n_permutations + 1)
     p = {"greater": greater, "less": less, "two-sided": np.minimum(1.0, 2 * np.minimum(greater, less))}
-    low, high = null.quantile(list(band), dim="permutation").transpose("quantile", ...)
+    low, high = null.quantile(list(band), dim="permutation", skipna=False).transpose("quantile", ...)
     return xr.Dataset({
         "observed": observed.drop_vars("permutation", errors="ignore"),
         "null": null,
-        "null_mean": null.mean("permutation"),
+        "null_mean": null.mean("permutation", skipna=False),
         "null_low": low.drop_vars("quantile"),
         "null_high": high.drop_vars("quantile"),
         "p_value": p[alternative].where(observed.notnull()),
@@ -100,7 +100,7 @@ def coherence_gap(gram: xr.DataArray) -> Callable[[xr.DataArray], xr.DataArray]:
     contract with the (…, example, example_) gram.
     """
     eye = xr.DataArray(np.eye(gram.sizes["example"]), dims=("example", "example_"))
-    sq = (gram * eye).sum("example_")
+    sq = (gram * eye).sum("example_", skipna=False)
 
     def coherence_of(mask):
         quad = xr.dot(xr.dot(mask, gram, dim="example"), mask.rename(example="example_"), dim="example_", optimize=True)

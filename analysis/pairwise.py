@@ -57,8 +57,8 @@ def stiffness(gram: xr.DataArray, *, labels=None) -> xr.Dataset:
     pairs = off_diagonal(n)
     count = n * (n - 1)
     out = xr.Dataset({
-        "sign_stiffness": (signs * pairs).sum(("example", "example_")) / count,
-        "cosine_stiffness": (cos * pairs).sum(("example", "example_")) / count,
+        "sign_stiffness": (signs * pairs).sum(("example", "example_"), skipna=False) / count,
+        "cosine_stiffness": (cos * pairs).sum(("example", "example_"), skipna=False) / count,
     })
     if labels is not None:
         groups = onehot(labels, dim="class", example=gram.example.values)
@@ -140,4 +140,4 @@ def group_coherence(gram: xr.DataArray, labels, *, dim: str = "group") -> xr.Dat
 
 def _diag(blocks: xr.DataArray, dim: str) -> xr.DataArray:
     eye = xr.DataArray(np.eye(blocks.sizes[dim]), dims=(dim, dim + "_"))
-    return (blocks * eye).sum(dim + "_")
+    return (blocks * eye).sum(dim + "_", skipna=False)

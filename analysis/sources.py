@@ -39,7 +39,7 @@ def require(ds: xr.Dataset, names, why: str) -> None:
 
 def with_model(da: xr.DataArray) -> xr.DataArray:
     """Append the whole model (the sum over ``layer``) as layer :data:`MODEL`."""
-    total = da.sum("layer").expand_dims(layer=[MODEL])
+    total = da.sum("layer", skipna=False).expand_dims(layer=[MODEL])
     out = xr.concat([da, total], "layer", coords="minimal", compat="override", join="outer")
     if out.chunks:
         out = out.chunk({"layer": -1})
@@ -77,7 +77,7 @@ def layer_inner(a: xr.DataArray, b: xr.DataArray, ds: xr.Dataset, source: str) -
     """Per-layer inner product Σ a·b over the coordinates (or projections) of each layer."""
     if source == "coords":
         return xr.dot(a * b, _coord_onehot(ds), dim="coord", optimize=True)
-    return (a * b).sum("proj")
+    return (a * b).sum("proj", skipna=False)
 
 
 def layer_dot(x: xr.DataArray, v: xr.DataArray, ds: xr.Dataset, source: str) -> xr.DataArray:
@@ -151,7 +151,14 @@ def layer_dot_with_sum(ds: xr.Dataset, source: str = "exact") -> xr.DataArray:
     else:
         x = vectors(ds, source)
         train, train_sum, test_sum = _split_sums(x, ds)
-        out = xr.where(train, layer_dot(x, train_sum, ds, source), layer_dot(x, test_sum, ds, source))
+        # each example against its own split's sum: one pass over the examples of each split
+        train_idx, test_idx = np.flatnonzero(train.values), np.flatnonzero(~train.values)
+        parts = [layer_dot(x.isel(example=idx), total, ds, source)
+                 for idx, total in ((train_idx, train_sum), (test_idx, test_sum)) if idx.size]
+        order = np.argsort(np.concatenate([train_idx, test_idx]), kind="stable")
+        out = xr.concat(parts, "example")
+        if (order != np.arange(order.size)).any():
+            out = out.isel(example=order)
     return with_model(out.transpose("step", "example", "layer"))
 
 
