@@ -325,10 +325,14 @@ def build_report(config, ctx: Context, source: str, phase1, split_rows, acc_rows
     report.figures.append(("Held-out accuracy of models retrained on easy or on hard examples", "heldout_accuracy.png"))
     report.figures += [(f"Coherence within easy, within hard and across ({r['rule']})", f"coherence_{r['rule']}.png")
                        for r in split_rows if (ctx.out / f"coherence_{r['rule']}.png").exists()]
+    hard_counts = ", ".join(f"{r['rule']}: {r['tracked_hard']}" for r in split_rows)
     report.notes += [
         "pairwise alpha = mean over pairs i ≠ j of g_i·g_j divided by the mean ||g||² (0: orthogonal, 1: identical); "
         "it does not grow with the group size, unlike m-coherence, so the claim compares alpha. The p-value is a "
         "one-sided permutation p-value of m-coherence(easy) − m-coherence(hard) with group sizes kept.",
+        "The coherence verdict counts captured steps (majority rule). Few hard examples in the tracked sample "
+        f"({hard_counts}) give the permutation test little power, and then the verdict can depend on which "
+        "steps were captured.",
         "The held-out accuracy test is one retrained model per group; the Fisher p-value counts held-out examples "
         "only and does not include the variation between training runs.",
         "Accuracy is on each example's training label (the true label at 0% noise).",
