@@ -59,7 +59,7 @@ def matrix_plot(matrix: xr.DataArray, path: Path, *, title: str) -> None:
     image = ax.imshow(matrix.values, cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(matrix.sizes[cols]), [str(v) for v in matrix[cols].values])
     ax.set_yticks(range(matrix.sizes[rows]), [str(v) for v in matrix[rows].values])
-    ax.set(title=title)
+    ax.set(title=title, xlabel=cols, ylabel=rows)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
