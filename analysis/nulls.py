@@ -108,3 +108,28 @@ def coherence_gap(gram: xr.DataArray) -> Callable[[xr.DataArray], xr.DataArray]:
         return quad / norms.where(norms > 0)
 
     return lambda mask: coherence_of(mask) - coherence_of(1 - mask)
+
+
+def class_pair_test(gram: xr.DataArray, labels, a, b, **kwargs) -> xr.Dataset:
+    """Class ``a`` versus class ``b``: m-coherence gap with its permutation null.
+
+    Keeps the examples of the two classes, and shuffles the class labels among them.
+
+    Parameters
+    ----------
+    gram : xarray.DataArray
+        g_i·g_j (…, example, example_).
+    labels : array_like
+        Class of each example of ``gram``.
+    a, b
+        The two classes.
+    **kwargs
+        Passed to :func:`permutation_test` (``n_permutations``, ``seed``, ``alternative``).
+    """
+    labels = np.asarray(labels.values if isinstance(labels, xr.DataArray) else labels)
+    keep = np.flatnonzero((labels == a) | (labels == b))
+    if not ((labels == a).any() and (labels == b).any()):
+        raise GradstoreError(f"classes {a!r} and {b!r} both need examples; found "
+                             f"{int((labels == a).sum())} and {int((labels == b).sum())}")
+    sub = gram.isel(example=keep, example_=keep)
+    return permutation_test(coherence_gap(sub), labels[keep] == a, **kwargs)

@@ -66,7 +66,7 @@ def _null_vars(test: xr.Dataset, name: str) -> xr.Dataset:
 
 
 def analyze(ds: xr.Dataset, *, metrics=METRICS, n_permutations: int = 1000, seed: int = 0,
-            snapshot=None, batch_sizes=(1, 10, 100)) -> xr.Dataset:
+            snapshot=None, batch_sizes=(1, 10, 100), pair_source: str | None = None) -> xr.Dataset:
     """All requested metrics of a run as one lazy Dataset.
 
     Parameters
@@ -83,6 +83,9 @@ def analyze(ds: xr.Dataset, *, metrics=METRICS, n_permutations: int = 1000, seed
         Step number splitting easy from hard (default: the middle captured step).
     batch_sizes : sequence of int
         Minibatch sizes for the amplification check (larger than the sample are dropped).
+    pair_source : {"exact", "coords", "proj"}, optional
+        Where pairwise products come from (default: the exact ``gram`` if stored, else
+        ``grad_coords``, else ``grad_proj``).
 
     Returns
     -------
@@ -105,7 +108,10 @@ def analyze(ds: xr.Dataset, *, metrics=METRICS, n_permutations: int = 1000, seed
     index = np.flatnonzero(train)
     if "coherence" in metrics:
         parts.append(_coherence(ds))
-    pair_source = pairwise_source(ds)
+    if pair_source is None:
+        pair_source = pairwise_source(ds)
+    else:
+        sources.check_source(pair_source)
     needs_gram = {"stiffness", "confusion", "easy_hard", "minibatch"} & set(metrics)
     if needs_gram and pair_source is None:
         raise StoreError("stiffness, confusion, easy/hard and minibatch need gram, grad_coords or grad_proj, "

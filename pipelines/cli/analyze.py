@@ -20,12 +20,15 @@ from analysis.report import METRICS
               help="Permutations per permutation test (0: no nulls).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of permutations and minibatch draws.")
 @click.option("--snapshot", type=int, default=None, help="Step splitting easy from hard [default: middle step].")
+@click.option("--pairwise-source", type=click.Choice(["exact", "coords", "proj"]), default=None,
+              help="Source of pairwise products for stiffness/confusion/easy-hard/minibatch "
+                   "[default: gram if stored, else grad_coords, else grad_proj].")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads.")
 @click.option("--steps-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Steps computed together; peak memory grows with it, not with the run's length.")
 def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, snapshot: int | None,
-            scheduler: str | None, steps_per_batch: int) -> None:
+            pairwise_source: str | None, scheduler: str | None, steps_per_batch: int) -> None:
     """Compute coherence, stiffness, confusion, loss split, easy/hard and minibatch metrics of STORE."""
     from analysis.output import prepare_out, write_results
     from analysis.report import analyze as build, check_metrics, open_store
@@ -33,7 +36,8 @@ def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, s
     chosen = check_metrics([m.strip() for m in metrics.split(",") if m.strip()])
     out = prepare_out(out if out is not None else _default_out(store))
     ds = open_store(store)
-    lazy = build(ds, metrics=chosen, n_permutations=nulls, seed=seed, snapshot=snapshot)
+    lazy = build(ds, metrics=chosen, n_permutations=nulls, seed=seed, snapshot=snapshot,
+                 pair_source=pairwise_source)
     click.echo(f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
                f"{ds.sizes['layer']} layers; computing {', '.join(chosen)}", err=True)
     results = _compute(lazy, scheduler, steps_per_batch)

@@ -58,6 +58,15 @@ def test_bad_store_path_is_one_line_error(tmp_path, capsys, make):
         open_store(target)
 
 
+def test_pairwise_source_choice_is_recorded(store, tmp_path):
+    out = tmp_path / "o"
+    main(["analyze", store, "--out", str(out), "--nulls", "0", "--metrics", "stiffness",
+          "--pairwise-source", "coords"])
+    results = xr.open_zarr(out / "results.zarr", consolidated=False)
+    assert results.sign_stiffness.attrs["source"] == "coords"
+    assert results.attrs["pairwise_source"] == "coords"
+
+
 def test_unknown_metric_is_rejected(store, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["analyze", store, "--out", str(tmp_path / "o"), "--metrics", "coherence,vibes"])

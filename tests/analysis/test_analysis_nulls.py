@@ -85,3 +85,20 @@ def test_bad_arguments_raise_one_line_errors():
         nulls.permutation_test(lambda m: m.sum("example"), [True, False], alternative="bigger")
     with pytest.raises(GradstoreError, match="at least 1"):
         nulls.permutation_test(lambda m: m.sum("example"), [True, False], n_permutations=0)
+
+
+def test_class_pair_test_restricts_to_the_two_classes():
+    rng = np.random.default_rng(4)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 0, 1])
+    g = rng.standard_normal((1, 10, 3)) + 0.4 * (labels[None, :, None] == 0)
+    gram = xr.DataArray(np.einsum("sic,sjc->sij", g, g), dims=("step", "example", "example_"))
+    test = nulls.class_pair_test(gram, labels, 0, 1, n_permutations=50, seed=0).compute()
+
+    def mcoh(x):
+        return np.sum(x.sum(1) ** 2, -1) / np.sum(x**2, (1, 2))
+    np.testing.assert_allclose(test.observed, mcoh(g[:, labels == 0]) - mcoh(g[:, labels == 1]))
+    keep = np.flatnonzero(labels != 2)
+    w = nulls.permuted_masks(labels[keep] == 0, 50, seed=0).values[7].astype(bool)
+    np.testing.assert_allclose(test.null.isel(permutation=7), mcoh(g[:, keep[w]]) - mcoh(g[:, keep[~w]]))
+    with pytest.raises(GradstoreError, match="both need examples"):
+        nulls.class_pair_test(gram, labels, 0, 5)

@@ -79,3 +79,17 @@ def test_group_coherence_matches_direct_sums(data):
         m = len(ga)
         assert float(out.pairwise_alpha.sel(group=a, group_=a)) == pytest.approx(
             (float(out.m_coherence.sel(group=a)) - 1) / (m - 1))
+
+
+def test_pairwise_metrics_from_coordinates_equal_the_exact_gram():
+    from analysis import sources
+    from analysis.synthetic import synthetic_run
+
+    ds = synthetic_run(n_steps=3, n_train=12, n_test=3, n_coords=20)
+    train = ds.split.values == "train"
+    labels = ds.true_label.values[train]
+    exact = pairwise.stiffness(sources.layer_gram(ds, "exact", examples=train), labels=labels)
+    coords = pairwise.stiffness(sources.layer_gram(ds, "coords", examples=train), labels=labels)
+    xr.testing.assert_allclose(exact.compute(), coords.compute())
+    proj = pairwise.confusion(sources.layer_gram(ds, "proj", examples=train)).compute()
+    assert proj.min_cosine.dims == ("step", "layer") and np.isfinite(proj.min_cosine).all()
