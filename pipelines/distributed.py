@@ -92,3 +92,63 @@ def capture_workers(nproc: int, device: str = "cpu", threads: int = 0):
                     process.join(timeout=10)
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def bench(*, models=("mlp-3x256", "mlp-cg"), sizes=(256, 1024), nprocs=(1, 2), threads: int = 1,
+          repeats: int = 3, moments: int = 0, coords: int = 300) -> list[dict]:
+    """Seconds per captured step (median of ``repeats`` after one warm-up), by model, m and processes.
+
+    Every process runs ``threads`` torch threads; the step is captured (tracked train sample of m
+    bundled-MNIST examples, ``coords`` coordinates per layer, ``moments`` extra moment examples) but
+    not written, so the figure is the capture cost that the workers share.
+    """
+    import time
+
+    import numpy as np
+    import torch
+
+    from gradstore.store.distributed import make_recorder
+    from pipelines.data import load_mnist
+    from pipelines.models import build_model
+
+    torch.set_num_threads(threads)
+    mnist = load_mnist()
+    x_all = torch.from_numpy(mnist.train_images.astype(np.float32) / 255.0).unsqueeze(1)
+    y_all = torch.from_numpy(mnist.train_labels)
+    rows = []
+    for nproc in nprocs:
+        with capture_workers(nproc, threads=threads):
+            for name in models:
+                model = build_model(name, seed=0)
+                for m in sizes:
+                    kwargs = dict(moments_inputs=x_all[m:m + moments], moments_targets=y_all[m:m + moments]) if moments else {}
+                    rec = make_recorder(f"memory://bench-{name}-{m}-{nproc}", model, train_inputs=x_all[:m],
+                                        train_targets=y_all[:m], train_ids=np.arange(m), coords_per_layer=coords,
+                                        background=False, overwrite=True, **kwargs)
+                    times = []
+                    for _ in range(repeats + 1):
+                        start = time.perf_counter()
+                        rec.capture_step(model)
+                        times.append(time.perf_counter() - start)
+                    rec.close()
+                    n_params = sum(p.numel() for p in model.parameters())
+                    rows.append(dict(model=name, params=n_params, m=m, moments=moments, nproc=nproc,
+                                     threads=threads, seconds=float(np.median(times[1:]))))
+    return rows
+
+
+if __name__ == "__main__":  # python -m pipelines.distributed [--threads T] [--moments K]
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="capture seconds per step with 1 and 2 local processes")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--moments", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", default="256,1024")
+    parser.add_argument("--nprocs", default="1,2")
+    args = parser.parse_args()
+    for row in bench(sizes=tuple(int(s) for s in args.sizes.split(",")), threads=args.threads,
+                     moments=args.moments, repeats=args.repeats,
+                     nprocs=tuple(int(s) for s in args.nprocs.split(","))):
+        print(json.dumps(row))
