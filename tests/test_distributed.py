@@ -74,3 +74,13 @@ def test_run_cli_refuses_a_bad_nproc(tmp_path, capsys):
         main(["run", "label-noise", "--nproc", "0", "--out", str(tmp_path / "out")])
     assert exc.value.code == 2 and "--nproc" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_error_on_rank_0_stops_the_workers():
+    from gradstore.errors import GradstoreError
+
+    with pytest.raises(GradstoreError, match="boom"):
+        with capture_workers(2):
+            assert world() == (0, 2)
+            raise GradstoreError("boom")
+    assert world() == (0, 1)  # the group is gone and a new one can start
