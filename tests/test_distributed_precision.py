@@ -46,3 +46,12 @@ def test_autocast_must_be_a_known_dtype():
     with pytest.raises(StoreError, match="autocast"):
         Recorder("memory://precision-bad", build_model("mlp-3x256"), train_inputs=torch.zeros(2, 1, 28, 28),
                  train_targets=torch.zeros(2, dtype=torch.long), train_ids=[0, 1], autocast="int8")
+
+
+def test_worker_devices_spread_over_the_gpus():
+    from gradstore.store.distributed import worker_device
+
+    assert [worker_device("cuda", r, 2) for r in range(1, 5)] == ["cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert worker_device("cpu", 3, 0) == "cpu"
+    with pytest.raises(StoreError, match="no CUDA device"):
+        worker_device("cuda", 1, 0)

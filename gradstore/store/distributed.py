@@ -227,14 +227,22 @@ def _cpu(pair):
     return tuple(t.detach().cpu() for t in pair)
 
 
+def worker_device(device: str, rank: int, n_gpus: int) -> str:
+    """Where capture worker ``rank`` runs: ``cuda:(rank % n_gpus)`` for ``"cuda"``, else ``device``."""
+    if device == "cuda" or device.startswith("cuda:"):
+        if n_gpus < 1:
+            raise StoreError("capture on cuda was asked for but this worker sees no CUDA device; use --device cpu")
+        return f"cuda:{rank % n_gpus}"
+    return device
+
+
 def serve(device: str = "cpu") -> None:
     """The capture-worker loop of ranks 1..N-1: answer rank 0's DistributedRecorders until told to stop."""
     import torch
     import torch.distributed as dist
 
     rank, size = world()
-    if device.startswith("cuda"):
-        device = f"cuda:{rank % torch.cuda.device_count()}"
+    device = worker_device(device, rank, torch.cuda.device_count() if device.startswith("cuda") else 0)
     spec = model = None
     while True:
         message = [None]
