@@ -15,7 +15,10 @@ import numpy as np
 
 def _quiet_divide(numerator, denominator):
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.divide(numerator, denominator)
+        try:
+            return np.divide(numerator, denominator)
+        except ZeroDivisionError:  # exact scalars (Fraction, int) raise where floats give NaN/inf
+            return np.nan
 
 
 def divide(numerator, denominator):

@@ -187,7 +187,7 @@ def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:
                         f"noise-{r['noise']:.2f}/analysis/loss_split.png")
                        for r in noisy if (ctx.out / f"noise-{r['noise']:.2f}/analysis/loss_split.png").exists()]
     report.notes.append("m-coherence is exact (from the stored moments) over the tracked training sample; "
-                        "p-values are permutation p-values of f_p against random pristine/corrupt relabelings of the sample.")
+                        "p-values are two-sided permutation p-values of f_p against random pristine/corrupt relabelings of the sample (the null band is its 2.5–97.5% range).")
     report.notes.append("Per-noise stores, analysis results (results.zarr, CSV, PNG) and training histories are in "
                         "the noise-*/ folders.")
     return report

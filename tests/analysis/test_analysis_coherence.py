@@ -52,6 +52,16 @@ def test_alpha_undefined_for_zero_gradients():
     assert np.isnan(alpha(da, da, 2).values[0])
 
 
+def test_exact_arithmetic_is_exact_and_zero_gradients_give_nan():
+    from fractions import Fraction
+
+    # Two gradients (1, 0) and (1, 1): ||Σg||² = 5, Σ||g||² = 3, alpha = 5/6 exactly.
+    assert alpha(Fraction(5), Fraction(3), 2) == Fraction(5, 6)
+    assert m_coherence(Fraction(5), Fraction(3), 2) == Fraction(5, 3)
+    assert np.isnan(alpha(Fraction(0), Fraction(0), 3))
+    assert np.isnan(m_coherence(0, 0, 3))
+
+
 def test_coherence_dataset_matches_numpy_per_step_and_layer():
     ds = synthetic_run(n_steps=3, n_train=10, n_test=4, n_coords=12)
     result = coherence(sources.layer_moments(ds, "coords"), source="coords").compute()
