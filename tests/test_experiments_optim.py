@@ -78,6 +78,27 @@ def check_common(out, n_rows):
     return report, rows
 
 
+def evaluated_steps(cfg):
+    """Evaluation points: the eval cadence and every capture of the run store (the trainer evaluates there)."""
+    from pipelines.experiments.common import schedule_from
+
+    captured = schedule_from(cfg["capture"]).steps(cfg["steps"] + 1)
+    return sorted(set(range(0, cfg["steps"] + 1, cfg["eval_every"])) | set(captured))
+
+
+def check_store(run_dir):
+    """Each condition keeps a run store whose exact m-coherence lies in [0, m] (Theorem 1)."""
+    import xarray as xr
+
+    ds = xr.open_zarr(run_dir / "store.zarr", consolidated=False)
+    ds = ds.isel(step=slice(0, ds.attrs["committed_steps"]))
+    train = ds.sel(sample="tracked_train")
+    mc = (train.norm_sq_of_sum.sum("layer") / train.sum_of_norm_sq.sum("layer")).values
+    m = train.m.isel(layer=0).values
+    assert ds.sizes["step"] >= 2 and np.all(np.isfinite(mc)) and np.all((mc >= 0) & (mc <= m + 1e-9))
+    assert (run_dir / "analysis" / "results.zarr").is_dir()
+
+
 def test_winsorize_quick_end_to_end(tmp_path):
     out = tmp_path / "winsorize"
     main(["run", "winsorize", "--quick", "--no-progress", "--out", str(out)])
@@ -95,8 +116,9 @@ def test_winsorize_quick_end_to_end(tmp_path):
         assert 0 < num(r["overfit_se"]) < 0.05
         assert num(r["test_acc"]) > 0.3  # it learned something in the quick run
         hist = read_csv(out / f"noise-{p:.2f}" / f"c-{r['c']}" / "history.csv")
-        assert [int(h["step"]) for h in hist] == list(range(0, cfg["steps"] + 1, cfg["eval_every"]))
+        assert [int(h["step"]) for h in hist] == evaluated_steps(cfg)
         assert all(math.isfinite(num(h["train_loss"])) for h in hist)
+        check_store(out / f"noise-{p:.2f}" / f"c-{r['c']}")
     # c changes the run (c = 0 is SGD, c = 2 clips): the final models differ
     assert len({r["train_acc"] for r in rows}) > 1 or len({r["test_acc"] for r in rows}) > 1
     # --resume on a finished run trains nothing more and reproduces the results
@@ -128,7 +150,8 @@ def test_median_of_means_quick_end_to_end(tmp_path):
             assert 0.0 <= num(r["corrupt_acc"]) <= 1.0 and int(r["n_corrupt"]) > 0
         hist = read_csv(out / f"noise-{p:.2f}" / opt / "history.csv")
         histories[(p, opt)] = hist
-        assert [int(h["step"]) for h in hist] == list(range(0, cfg["steps"] + 1, cfg["eval_every"]))
+        assert [int(h["step"]) for h in hist] == evaluated_steps(cfg)
+        check_store(out / f"noise-{p:.2f}" / opt)
         # the matched level is reached by this optimizer, at the step reported
         level = num(r["matched_pristine"])
         assert max(num(h["pristine_acc"]) for h in hist[1:]) >= level

@@ -53,7 +53,8 @@ def schedule_from(capture: dict[str, Any]):
     return Schedule.log_then_every(capture["every"], until=capture["log_until"], n_log=capture["log_points"])
 
 
-def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, ctx: Context, *, desc: str):
+def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, ctx: Context, *, desc: str,
+                   optimizer: str = "sgd", optimizer_options: dict | None = None):
     """Train one model at one noise level with a Recorder on the tracked sample.
 
     Returns the :class:`~pipelines.train.TrainResult`, the :class:`~pipelines.train.TrainData` and the
@@ -69,7 +70,7 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
     seed = config["seed"]
     tc = TrainConfig(model=config["model"], noise=noise, seed=seed, lr=config["lr"],
                      batch_size=config["batch_size"], steps=config["steps"], eval_every=config["eval_every"],
-                     device=ctx.device)
+                     optimizer=optimizer, optimizer_options=dict(optimizer_options or {}), device=ctx.device)
     tc.validate()
     data = TrainData.from_mnist(mnist, noise=noise, seed=seed, device=ctx.device)
     tr = tracked_indices(len(data.y_train), cap["tracked_train"], seed + 100)
@@ -87,7 +88,8 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
         moments_inputs=data.x_train[mo] if len(mo) else None, moments_targets=data.y_train[mo] if len(mo) else None,
         schedule=schedule_from(cap), coords_per_layer=cap["coords_per_layer"], coord_seed=seed,
         n_proj=cap["projection_dim"], projection_seed=seed, gram=cap["gram"],
-        config={**config, "noise": noise}, seeds={"seed": seed}, resume=ctx.resume, autocast=ctx.autocast,
+        config={**config, "noise": noise, "optimizer": optimizer, "optimizer_options": dict(optimizer_options or {})},
+        seeds={"seed": seed}, resume=ctx.resume, autocast=ctx.autocast,
     )
     with recorder, tqdm(total=tc.steps, desc=desc, unit="step", disable=not ctx.progress, leave=False) as bar:
         result = train(tc, data, model=model, observers=[recorder], checkpoint=run_dir / "checkpoint.pt",
@@ -157,3 +159,21 @@ def _fmt(v: Any) -> str:
 
 def dump_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float))
+
+
+def coherence_summary(results) -> dict[str, Any]:
+    """Whole-model m-coherence of the tracked training sample (peak, its step, final) and the final f_p."""
+    mc = results["m_coherence"].sel(source="exact", sample="tracked_train", layer="(model)").values
+    steps = results["step"].values
+    k = int(np.nanargmax(mc))
+    f_p = float(results["f_p"].sel(layer="(model)").values[-1]) if "f_p" in results else float("nan")
+    return {"peak_m_coherence": float(mc[k]), "peak_step": int(steps[k]), "final_m_coherence": float(mc[-1]),
+            "final_f_p": f_p}
+
+
+def coherence_table(rows, key: str, label: str):
+    """A report table of :func:`coherence_summary` values per (noise, ``key``) condition."""
+    header = ["noise", label, "peak m-coherence", "peak step", "final m-coherence", "f_p at the end"]
+    return ("Gradient coherence of the tracked sample (exact, from the run store)", header, [
+        [f"{r['noise']:.0%}", r[key], r["peak_m_coherence"], r["peak_step"], r["final_m_coherence"], r["final_f_p"]]
+        for r in rows if "peak_m_coherence" in r])

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipelines.experiments.common import Claim, Context, Report, dump_json, write_csv
+from pipelines.experiments.common import Claim, Context, Report, coherence_table, dump_json, write_csv
 from pipelines.experiments.winsorize import binomial_se, train_condition, verdict_less
 
 #: a fixed margin, chosen before any run, for "keeps test accuracy"
@@ -41,7 +41,7 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
     rows, histories = [], {}
     for noise in config["noise_levels"]:
         for opt in config["optimizers"]:
-            result, data = train_condition(config, noise=noise, optimizer=opt, options={}, mnist=mnist,
+            result, data, coherence = train_condition(config, noise=noise, optimizer=opt, options={}, mnist=mnist,
                                            run_dir=ctx.out / f"noise-{noise:.2f}" / opt, ctx=ctx,
                                            desc=f"{LABELS[opt]}, {noise:.0%} noise")
             histories[(noise, opt)] = result.history
@@ -49,7 +49,8 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
             n_corrupt = int(data.corrupt.sum())
             rows.append({"noise": noise, "optimizer": opt, "proper_acc": data.noise.proper_accuracy,
                          "n_train": len(data.y_train), "n_corrupt": n_corrupt,
-                         **{k: final[k] for k in ("train_acc", "pristine_acc", "corrupt_acc", "test_acc")}})
+                         **{k: final[k] for k in ("train_acc", "pristine_acc", "corrupt_acc", "test_acc")},
+                         **coherence})
     for noise in config["noise_levels"]:
         # the highest pristine accuracy every optimizer reaches at this noise level
         level = min(max((h["pristine_acc"] for h in histories[(noise, o)] if h["step"] > 0), default=math.nan)
@@ -192,5 +193,6 @@ def build_report(config, ctx: Context, rows, source: str) -> Report:
         f"The test-accuracy margin {TEST_ACC_TOLERANCE} was fixed before running, not fitted to results.",
         "Per-condition histories are in noise-*/<optimizer>/history.csv; all final numbers in results.csv.",
     ]
+    report.tables.append(coherence_table(rows, "optimizer", "optimizer"))
     return report
 

@@ -18,7 +18,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipelines.experiments.common import Claim, Context, Report, dump_json, write_csv
+from pipelines.experiments.common import (
+    Claim,
+    Context,
+    Report,
+    coherence_summary,
+    coherence_table,
+    dump_json,
+    train_recorded,
+    write_csv,
+)
 
 #: a fixed margin, chosen before any run, for "keeps test accuracy"
 TEST_ACC_TOLERANCE = 0.02
@@ -51,25 +60,23 @@ def verdict_less(triples) -> bool | None:
 
 def train_condition(config: dict[str, Any], *, noise: float, optimizer: str, options: dict, mnist, run_dir: Path,
                     ctx: Context, desc: str):
-    """Train one (noise, optimizer) condition with a checkpoint in ``run_dir``; write ``history.csv``.
+    """Train one (noise, optimizer) condition with a Recorder and a checkpoint in ``run_dir``; analyse its store.
 
-    Returns the :class:`~pipelines.train.TrainResult` and the :class:`~pipelines.train.TrainData`.
+    Returns the :class:`~pipelines.train.TrainResult`, the :class:`~pipelines.train.TrainData` and the
+    whole-model coherence summary of the store (:func:`~pipelines.experiments.common.coherence_summary`).
     """
-    from tqdm import tqdm
+    import shutil
 
-    from pipelines.train import TrainConfig, TrainData, train
+    from pipelines.experiments.label_noise import analyse_store
 
-    tc = TrainConfig(model=config["model"], noise=noise, seed=config["seed"], lr=config["lr"],
-                     batch_size=config["batch_size"], steps=config["steps"], eval_every=config["eval_every"],
-                     optimizer=optimizer, optimizer_options=dict(options), device=ctx.device)
-    tc.validate()
-    data = TrainData.from_mnist(mnist, noise=noise, seed=config["seed"], device=ctx.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=tc.steps, desc=desc, unit="step", disable=not ctx.progress, leave=False) as bar:
-        result = train(tc, data, checkpoint=run_dir / "checkpoint.pt", checkpoint_every=max(tc.eval_every, 1),
-                       progress=lambda _s: bar.update(1))
-    write_csv(run_dir / "history.csv", result.history)
-    return result, data
+    result, data, store = train_recorded(config, noise, mnist, run_dir, ctx, desc=desc, optimizer=optimizer,
+                                         optimizer_options=options)
+    analysis_dir = run_dir / "analysis"
+    if analysis_dir.exists() and ctx.resume:  # a resumed run recomputes its analysis
+        shutil.rmtree(analysis_dir)
+    results = analyse_store(store, analysis_dir, nulls=config["analysis"]["nulls"], seed=config["analysis"]["seed"],
+                            metrics=tuple(config["analysis"]["metrics"]), progress=ctx.progress)
+    return result, data, coherence_summary(results)
 
 
 def run(config: dict[str, Any], ctx: Context) -> Path:
@@ -85,7 +92,7 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
     for noise in config["noise_levels"]:
         for c in config["c_values"]:
             run_dir = ctx.out / f"noise-{noise:.2f}" / f"c-{c}"
-            result, data = train_condition(config, noise=noise, optimizer="winsorized-sgd", options={"c": c},
+            result, data, coherence = train_condition(config, noise=noise, optimizer="winsorized-sgd", options={"c": c},
                                            mnist=mnist, run_dir=run_dir, ctx=ctx,
                                            desc=f"winsorized c={c}, {noise:.0%} noise")
             final = result.final
@@ -101,6 +108,7 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
                 "corrupt_acc": final["corrupt_acc"], "expected_train_acc": expected,
                 "overfit": final["train_acc"] - expected, "overfit_se": overfit_se,
                 "train_minus_test": final["train_acc"] - final["test_acc"], "n_train": n_train, "n_test": n_test,
+                **coherence,
             })
             histories[(noise, c)] = result.history
     write_csv(ctx.out / "results.csv", rows)
@@ -201,4 +209,5 @@ def build_report(config, ctx: Context, rows, source: str) -> Report:
         f"The test-accuracy margin {TEST_ACC_TOLERANCE} was fixed before running, not fitted to results.",
         "Per-condition histories are in noise-*/c-*/history.csv; all final numbers in results.csv.",
     ]
+    report.tables.append(coherence_table(rows, "c", "c"))
     return report
