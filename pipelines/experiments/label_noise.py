@@ -18,13 +18,20 @@ from pipelines.experiments.common import Claim, Context, Report, dump_json, trai
 MODEL_LAYER = "(model)"
 
 
-def analyse_store(store: Path, out: Path, *, nulls: int, seed: int, metrics, progress: bool):
-    """Analyse one run store into ``out`` (results.zarr, CSVs, PNGs); return the computed results."""
+def analyse_store(store: Path, out: Path, *, nulls: int, seed: int, metrics, progress: bool, resume: bool = False):
+    """Analyse one run store into ``out`` (results.zarr, CSVs, PNGs); return the computed results.
+
+    A resumed run recomputes its analysis: with ``resume`` an earlier ``out`` is replaced.
+    """
+    import shutil
+
     from dask.diagnostics import ProgressBar
 
     from analysis.output import write_results
     from analysis.report import analyze, open_store
 
+    if resume and out.exists():
+        shutil.rmtree(out)
     lazy = analyze(open_store(store), metrics=metrics, n_permutations=nulls, seed=seed)
     if progress:
         with ProgressBar(minimum=1.0):
@@ -121,14 +128,9 @@ def run(config: dict[str, Any], ctx: Context, *, title: str = "Label noise (Cohe
     for noise in config["noise_levels"]:
         run_dir = ctx.out / f"noise-{noise:.2f}"
         result, data, store = train_recorded(config, noise, mnist, run_dir, ctx, desc=f"train, {noise:.0%} noise")
-        analysis_dir = run_dir / "analysis"
-        if analysis_dir.exists() and ctx.resume:  # a resumed run recomputes its analysis
-            import shutil
-
-            shutil.rmtree(analysis_dir)
-        results = analyse_store(store, analysis_dir, nulls=config["analysis"]["nulls"],
+        results = analyse_store(store, run_dir / "analysis", nulls=config["analysis"]["nulls"],
                                 seed=config["analysis"]["seed"], metrics=tuple(config["analysis"]["metrics"]),
-                                progress=ctx.progress)
+                                progress=ctx.progress, resume=ctx.resume)
         rows.append(summarise(noise, result, data, results))
         all_results.append(results)
         histories.append(result.history)

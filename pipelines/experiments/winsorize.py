@@ -65,17 +65,13 @@ def train_condition(config: dict[str, Any], *, noise: float, optimizer: str, opt
     Returns the :class:`~pipelines.train.TrainResult`, the :class:`~pipelines.train.TrainData` and the
     whole-model coherence summary of the store (:func:`~pipelines.experiments.common.coherence_summary`).
     """
-    import shutil
-
     from pipelines.experiments.label_noise import analyse_store
 
     result, data, store = train_recorded(config, noise, mnist, run_dir, ctx, desc=desc, optimizer=optimizer,
                                          optimizer_options=options)
-    analysis_dir = run_dir / "analysis"
-    if analysis_dir.exists() and ctx.resume:  # a resumed run recomputes its analysis
-        shutil.rmtree(analysis_dir)
-    results = analyse_store(store, analysis_dir, nulls=config["analysis"]["nulls"], seed=config["analysis"]["seed"],
-                            metrics=tuple(config["analysis"]["metrics"]), progress=ctx.progress)
+    results = analyse_store(store, run_dir / "analysis", nulls=config["analysis"]["nulls"],
+                            seed=config["analysis"]["seed"], metrics=tuple(config["analysis"]["metrics"]),
+                            progress=ctx.progress, resume=ctx.resume)
     return result, data, coherence_summary(results)
 
 
