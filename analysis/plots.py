@@ -17,6 +17,13 @@ def _pyplot():
     return plt
 
 
+def save(fig, path: Path, *, dpi: int = 100) -> None:
+    """Lay out ``fig``, write it as a PNG to ``path`` and release it (every figure ends here)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+
+
 def coherence_plot(results: xr.Dataset, path: Path, *, sample: str = "tracked_train", source: str = "exact") -> None:
     """m-coherence against step per layer, log scale, with lines at 1 (orthogonal) and m (identical)."""
     plt = _pyplot()
@@ -29,9 +36,7 @@ def coherence_plot(results: xr.Dataset, path: Path, *, sample: str = "tracked_tr
     ax.axhline(m, color="k", ls=":", lw=0.8, label=f"m = {m:g} (identical)")
     ax.set(yscale="log", xlabel="step", ylabel="m-coherence", title=f"m-coherence ({sample}, {source})")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def loss_split_plot(results: xr.Dataset, path: Path, *, layer: str = "(model)") -> None:
@@ -46,9 +51,7 @@ def loss_split_plot(results: xr.Dataset, path: Path, *, layer: str = "(model)") 
                             label=f"{name} null 95%")
     ax.set(xlabel="step", ylabel="share of loss reduction", title=f"loss-reduction split ({layer})")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def matrix_plot(matrix: xr.DataArray, path: Path, *, title: str) -> None:
@@ -61,9 +64,7 @@ def matrix_plot(matrix: xr.DataArray, path: Path, *, title: str) -> None:
     ax.set_yticks(range(matrix.sizes[rows]), [str(v) for v in matrix[rows].values])
     ax.set(title=title, xlabel=cols, ylabel=rows)
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def easy_hard_plot(results: xr.Dataset, path: Path, *, layer: str = "(model)") -> None:
@@ -81,6 +82,4 @@ def easy_hard_plot(results: xr.Dataset, path: Path, *, layer: str = "(model)") -
         ax2.legend(fontsize=7, loc="upper right")
     ax.set(yscale="log", xlabel="step", ylabel="m-coherence", title=f"easy vs hard ({layer})")
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)

@@ -156,7 +156,7 @@ def summarise(model_name: str, noise: float, result, res, steps_per_epoch: int) 
 
 def layer_figure(res, kinds: dict[str, str], path: Path, *, title: str) -> None:
     """m-coherence against step per layer (log-log), train and test panels, lines at 1 and m."""
-    from analysis.plots import _pyplot
+    from analysis.plots import _pyplot, save
 
     plt = _pyplot()
     samples = [s for s in ("tracked_train", "tracked_test") if s in res["sample"].values]
@@ -177,15 +177,13 @@ def layer_figure(res, kinds: dict[str, str], path: Path, *, title: str) -> None:
     axes[0][0].set_ylabel("m-coherence")
     axes[0][-1].legend(fontsize=6, loc="best")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def summary_figure(models, noise_levels, results: dict, path: Path) -> None:
     """Whole-model m-coherence against step: one panel per model, a colour per noise level,
     solid for the training sample and dashed for the held-out test sample."""
-    from analysis.plots import _pyplot
+    from analysis.plots import _pyplot, save
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
@@ -204,9 +202,7 @@ def summary_figure(models, noise_levels, results: dict, path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)",
                ylabel="m-coherence of the whole model", title=f"{model_name} (lines at 1 and m = {m})")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def run(config: dict[str, Any], ctx: Context) -> Path:

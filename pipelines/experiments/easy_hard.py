@@ -207,7 +207,7 @@ def _tracked_train_ids(store: Path) -> np.ndarray:
 
 def coherence_figure(res, path: Path, *, rule: str) -> None:
     """Whole-model m-coherence within easy and hard, and pairwise alpha within and across, vs step."""
-    from analysis.plots import _pyplot
+    from analysis.plots import _pyplot, save
 
     plt = _pyplot()
     whole = res.sel(layer=MODEL_LAYER)
@@ -227,14 +227,12 @@ def coherence_figure(res, path: Path, *, rule: str) -> None:
     ax2.set(xscale="log", xlabel="training step (log)", ylabel="pairwise alpha (mean g_i·g_j / mean ||g||²)",
             title="pairwise alpha within and across")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def accuracy_figure(acc_rows, path: Path) -> None:
     """Held-out accuracy of models retrained on easy or hard, on held-out easy and hard examples."""
-    from analysis.plots import _pyplot
+    from analysis.plots import _pyplot, save
 
     plt = _pyplot()
     rules = list(dict.fromkeys(r["rule"] for r in acc_rows))
@@ -249,9 +247,7 @@ def accuracy_figure(acc_rows, path: Path) -> None:
         ax.set(ylim=(0, 1), title=f"rule: {rule}")
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def _heldout_claim(rule: str, acc_rows) -> Claim:

@@ -78,7 +78,7 @@ def summarise(noise: float, result, data, results) -> dict[str, Any]:
 
 def coherence_figure(rows, all_results, path: Path, *, sample: str = "tracked_train") -> None:
     """Whole-model m-coherence against step, one line per noise level, log scale, lines at 1 and m."""
-    from analysis.plots import _pyplot
+    from analysis.plots import _pyplot, save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -95,14 +95,12 @@ def coherence_figure(rows, all_results, path: Path, *, sample: str = "tracked_tr
     ax.set_ylabel("m-coherence of the whole model")
     ax.set_title(f"m-coherence on {m} tracked training examples")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def accuracy_figure(rows, histories, path: Path) -> None:
     """Pristine, corrupt and test accuracy against step, one panel per noise level."""
-    from analysis.plots import _pyplot
+    from analysis.plots import _pyplot, save
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.2), sharey=True, squeeze=False)
@@ -114,9 +112,7 @@ def accuracy_figure(rows, histories, path: Path) -> None:
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def run(config: dict[str, Any], ctx: Context, *, title: str = "Label noise (Coherent Gradients §2)") -> Path:

@@ -69,7 +69,7 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
 
 def curves_figure(histories, config, path: Path) -> None:
     """Pristine, corrupt and test accuracy (rows) against step, one column per noise level."""
-    from analysis.plots import _pyplot
+    from analysis.plots import _pyplot, save
 
     plt = _pyplot()
     levels = config["noise_levels"]
@@ -86,14 +86,12 @@ def curves_figure(histories, config, path: Path) -> None:
     for i, (_, label) in enumerate(keys):
         axes[i][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def tradeoff_figure(histories, config, path: Path) -> None:
     """Corrupt against pristine accuracy along training (noise strictly between 0 and 1)."""
-    from analysis.plots import _pyplot
+    from analysis.plots import _pyplot, save
 
     plt = _pyplot()
     levels = [p for p in config["noise_levels"] if 0 < p < 1] or config["noise_levels"]
@@ -106,9 +104,7 @@ def tradeoff_figure(histories, config, path: Path) -> None:
         ax.set_ylabel("corrupt accuracy (train)")
         ax.set_title(f"{noise:.0%} noise", fontsize=10)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def build_report(config, ctx: Context, rows, source: str) -> Report:

@@ -116,7 +116,7 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
 
 def figure_4(rows, config, path: Path) -> None:
     """Train accuracy, test accuracy and overfit against noise, one line per c (Figure 4's layout)."""
-    from analysis.plots import _pyplot
+    from analysis.plots import _pyplot, save
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
@@ -130,14 +130,12 @@ def figure_4(rows, config, path: Path) -> None:
         ax.set_xlabel("label noise")
     axes[2].axhline(0, color="grey", lw=0.8, ls=":")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def curves_figure(histories, config, path: Path) -> None:
     """Train (solid) and test (dashed) accuracy against step, one panel per noise level, a colour per c."""
-    from analysis.plots import _pyplot
+    from analysis.plots import _pyplot, save
 
     plt = _pyplot()
     levels = config["noise_levels"]
@@ -152,9 +150,7 @@ def curves_figure(histories, config, path: Path) -> None:
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("accuracy (solid train, dashed test)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def build_report(config, ctx: Context, rows, source: str) -> Report:
