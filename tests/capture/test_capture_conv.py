@@ -1,5 +1,7 @@
 """Conv1d / Conv2d rule vs the vmap(grad) oracle: strides, dilation, groups, padding modes."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from capture_harness import check_all, sq_loss
@@ -8,6 +10,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gradstore.capture.rules import conv as conv_rules
+
+
+@contextmanager
+def conv_form(form):
+    """Force the conv rule's form ("outer" or "dense") inside the block, "auto" again after it."""
+    conv_rules.FORM = form
+    try:
+        yield
+    finally:
+        conv_rules.FORM = "auto"
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # torch's, on the model itself
@@ -27,11 +39,8 @@ def test_conv_shapes(m, groups, k, stride, dilation, padding, mode, bias, dims, 
     model = nn.Sequential(conv).double()
     x = torch.randn(m, 2 * groups, *([6] * dims), dtype=torch.float64)
     y = torch.randn_like(model(x))
-    conv_rules.FORM = form
-    try:
+    with conv_form(form):
         check_all(model, sq_loss, x, y, rtol=1e-6)
-    finally:
-        conv_rules.FORM = "auto"
 
 
 def test_conv2d_float32():
@@ -59,8 +68,5 @@ def test_conv_strided_dilated_grouped_both_forms(form, dims):
     model = nn.Sequential(conv).double()
     x = torch.randn(3, 4, *([9] * dims), dtype=torch.float64)
     y = torch.randn_like(model(x))
-    conv_rules.FORM = form
-    try:
+    with conv_form(form):
         check_all(model, sq_loss, x, y, rtol=1e-6)
-    finally:
-        conv_rules.FORM = "auto"
