@@ -1,10 +1,12 @@
 """One forward+backward pass, every requested per-example quantity: :func:`capture`.
 
 Flow: find the modules owning trainable parameters and their rules (:func:`plan`); run the model
-in eval mode under a :class:`~gradstore.capture.hooks.Tap`; take the gradient of the summed loss
-with ``torch.autograd.grad`` (which gives Σ_n g_n and never touches ``.grad``); turn each module's
-recorded uses into factors (its rule, or the torch.func fallback) and each factor into the
-requested quantities (:mod:`gradstore.capture.factors`).
+in eval mode under a :class:`~gradstore.capture.hooks.Tap`; differentiate the summed loss with
+``torch.autograd.grad`` (which never touches ``.grad``) with respect to the modules' outputs, so
+that the hooks see every output gradient and autograd forms no weight gradient (Σ_n g_n comes from
+the factors; see :func:`_backward`); turn each module's recorded uses into factors (its rule, or the
+torch.func fallback) and each factor into the requested quantities
+(:mod:`gradstore.capture.factors`).
 """
 
 from __future__ import annotations
@@ -234,16 +236,9 @@ def capture(
             raise CaptureError(
                 f"loss_fn must return per-example losses of shape ({m},), got {shape}; use reduction='none'"
             )
-        sums = torch.autograd.grad(losses.sum(), [pl.params[n] for n in names], allow_unused=True) if names else []
+        sums = _backward(losses.sum(), tap, pl, names)
         tap.recording = False
-        total = {
-            name: (torch.zeros_like(pl.params[name]) if s is None else (s.to_dense() if s.is_sparse else s))
-            for name, s in zip(names, sums)
-        }
-        vectors = total if dot_with == "sum" else dot_with
         result = CaptureResult(m, losses.detach(), _detach(outputs), pl.layer_of)
-        if grad_sum:
-            result.grad_sum = total
         by_module: dict[str, list[str]] = {}
         for name in names:
             by_module.setdefault(pl.owner[name][0], []).append(name)
@@ -256,12 +251,41 @@ def capture(
                 factor = factors.get(pl.owner[name][1])
                 if factor is None:  # parameter did not influence the loss
                     factor = Dense(param.new_zeros((m, *param.shape)))
+                total = None
+                if grad_sum or dot_with == "sum":
+                    total = sums[name] if name in sums else factor.sum()
+                if grad_sum:
+                    result.grad_sum[name] = total
+                vector = total if dot_with == "sum" else (dot_with or {}).get(name)
                 _quantities(result, name, param, factor, sq_norms=sq_norms, coords=coords,
-                            projection=projection, gram=gram, vectors=vectors, grads=grads)
+                            projection=projection, gram=gram, vector=vector, grads=grads)
     return result
 
 
-def _quantities(result, name, param, factor, *, sq_norms, coords, projection, gram, vectors, grads):
+def _backward(loss, tap: Tap, pl: Plan, names: list[str]) -> dict[str, torch.Tensor]:
+    """Run the backward pass; return Σ_n g_n of the parameters it had to form.
+
+    A module whose every use returned an output that is still intact (no in-place op rewrote it)
+    gets its Σ_n g_n from its factors later (``factor.sum()``, the same product autograd would do):
+    autograd is asked for those outputs instead of the module's parameters, so it never forms their
+    weight gradients -- a grouped per-example convolution then costs instead of adds. The tensor
+    hooks record every output gradient either way. Other modules' parameters are asked for.
+    """
+    via_factors = {path for path, uses in tap.uses.items() if uses and all(u.intact for u in uses)}
+    asked = [n for n in names if pl.owner[n][0] not in via_factors]
+    outputs = [u.output for path in via_factors for u in tap.uses[path]]
+    for uses in tap.uses.values():
+        for use in uses:
+            use.output = None  # the graph keeps what backward needs
+    wanted = [pl.params[n] for n in asked] + outputs
+    grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else []
+    return {
+        name: torch.zeros_like(pl.params[name]) if g is None else (g.to_dense() if g.is_sparse else g)
+        for name, g in zip(asked, grads)
+    }
+
+
+def _quantities(result, name, param, factor, *, sq_norms, coords, projection, gram, vector, grads):
     with torch.no_grad():
         if sq_norms:
             result.sq_norms[name] = factor.sq_norms()
@@ -272,8 +296,8 @@ def _quantities(result, name, param, factor, *, sq_norms, coords, projection, gr
             result.proj[name] = factor.project(u, v)
         if gram:
             result.gram[name] = factor.gram()
-        if vectors is not None and name in vectors:
-            result.dots[name] = factor.dots(vectors[name])
+        if vector is not None:
+            result.dots[name] = factor.dots(vector)
         if grads:
             result.grads[name] = factor.materialize()
 

@@ -14,8 +14,8 @@ A rule describes the per-example gradients g_n of one parameter in one of two fo
   a (n,t,1,i); for ``nn.Conv2d`` R is the unfolded input patch. ``L`` may be a :class:`OneHot`
   (``nn.Embedding``: the row is the looked-up index).
 
-Quantities are methods of the two factor classes (``sq_norms``, ``gram``, ``dots``, ``coords``,
-``project``, ``materialize``); adding a quantity touches this file only, adding a layer only a rule.
+Quantities are methods of the two factor classes (``sum``, ``sq_norms``, ``gram``, ``dots``,
+``coords``, ``project``, ``materialize``); adding a quantity touches this file only, adding a layer only a rule.
 """
 
 from __future__ import annotations
@@ -139,6 +139,10 @@ class Dense:
         """(n, *shape) per-example gradients."""
         return self.g
 
+    def sum(self) -> torch.Tensor:
+        """Σ_n g_n, shaped like the parameter."""
+        return self.g.sum(0)
+
     def sq_norms(self) -> torch.Tensor:
         """(n,) ||g_n||²."""
         return _sq_rows(self._flat())
@@ -206,6 +210,14 @@ class Outer:
         right = self.right[rows]
         g = torch.einsum("ntgr,ntgc->ngrc", _dense(left, right.dtype), right)
         return g.reshape(right.shape[0], *self.shape)
+
+    def sum(self) -> torch.Tensor:
+        """Σ_n g_n = sum over (n, t) of L ⊗ R: the weight gradient autograd would form, one product."""
+        right = self.right
+        if isinstance(self.left, OneHot):  # rows of R added at the looked-up indices
+            out = right.new_zeros(self.left.size, right.shape[-1])
+            return out.index_add_(0, self.left.index.reshape(-1), right.reshape(-1, right.shape[-1])).reshape(self.shape)
+        return torch.einsum("ntgr,ntgc->grc", self.left, right).reshape(self.shape)
 
     def sq_norms(self) -> torch.Tensor:
         """(n,) ||g_n||², by the Gram form sum_ts (L_t·L_s)(R_t·R_s) or by materializing."""

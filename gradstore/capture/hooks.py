@@ -17,11 +17,23 @@ from gradstore.errors import CaptureError
 
 @dataclass
 class Use:
-    """One call of a module: its (detached) positional inputs, keyword inputs and output gradient."""
+    """One call of a module: its (detached) positional inputs, keyword inputs and output gradient.
+
+    ``output`` is the output tensor itself until the backward pass (then dropped) and ``version``
+    its version counter when the module returned it: a later in-place op (``ReLU(inplace=True)``)
+    bumps the counter, and :attr:`intact` is then False.
+    """
 
     inputs: tuple
     kwargs: dict
     grad_output: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+    version: int = 0
+
+    @property
+    def intact(self) -> bool:
+        """The output tensor still holds what the module returned (no in-place op since)."""
+        return self.output is not None and self.output._version == self.version
 
 
 class Tap:
@@ -57,7 +69,8 @@ class Tap:
             )
         if not output.requires_grad:
             return None
-        use = Use(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs))
+        use = Use(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs),
+                  output=output, version=output._version)
         self.uses[name].append(use)
         # A tensor hook registered now sees the gradient w.r.t. this value even if a later
         # in-place op (e.g. ReLU(inplace=True)) rewrites the tensor.

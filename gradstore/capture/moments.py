@@ -122,5 +122,9 @@ def coherence_moments(model, loss_fn, inputs, targets, chunk_size: int = 1024) -
                 sum_grad[name].add_(g)  # float64 += model dtype, in place
             else:
                 sum_grad[name] = g.to(torch.float64, copy=True)
-            sum_sq_norm[name] = sum_sq_norm.get(name, 0.0) + float(result.sq_norms[name].sum(dtype=torch.float64))
-    return Moments(m, sum_grad, sum_sq_norm, layer_of)
+            # a float64 scalar tensor on the device: no host sync per chunk (one at the end)
+            sq = result.sq_norms[name].sum(dtype=torch.float64)
+            sum_sq_norm[name] = sum_sq_norm[name].add_(sq) if name in sum_sq_norm else sq
+    names = list(sum_sq_norm)
+    totals = torch.stack([sum_sq_norm[n] for n in names]).tolist() if names else []
+    return Moments(m, sum_grad, dict(zip(names, totals)), layer_of)

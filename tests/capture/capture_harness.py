@@ -54,7 +54,7 @@ def check_all(model, loss_fn, inputs, targets, *, rtol, k=4, seed=0):
     for name, g in ref.items():
         m = g.shape[0]
         flat = g.reshape(m, -1)
-        u, v = proj.matrices(name, g.shape[1:], dtype=g.dtype)
+        u, v = proj.matrices(name, g.shape[1:], device=g.device, dtype=g.dtype)
         p = (u[:, :, None] * v[:, None, :]).reshape(k, -1)
         total = flat.sum(0)
         expected = {

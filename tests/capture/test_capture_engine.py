@@ -227,3 +227,28 @@ def test_state_is_restored_when_capture_fails():
         capture(model, lambda o, y: o.sum(), torch.randn(4, 3), torch.randn(4, 2))
     assert model.training and model[1].training
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_outputs_rewritten_in_place_still_give_exact_gradients():
+    """Σ g comes from the factors of modules whose outputs are intact; an in-place op after a module
+    (ReLU(inplace=True), +=) makes the engine ask autograd for that module's parameters instead."""
+    torch.manual_seed(7)
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3).eval()
+            self.act = nn.ReLU(inplace=True)
+            self.fc = nn.Linear(3 * 5 * 5, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.act(self.bn(self.act(self.conv(x))))  # conv and bn outputs rewritten in place
+            z = self.fc(h.flatten(1))
+            z += 1.0  # fc output rewritten in place
+            return self.out(torch.tanh(z))  # out: intact
+
+    model = InPlace().double()
+    x = torch.randn(5, 2, 5, 5, dtype=torch.float64)
+    check_all(model, ce_loss, x, torch.randint(0, 2, (5,)), rtol=1e-6)
