@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gradstore-installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install bench-extra clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The optional `bench` extra (BackPACK, Opacus) without BackPACK's torchvision requirement, which
+# would replace the CPU torch with a multi-GB build; only `gradstore bench capture` uses it.
+bench-extra: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps backpack-for-pytorch==1.7.1 einops==0.8.2 unfoldNd==0.2.3 \
+		opacus==1.6.0 opt-einsum==3.4.0
 
 clean-venv:
 	rm -rf $(VENV)

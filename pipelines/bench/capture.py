@@ -6,6 +6,9 @@ Cases (each in its own process, real MNIST training images, the project's models
   model and per layer (``coherence_moments``) vs a plain forward+backward; torch.func vmap(grad)
   (timed on a subsample, scaled linearly in m) for comparison.
 * ``cnn-*``: the small CNN with BatchNorm (``cnn-bn``, eval mode), same m.
+* ``mlp-backpack`` / ``mlp-opacus`` (with the optional ``bench`` extra, ``make bench-extra``):
+  BackPACK BatchL2Grad on the same m examples (paired with a plain pass; its Σ||g_n||² is checked
+  against ours), Opacus GradSampleModule moments (timed on ``vmap_m`` examples, scaled linearly).
 * ``gram-*``: the exact per-layer Gram block of the MLP on ``gram_m`` examples; building it from
   materialized per-example gradients is timed at ``gram_small`` examples and scaled by blocks
   (k = gram_m / gram_small: k materializations, k(k+1)/2 block products), since ``gram_m``
@@ -17,10 +20,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import warnings
 
 #: cases timed in pairs with a plain forward+backward over the same examples, in the same process
 BASELINE = {"mlp-moments": "mlp-plain", "mlp-moments-chunked": "mlp-plain", "cnn-moments": "cnn-plain",
-            "gram-ours": "gram-plain"}
+            "gram-ours": "gram-plain", "mlp-backpack": "mlp-plain"}
 
 
 def _data(m: int, device: str, data_dir: str | None):
@@ -58,6 +62,46 @@ def _vmap_moments(model, loss_fn, x, y, chunk: int = 50):
             sums[k] += g.sum(0).double()
             sq[k] += float(g.flatten(1).double().pow(2).sum())
     return sums, sq
+
+
+def _backpack_moments(model, x, y):
+    """BackPACK BatchL2Grad: Σ_n ||g_n||² per layer from its per-example squared norms, ||Σ g||² from .grad."""
+    import torch.nn.functional as F
+    from backpack import backpack
+    from backpack.extensions import BatchL2Grad
+
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    with backpack(BatchL2Grad()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # BackPACK's own hooks
+        loss.backward()
+    layers: dict = {}
+    for name, p in model.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        sq, total = layers.get(layer, (0.0, 0.0))
+        layers[layer] = (sq + float(p.batch_l2.double().sum()), total + float(p.grad.double().pow(2).sum()))
+    return layers
+
+
+def _opacus_moments(model, x, y, chunk: int = 50):
+    """Opacus GradSampleModule: materialized per-example gradients (``grad_sample``) reduced to moments."""
+    import torch
+    import torch.nn.functional as F
+
+    sums: dict = {}
+    sq: dict = {}
+    for start in range(0, x.shape[0], chunk):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x[start:start + chunk]), y[start:start + chunk], reduction="sum")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus's own hooks
+            loss.backward()
+        for name, p in model.named_parameters():
+            g = p.grad_sample.double()
+            sums[name] = sums.get(name, 0) + g.sum(0)
+            sq[name] = sq.get(name, 0.0) + float(g.flatten(1).pow(2).sum())
+            p.grad_sample = None
+    return {k: float(torch.sum(v * v)) for k, v in sums.items()}, sq
 
 
 def _materialized_gram(model, loss_fn, x, y, timings: dict, chunk: int = 50):
@@ -127,6 +171,22 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, 
         fn = lambda: _vmap_moments(model, loss_fn, x, y)  # noqa: E731
         _vmap_moments(model, loss_fn, x[:2], y[:2])  # warm up torch.func on two examples
         repeats, warmup = 1, False
+    elif name == "mlp-backpack":
+        from backpack import extend
+
+        extended = extend(build_model("mlp-cg", seed=0).to(device).eval())
+        fn = lambda: _backpack_moments(extended, x, y)  # noqa: E731
+        ours = coherence_moments(model, loss_fn, x, y, chunk_size=m).sum_of_norm_sq("layer")
+        theirs = {layer: sq for layer, (sq, _) in fn().items()}
+        agreement = max(abs(theirs[k] - v) / v for k, v in ours.items())  # an independent cross-check
+    elif name == "mlp-opacus":
+        from opacus import GradSampleModule
+
+        # Opacus records activations in training mode only (the MLP has no dropout or BatchNorm)
+        wrapped = GradSampleModule(build_model("mlp-cg", seed=0).to(device).train(), loss_reduction="sum")
+        fn = lambda: _opacus_moments(wrapped, x, y)  # noqa: E731
+        _opacus_moments(wrapped, x[:2], y[:2])  # warm up
+        repeats, warmup = 1, False
     elif name == "gram-ours":
         fn = lambda: capture(model, loss_fn, x, y, sq_norms=False, gram=True).by_layer("gram")  # noqa: E731
     elif name == "gram-materialized":
@@ -139,6 +199,8 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, 
     if name in BASELINE and name not in ("mlp-vmap",):
         model.eval()
         result = measure_paired(fn, plain, repeats=repeats, device=device)
+        if name == "mlp-backpack":
+            result["sum_of_norm_sq_rel_diff"] = agreement
     else:
         result = measure(fn, repeats=repeats, device=device, warmup=warmup)
         if name == "gram-materialized":
@@ -178,8 +240,17 @@ def run(*, m: int, device: str, repeats: int, data_dir: str | None, vmap_m: int,
     rows["mlp-vmap"]["ratio"] = rows["mlp-vmap"]["scaled_seconds"] / rows["mlp-plain"]["seconds"]
     rows["gram-ours"]["speedup_vs_materialized"] = rows["gram-materialized"]["scaled_seconds"] / rows["gram-ours"]["seconds"]
     rows["gram-materialized"]["speedup_at_small_m"] = small["seconds"] / small_ours["seconds"]
-    backpack = importlib.util.find_spec("backpack") is not None
-    rows["backpack"] = {"installed": backpack}
+    # the optional `bench` extra: BackPACK (paired with a plain pass, like ours) and Opacus (timed on
+    # vmap_m examples and scaled, like vmap: it materializes per-example gradients)
+    if importlib.util.find_spec("backpack") is not None:
+        rows["mlp-backpack"] = one("mlp-backpack", m)
+        echo(f"  {'':<22} paired plain fwd+bwd {rows['mlp-backpack']['baseline_seconds']:.3f} s, median ratio "
+             f"{rows['mlp-backpack']['ratio']:.3f}; its Σ||g||² vs ours: relative difference "
+             f"{rows['mlp-backpack']['sum_of_norm_sq_rel_diff']:.1e}")
+    if importlib.util.find_spec("opacus") is not None:
+        rows["mlp-opacus"] = one("mlp-opacus", vmap_m, 1)
+        rows["mlp-opacus"]["scaled_seconds"] = rows["mlp-opacus"]["seconds"] * m / vmap_m
+        rows["mlp-opacus"]["ratio"] = rows["mlp-opacus"]["scaled_seconds"] / rows["mlp-plain"]["seconds"]
     return rows
 
 
@@ -205,7 +276,8 @@ def markdown(rows: dict, *, m: int, gram_m: int, vmap_m: int, gram_small: int) -
         f"| MLP torch.func vmap(grad) moments (timed on {vmap_m}, ×{m / vmap_m:g}) | {m} | "
         f"{r['mlp-vmap']['scaled_seconds']:.1f} | {r['mlp-vmap']['ratio']:.0f}× (vs the row above) | "
         f"{mib('mlp-vmap')} (at {vmap_m}) |",
-        f"| MLP BackPACK BatchL2Grad | {m} | – | {'not installed' if not r['backpack']['installed'] else 'see log'} | – |",
+        _backpack_row(r, m),
+        _opacus_row(r, m, vmap_m),
         f"| CNN-BN plain forward+backward (eval) | {m} | {r['cnn-plain']['seconds']:.3f} | 1 | {mib('cnn-plain')} |",
         f"| CNN-BN exact m-coherence, model + per layer | {m} | {r['cnn-moments']['seconds']:.3f} | "
         f"{paired('cnn-moments')} | {mib('cnn-moments')} |",
@@ -223,6 +295,23 @@ def markdown(rows: dict, *, m: int, gram_m: int, vmap_m: int, gram_small: int) -
         f"{g['seconds']:.2f} s vs capture {g['small_ours']:.3f} s = {g['speedup_at_small_m']:.0f}×.",
     ]
     return "\n".join(lines)
+
+
+def _backpack_row(r: dict, m: int) -> str:
+    if "mlp-backpack" not in r:
+        return f"| MLP BackPACK BatchL2Grad | {m} | – | not installed (`make bench-extra`) | – |"
+    b = r["mlp-backpack"]
+    return (f"| MLP BackPACK BatchL2Grad (its Σ‖g‖² within {b['sum_of_norm_sq_rel_diff']:.0e} of ours) | {m} | "
+            f"{b['seconds']:.3f} | {b['ratio']:.2f}× (CPU time {b['cpu_ratio']:.2f}×) | {b['peak_bytes'] / 2**20:.0f} |")
+
+
+def _opacus_row(r: dict, m: int, vmap_m: int) -> str:
+    if "mlp-opacus" not in r:
+        return f"| MLP Opacus GradSampleModule moments | {m} | – | not installed (`make bench-extra`) | – |"
+    o = r["mlp-opacus"]
+    return (f"| MLP Opacus GradSampleModule moments (timed on {vmap_m}, ×{m / vmap_m:g}) | {m} | "
+            f"{o['scaled_seconds']:.1f} | {o['ratio']:.0f}× (vs the first row) | {o['peak_bytes'] / 2**20:.0f} "
+            f"(at {vmap_m}) |")
 
 
 def _main() -> None:

@@ -39,8 +39,8 @@ def capture(m: int, repeats: int, gram_m: int, vmap_m: int, gram_small: int, thr
                f"{threads or torch.get_num_threads()} (each case in its own process)")
     rows = run(m=m, device=device, repeats=repeats, data_dir=data_dir, vmap_m=min(vmap_m, m), gram_m=gram_m,
                gram_small=gram_small, threads=threads, echo=click.echo)
-    click.echo("BackPACK: " + ("installed (not timed by this benchmark)" if rows["backpack"]["installed"]
-                               else "not installed"))
+    extras = [name for name, key in (("BackPACK", "mlp-backpack"), ("Opacus", "mlp-opacus")) if key in rows]
+    click.echo("bench extra: " + (", ".join(extras) + " timed" if extras else "not installed (`make bench-extra`)"))
     click.echo(f"data: {rows['mlp-plain']['source']}\n")
     click.echo(markdown(rows, m=m, gram_m=gram_m, vmap_m=min(vmap_m, m), gram_small=gram_small))
 

@@ -27,3 +27,16 @@ def test_one_case_runs_on_the_bundled_subset(name):
 def test_too_many_examples_is_a_data_error():
     with pytest.raises(DataError, match="exceeds"):
         case("mlp-plain", m=10**7, device="cpu", repeats=1, data_dir=None)
+
+
+def test_backpack_case_agrees_with_the_engine():
+    """With the optional bench extra: BackPACK's Σ||g_n||² per layer is an independent check of ours."""
+    pytest.importorskip("backpack")
+    row = case("mlp-backpack", m=64, device="cpu", repeats=1, data_dir=None)
+    assert row["sum_of_norm_sq_rel_diff"] < 1e-5 and row["ratio"] > 0
+
+
+def test_opacus_case_runs():
+    pytest.importorskip("opacus")
+    row = case("mlp-opacus", m=4, device="cpu", repeats=1, data_dir=None)
+    assert row["case"] == "mlp-opacus" and row["seconds"] > 0
