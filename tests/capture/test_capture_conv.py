@@ -70,3 +70,17 @@ def test_conv_strided_dilated_grouped_both_forms(form, dims):
     y = torch.randn_like(model(x))
     with conv_form(form):
         check_all(model, sq_loss, x, y, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_dense_form_in_blocks_of_examples(dims, monkeypatch):
+    """A block budget of about two examples: the grouped convolution runs block by block (3 blocks + a rest)."""
+    torch.manual_seed(6)
+    conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(4, 6, 3, stride=2, padding=1, groups=2)
+    model = nn.Sequential(conv).double()
+    x = torch.randn(7, 4, *([7] * dims), dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    per_example = x[0].numel() + y[0].numel() + conv.weight.numel()
+    monkeypatch.setattr(conv_rules, "DENSE_BLOCK_ELEMENTS", 2 * per_example)
+    with conv_form("dense"):
+        check_all(model, sq_loss, x, y, rtol=1e-6)

@@ -46,8 +46,28 @@ def _outer(module, x, b, groups):
     return Outer(left, a.reshape(n, a.shape[1], groups, -1), tuple(module.weight.shape))
 
 
+#: The dense form runs its grouped convolution on blocks of examples whose input, output gradient
+#: and result hold at most this many elements: small temporaries are reused by the allocator
+#: instead of being mapped and zero-filled afresh (measured: 1.10× -> 1.03× for cnn-bn on 2 cores).
+DENSE_BLOCK_ELEMENTS = 1 << 22
+
+
 def _dense(module, x, b, groups):
-    """Per-example weight gradients (n, o, c_in/h, *k) by one grouped convolution."""
+    """Per-example weight gradients (n, o, c_in/h, *k), by blocks of examples."""
+    n = x.shape[0]
+    per_example = x[0].numel() + b[0].numel() + module.weight.numel()
+    size = max(1, DENSE_BLOCK_ELEMENTS // per_example)
+    if n <= size:
+        return Dense(_dense_block(module, x, b, groups))
+    g = x.new_empty((n, *module.weight.shape))
+    for start in range(0, n, size):
+        rows = slice(start, min(n, start + size))
+        g[rows] = _dense_block(module, x[rows], b[rows], groups)
+    return Dense(g)
+
+
+def _dense_block(module, x, b, groups):
+    """(n, o, c_in/h, *k) by one grouped convolution: examples (and groups) as channels."""
     n, c_in, dims = x.shape[0], x.shape[1], len(module.kernel_size)
     spatial = x.shape[2:]
     xin = x.reshape(n, groups, c_in // groups, *spatial).movedim(2, 0).reshape(c_in // groups, n * groups, *spatial)
@@ -55,8 +75,7 @@ def _dense(module, x, b, groups):
     conv = F.conv1d if dims == 1 else F.conv2d
     out = conv(xin, w, stride=module.dilation, dilation=module.stride, groups=n * groups)
     out = out[(..., *[slice(0, k) for k in module.kernel_size])]  # drop locations past the kernel
-    g = out.reshape(c_in // groups, n, module.out_channels, *module.kernel_size).movedim(0, 2)
-    return Dense(g)
+    return out.reshape(c_in // groups, n, module.out_channels, *module.kernel_size).movedim(0, 2)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
