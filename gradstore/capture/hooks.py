@@ -46,6 +46,8 @@ class Tap:
         self.modules = modules
         self.uses: dict[str, list[Use]] = {name: [] for name in modules}
         self.recording = True
+        #: called with a module's name when one of its uses receives its output gradient
+        self.on_grad = None
         self._handles: list = []
 
     def __enter__(self) -> Tap:
@@ -74,9 +76,10 @@ class Tap:
         self.uses[name].append(use)
         # A tensor hook registered now sees the gradient w.r.t. this value even if a later
         # in-place op (e.g. ReLU(inplace=True)) rewrites the tensor.
-        output.register_hook(partial(_store_grad, use))
+        output.register_hook(partial(self._on_grad, name, use))
         return None
 
-
-def _store_grad(use: Use, grad: torch.Tensor) -> None:
-    use.grad_output = grad if use.grad_output is None else use.grad_output + grad
+    def _on_grad(self, name: str, use: Use, grad: torch.Tensor) -> None:
+        use.grad_output = grad if use.grad_output is None else use.grad_output + grad
+        if self.on_grad is not None:
+            self.on_grad(name)

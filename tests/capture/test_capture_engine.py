@@ -252,3 +252,29 @@ def test_outputs_rewritten_in_place_still_give_exact_gradients():
     model = InPlace().double()
     x = torch.randn(5, 2, 5, 5, dtype=torch.float64)
     check_all(model, ce_loss, x, torch.randint(0, 2, (5,)), rtol=1e-6)
+
+
+def test_autograd_forms_no_weight_gradient_and_holds_one_output_gradient(monkeypatch):
+    """Σ g comes from the factors: autograd is asked for no parameter and only for the output
+    gradient of the first layer (the others' hooks fire because that output lies below them)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    asked = []
+    grad = torch.autograd.grad
+
+    def spy(outputs, inputs, **kwargs):
+        asked.append(list(inputs))
+        return grad(outputs, inputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    res = capture(model, ce_loss, x, y, grad_sum=True, dot_with="sum")
+    (inputs,) = asked
+    assert len(inputs) == 1 and not any(inputs[0] is p for p in model.parameters())
+    assert inputs[0].shape == (7, 6)  # the first Linear's output
+    monkeypatch.undo()
+    ref = oracle_grads(model, ce_loss, x, y)
+    for name, g in ref.items():
+        assert rel_err(res.grad_sum[name], g.sum(0)) < 1e-10
+        assert rel_err(res.dots[name], g.flatten(1) @ g.sum(0).flatten()) < 1e-10
+    assert list(res.sq_norms) == [n for n, _ in model.named_parameters()]  # parameter order kept
