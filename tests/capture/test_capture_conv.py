@@ -13,13 +13,16 @@ from gradstore.capture.rules import conv as conv_rules
 
 
 @contextmanager
-def conv_form(form):
-    """Force the conv rule's form ("outer" or "dense") inside the block, "auto" again after it."""
+def conv_form(form, dense_by="auto"):
+    """Force the conv rule's form ("outer" or "dense") and the dense form's method ("matmul" or
+    "conv": a batched matrix product or a grouped convolution) inside the block; defaults after it."""
+    width = conv_rules.MATMUL_MIN_WIDTH
     conv_rules.FORM = form
+    conv_rules.MATMUL_MIN_WIDTH = {"auto": width, "matmul": 0, "conv": 10**9}[dense_by]
     try:
         yield
     finally:
-        conv_rules.FORM = "auto"
+        conv_rules.FORM, conv_rules.MATMUL_MIN_WIDTH = "auto", width
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # torch's, on the model itself
@@ -27,8 +30,8 @@ def conv_form(form):
 @given(m=st.integers(1, 3), groups=st.sampled_from([1, 2]), k=st.integers(1, 3), stride=st.integers(1, 2),
        dilation=st.integers(1, 2), padding=st.sampled_from([0, 1, "same"]),
        mode=st.sampled_from(["zeros", "reflect", "circular"]), bias=st.booleans(), dims=st.sampled_from([1, 2]),
-       form=st.sampled_from(["outer", "dense", "auto"]))
-def test_conv_shapes(m, groups, k, stride, dilation, padding, mode, bias, dims, form):
+       form=st.sampled_from(["outer", "dense", "auto"]), dense_by=st.sampled_from(["matmul", "conv"]))
+def test_conv_shapes(m, groups, k, stride, dilation, padding, mode, bias, dims, form, dense_by):
     if padding == "same":
         stride = 1
     conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(
@@ -39,7 +42,7 @@ def test_conv_shapes(m, groups, k, stride, dilation, padding, mode, bias, dims, 
     model = nn.Sequential(conv).double()
     x = torch.randn(m, 2 * groups, *([6] * dims), dtype=torch.float64)
     y = torch.randn_like(model(x))
-    with conv_form(form):
+    with conv_form(form, dense_by):
         check_all(model, sq_loss, x, y, rtol=1e-6)
 
 
@@ -59,21 +62,22 @@ def test_large_kernel_takes_the_gram_path():
     check_all(model, sq_loss, x, torch.randn(3, 16, 2, 2, dtype=torch.float64), rtol=1e-6)
 
 
-@pytest.mark.parametrize("form", ["outer", "dense"])
+@pytest.mark.parametrize(("form", "dense_by"), [("outer", "auto"), ("dense", "matmul"), ("dense", "conv")])
 @pytest.mark.parametrize("dims", [1, 2])
-def test_conv_strided_dilated_grouped_both_forms(form, dims):
+def test_conv_strided_dilated_grouped_both_forms(form, dense_by, dims):
     torch.manual_seed(5)
     conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(4, 6, 3, stride=2, dilation=2, padding=2, groups=2,
                                                     padding_mode="reflect")
     model = nn.Sequential(conv).double()
     x = torch.randn(3, 4, *([9] * dims), dtype=torch.float64)
     y = torch.randn_like(model(x))
-    with conv_form(form):
+    with conv_form(form, dense_by):
         check_all(model, sq_loss, x, y, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dense_by", ["matmul", "conv"])
 @pytest.mark.parametrize("dims", [1, 2])
-def test_dense_form_in_blocks_of_examples(dims, monkeypatch):
+def test_dense_form_in_blocks_of_examples(dims, dense_by, monkeypatch):
     """A block budget of about two examples: the grouped convolution runs block by block (3 blocks + a rest)."""
     torch.manual_seed(6)
     conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(4, 6, 3, stride=2, padding=1, groups=2)
@@ -81,6 +85,8 @@ def test_dense_form_in_blocks_of_examples(dims, monkeypatch):
     x = torch.randn(7, 4, *([7] * dims), dtype=torch.float64)
     y = torch.randn_like(model(x))
     per_example = x[0].numel() + y[0].numel() + conv.weight.numel()
+    if dense_by == "matmul":  # the patches: c = (c_in / h) * k values per location and group
+        per_example += y[0, 0].numel() * conv.groups * conv.weight[0].numel()
     monkeypatch.setattr(conv_rules, "DENSE_BLOCK_ELEMENTS", 2 * per_example)
-    with conv_form("dense"):
+    with conv_form("dense", dense_by):
         check_all(model, sq_loss, x, y, rtol=1e-6)
