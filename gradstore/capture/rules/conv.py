@@ -67,8 +67,15 @@ MATMUL_MIN_WIDTH = 16
 
 
 def _dense(module, x, b, groups):
-    """Per-example weight gradients (n, o, c_in/h, *k), by blocks of examples."""
+    """Per-example weight gradients (n, o, c_in/h, *k); on the CPU by blocks of examples.
+
+    Blocks and the matmul method serve the CPU (its allocator, its small-matrix products); on a GPU
+    one grouped convolution over all examples is fastest (cuDNN; measured on an H100, cnn-bn,
+    m = 4000: 0.7× of a plain forward+backward, against 2.6× by blocked matmuls).
+    """
     n = x.shape[0]
+    if x.device.type != "cpu":
+        return Dense(_conv_block(module, x, b, groups))
     r, c = module.out_channels // groups, module.weight[0].numel()
     by_matmul = min(r, c) >= MATMUL_MIN_WIDTH
     per_example = x[0].numel() + b[0].numel() + module.weight.numel()
