@@ -278,3 +278,13 @@ def test_autograd_forms_no_weight_gradient_and_holds_one_output_gradient(monkeyp
         assert rel_err(res.grad_sum[name], g.sum(0)) < 1e-10
         assert rel_err(res.dots[name], g.flatten(1) @ g.sum(0).flatten()) < 1e-10
     assert list(res.sq_norms) == [n for n, _ in model.named_parameters()]  # parameter order kept
+
+
+def test_a_rule_error_inside_the_backward_pass_is_reported_and_the_run_restored():
+    """Rules run inside the backward pass (as each output gradient arrives): their errors still come
+    out as the one-line CaptureError, with hooks removed and modes restored."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)).train()
+    with pytest.raises(CaptureError, match="running statistics"):
+        capture(model, ce_loss, torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    assert model.training and all(m.training for m in model.modules())
+    assert all(not m._forward_hooks for m in model.modules())
