@@ -250,7 +250,7 @@ def capture(
             module_names = by_module[path]
             locals_ = [pl.owner[n][1] for n in module_names]
             factors = _module_factors(path, pl.modules[path], tap.uses[path], locals_, m)
-            tap.uses[path] = []
+            tap.release(path)
             for name in module_names:
                 param = pl.params[name]
                 factor = factors.get(pl.owner[name][1])

@@ -79,6 +79,12 @@ class Tap:
         output.register_hook(partial(self._on_grad, name, use))
         return None
 
+    def release(self, name: str) -> None:
+        """Forget the recorded tensors of module ``name`` (the graph's hooks still hold each Use)."""
+        for use in self.uses[name]:
+            use.inputs, use.kwargs, use.grad_output, use.output = (), {}, None, None
+        self.uses[name] = []
+
     def _on_grad(self, name: str, use: Use, grad: torch.Tensor) -> None:
         use.grad_output = grad if use.grad_output is None else use.grad_output + grad
         if self.on_grad is not None:
