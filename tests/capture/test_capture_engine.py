@@ -288,3 +288,20 @@ def test_a_rule_error_inside_the_backward_pass_is_reported_and_the_run_restored(
         capture(model, ce_loss, torch.randn(5, 3), torch.randint(0, 2, (5,)))
     assert model.training and all(m.training for m in model.modules())
     assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_residual_network_with_shared_outputs(inplace):
+    """Residual branches (one output used twice, a 1x1 shortcut conv) and, optionally, in-place
+    ReLUs after every BatchNorm: the graph walk still makes every hook fire, gradients exact."""
+    from pipelines.models import build_model
+
+    model = build_model("resnet-small", seed=0).double()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+        if isinstance(module, nn.ReLU):
+            module.inplace = inplace
+    x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    check_all(model, ce_loss, x, torch.randint(0, 10, (4,)), rtol=1e-6)
