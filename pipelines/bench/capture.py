@@ -43,9 +43,8 @@ def _data(m: int, device: str, data_dir: str | None):
     return x, y, mnist.source
 
 
-def _vmap_moments(model, loss_fn, x, y, chunk: int = 50):
-    """Materialize per-example gradients with torch.func and reduce them to the same moments."""
-    import torch
+def _vmap_per_example(model, loss_fn):
+    """torch.func vmap(grad): ``(x, y) ->`` parameter name -> (n, *shape) per-example gradients."""
     from torch.func import functional_call, grad, vmap
 
     params = {k: p.detach() for k, p in model.named_parameters()}
@@ -54,13 +53,18 @@ def _vmap_moments(model, loss_fn, x, y, chunk: int = 50):
         return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
 
     per_example = vmap(grad(one), in_dims=(None, 0, 0))
-    sums = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
-    sq = {k: 0.0 for k in params}
+    return lambda x, y: per_example(params, x, y)
+
+
+def _materialized_moments(per_example, x, y, chunk: int = 50):
+    """Σ_n g_n and Σ_n ||g_n||² per parameter (float64) from ``per_example(x, y)`` gradients,
+    materialized ``chunk`` examples at a time: the moments of the engine, the slow way."""
+    sums: dict = {}
+    sq: dict = {}
     for start in range(0, x.shape[0], chunk):
-        grads = per_example(params, x[start:start + chunk], y[start:start + chunk])
-        for k, g in grads.items():
-            sums[k] += g.sum(0).double()
-            sq[k] += float(g.flatten(1).double().pow(2).sum())
+        for k, g in per_example(x[start:start + chunk], y[start:start + chunk]).items():
+            sums[k] = sums.get(k, 0) + g.sum(0).double()
+            sq[k] = sq.get(k, 0.0) + float(g.flatten(1).double().pow(2).sum())
     return sums, sq
 
 
@@ -83,25 +87,22 @@ def _backpack_moments(model, x, y):
     return layers
 
 
-def _opacus_moments(model, x, y, chunk: int = 50):
-    """Opacus GradSampleModule: materialized per-example gradients (``grad_sample``) reduced to moments."""
-    import torch
+def _opacus_per_example(wrapped):
+    """Opacus GradSampleModule: ``(x, y) ->`` parameter name -> its ``grad_sample`` (n, *shape)."""
     import torch.nn.functional as F
 
-    sums: dict = {}
-    sq: dict = {}
-    for start in range(0, x.shape[0], chunk):
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x[start:start + chunk]), y[start:start + chunk], reduction="sum")
+    def per_example(x, y):
+        wrapped.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(wrapped(x), y, reduction="sum")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus's own hooks
             loss.backward()
-        for name, p in model.named_parameters():
-            g = p.grad_sample.double()
-            sums[name] = sums.get(name, 0) + g.sum(0)
-            sq[name] = sq.get(name, 0.0) + float(g.flatten(1).pow(2).sum())
+        grads = {name: p.grad_sample for name, p in wrapped.named_parameters()}
+        for p in wrapped.parameters():
             p.grad_sample = None
-    return {k: float(torch.sum(v * v)) for k, v in sums.items()}, sq
+        return grads
+
+    return per_example
 
 
 def _materialized_gram(model, loss_fn, x, y, timings: dict, chunk: int = 50):
@@ -113,17 +114,11 @@ def _materialized_gram(model, loss_fn, x, y, timings: dict, chunk: int = 50):
     import time
 
     import torch
-    from torch.func import functional_call, grad, vmap
 
-    params = {k: p.detach() for k, p in model.named_parameters()}
-
-    def one(p, xi, yi):
-        return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
-
-    per_example = vmap(grad(one), in_dims=(None, 0, 0))
+    per_example = _vmap_per_example(model, loss_fn)
     start = time.perf_counter()
-    parts = [per_example(params, x[s:s + chunk], y[s:s + chunk]) for s in range(0, x.shape[0], chunk)]
-    flat = {k: torch.cat([p[k].flatten(1) for p in parts]) for k in params}
+    parts = [per_example(x[s:s + chunk], y[s:s + chunk]) for s in range(0, x.shape[0], chunk)]
+    flat = {k: torch.cat([p[k].flatten(1) for p in parts]) for k in parts[0]}
     del parts
     middle = time.perf_counter()
     gram = {}
@@ -168,8 +163,8 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, 
     elif name == "mlp-moments-chunked":
         fn = moments(1000)
     elif name == "mlp-vmap":
-        fn = lambda: _vmap_moments(model, loss_fn, x, y)  # noqa: E731
-        _vmap_moments(model, loss_fn, x[:2], y[:2])  # warm up torch.func on two examples
+        fn = lambda: _materialized_moments(_vmap_per_example(model, loss_fn), x, y)  # noqa: E731
+        _materialized_moments(_vmap_per_example(model, loss_fn), x[:2], y[:2])  # warm up torch.func on two examples
         repeats, warmup = 1, False
     elif name == "mlp-backpack":
         from backpack import extend
@@ -184,8 +179,8 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, 
 
         # Opacus records activations in training mode only (the MLP has no dropout or BatchNorm)
         wrapped = GradSampleModule(build_model("mlp-cg", seed=0).to(device).train(), loss_reduction="sum")
-        fn = lambda: _opacus_moments(wrapped, x, y)  # noqa: E731
-        _opacus_moments(wrapped, x[:2], y[:2])  # warm up
+        fn = lambda: _materialized_moments(_opacus_per_example(wrapped), x, y)  # noqa: E731
+        _materialized_moments(_opacus_per_example(wrapped), x[:2], y[:2])  # warm up
         repeats, warmup = 1, False
     elif name == "gram-ours":
         fn = lambda: capture(model, loss_fn, x, y, sq_norms=False, gram=True).by_layer("gram")  # noqa: E731
@@ -196,7 +191,7 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, 
         repeats, warmup = 1, False
     else:
         raise ValueError(f"unknown case {name!r}")
-    if name in BASELINE and name not in ("mlp-vmap",):
+    if name in BASELINE:
         model.eval()
         result = measure_paired(fn, plain, repeats=repeats, device=device)
         if name == "mlp-backpack":
