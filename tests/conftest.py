@@ -29,3 +29,16 @@ def mnist_subset():
     from pipelines.data import load_bundled_subset
 
     return load_bundled_subset()
+
+
+@pytest.fixture
+def exact_float32():
+    """TF32 convolutions and matmuls on CUDA (cuDNN's default) round inputs to 10 mantissa bits: off,
+    for checks at 1e-4 in float32."""
+    import torch
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+

@@ -309,7 +309,6 @@ def _backward(loss, tap: Tap, pl: Plan, names: list[str]) -> dict[str, torch.Ten
                 if any(u.output.grad_fn is None or not _reaches(u.output.grad_fn, below, outputs, asked_ids)
                        for u in tap.uses[path])]
     captured = [u.output for path in frontier for u in tap.uses[path]]
-    del outputs, below
     for uses in tap.uses.values():
         for use in uses:
             use.output = None  # the graph keeps what backward needs

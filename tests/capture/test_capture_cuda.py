@@ -1,8 +1,9 @@
-"""The capture engine and the Recorder on a CUDA device (skipped where there is none, as in CI).
+"""The capture engine on a CUDA device (skipped where there is none, as in CI); the Recorder's CUDA
+tests are in tests/test_distributed_precision.py.
 
-Run on a GPU machine with ``pytest tests/capture/test_capture_cuda.py``. Each test compares the
-CUDA result with an independent computation: torch.func vmap(grad) on the same device, or the same
-capture on the CPU in float64.
+Run on a GPU machine with ``pytest tests/capture/test_capture_cuda.py tests/test_distributed_precision.py``.
+Each test compares the CUDA result with an independent computation: torch.func vmap(grad) on the
+same device, or the same capture on the CPU in float64.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import copy
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from capture_harness import ce_loss, check_all, rel_err
@@ -20,7 +20,8 @@ from torch import nn
 from gradstore.capture import CaptureFallbackWarning, Projection, capture, coherence_moments
 from gradstore.capture import fallback as fallback_module
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+              pytest.mark.usefixtures("exact_float32")]
 
 
 @pytest.fixture(autouse=True)
@@ -28,15 +29,6 @@ def _fresh_fallback_warnings():
     fallback_module._WARNED.clear()  # the fallback warns once per module and process
     yield
     fallback_module._WARNED.clear()
-
-
-@pytest.fixture(autouse=True)
-def _exact_float32():
-    """TF32 convolutions (cuDNN's default) round inputs to 10 mantissa bits: off, for 1e-4 checks."""
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _on(value, device):
@@ -109,40 +101,3 @@ def test_capture_leaves_the_cuda_run_untouched():
     assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
     assert model.training and all(m.training for m in model.modules())
     assert torch.equal(torch.cuda.get_rng_state(), cuda_rng) and torch.equal(torch.get_rng_state(), cpu_rng)
-
-
-def _recorded_step(model_name, device, autocast=None):
-    from gradstore.store import Recorder
-    from pipelines.models import build_model
-
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-    model = build_model(model_name, seed=0).to(device)
-    rec = Recorder(f"memory://cuda-{model_name}-{device}-{autocast}", model, train_inputs=x, train_targets=y,
-                   train_ids=range(16), moments_inputs=x, moments_targets=y, coords_per_layer=5, n_proj=4,
-                   gram=True, background=False, autocast=autocast)
-    values = rec.capture_step(model)
-    rec.close()
-    return values
-
-
-@pytest.mark.parametrize("model_name", ["mlp-3x256", "cnn-bn"])
-def test_recorder_on_cuda_matches_the_cpu(model_name):
-    on_cpu, on_gpu = _recorded_step(model_name, "cpu"), _recorded_step(model_name, "cuda")
-    assert on_cpu.keys() == on_gpu.keys()
-    for key, value in on_cpu.items():
-        if value.dtype == bool or not value.size:  # flags (non-finite values) must be identical
-            np.testing.assert_array_equal(on_gpu[key], value, err_msg=key)
-            continue
-        scale = max(float(np.abs(value).max()), 1e-12)
-        assert np.abs(on_gpu[key] - value).max() <= 1e-4 * scale, key
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_recorder_autocast_on_cuda_is_close_to_float32(dtype):
-    full, half = _recorded_step("cnn-bn", "cuda"), _recorded_step("cnn-bn", "cuda", dtype)
-    assert not np.array_equal(full["loss"], half["loss"])  # the forward really ran in reduced precision
-    for key in ("loss", "sq_norm", "norm_sq_of_sum", "sum_of_norm_sq", "gram"):
-        scale = np.abs(full[key]).max()
-        assert np.abs(half[key] - full[key]).max() < 0.05 * scale, key
-        assert half[key].dtype == full[key].dtype
