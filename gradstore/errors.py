@@ -19,3 +19,11 @@ class StoreError(GradstoreError):
 
 class CaptureError(GradstoreError):
     """A model, loss or input the capture engine cannot handle."""
+
+
+class ConfigError(GradstoreError):
+    """An experiment configuration file that cannot be read, or a setting of the wrong type or range."""
+
+
+class AnalysisError(GradstoreError):
+    """An analysis that cannot run as asked: nothing to compute, an empty store, an unreachable cluster."""
