@@ -27,3 +27,23 @@ class ConfigError(GradstoreError):
 
 class AnalysisError(GradstoreError):
     """An analysis that cannot run as asked: nothing to compute, an empty store, an unreachable cluster."""
+
+
+class RunFolderError(GradstoreError):
+    """A run folder, checkpoint or result file that is foreign, damaged, or cannot be written."""
+
+    @classmethod
+    def write_failed(cls, what: str, exc: OSError, *, retry: str = "run again with --resume") -> "RunFolderError":
+        """The one-line error for ``what`` failing with ``exc``: the reason, and what to do about it.
+
+        A full disk (``ENOSPC``, ``EDQUOT``) says "free space then <retry>"; any other file-system
+        error names its reason and the file.
+        """
+        import errno
+
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return cls(f"{what} failed: no space left on device; free space then {retry}")
+        text = str(exc).strip()
+        reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return cls(f"{what} failed: {reason}{where}; fix that then {retry}")
