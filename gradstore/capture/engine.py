@@ -22,7 +22,7 @@ from gradstore.capture.hooks import Tap
 from gradstore.capture.projection import Projection
 from gradstore.capture.registry import lookup_rule
 from gradstore.capture.state import preserved_run
-from gradstore.errors import CaptureError
+from gradstore.errors import CaptureError, GradstoreError
 
 
 @dataclass
@@ -125,6 +125,91 @@ def _batch_size(inputs, targets) -> int:
     return m
 
 
+def _require_trainable(model: nn.Module, pl: Plan) -> None:
+    if not pl.params:
+        raise CaptureError(
+            f"the model ({type(model).__name__}) has no trainable parameters (requires_grad=True); unfreeze "
+            "the parameters to observe (param.requires_grad_(True)) before capturing"
+        )
+
+
+# errors a forward pass or a loss raises on inputs or targets of the wrong shape, dtype or range
+_CALL_ERRORS = (RuntimeError, TypeError, ValueError, IndexError)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(":. ")
+
+
+def _described(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}, {value.dtype}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
+def _input_error(name: str, inputs, pl: Plan, err: BaseException) -> CaptureError:
+    """The one-line error for inputs the model's forward pass refused, with the likely fix."""
+    first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
+    dtypes = {p.dtype for p in pl.params.values() if p.is_floating_point()}
+    want = dtypes.pop() if len(dtypes) == 1 else None
+    if isinstance(first, torch.Tensor) and want is not None and first.dtype != want:
+        fix = f"the model's parameters are {want}: pass {name}.to({want})"
+        if not first.is_floating_point():
+            fix += " if the model takes floating-point inputs"
+    else:
+        fix = f"give {name} the shape and dtype the model takes, example axis first"
+    return CaptureError(f"the model cannot run on {name} ({_described(first)}): {_first_line(err)}; {fix}")
+
+
+def _loss_error(name: str, outputs, targets, err: BaseException) -> CaptureError:
+    """The one-line error for targets (or a loss_fn) that loss_fn(outputs, targets) refused."""
+    classes = outputs.shape[1] if isinstance(outputs, torch.Tensor) and outputs.dim() == 2 else "n_classes"
+    return CaptureError(
+        f"loss_fn(outputs, {name}) failed on outputs ({_described(outputs)}) and {name} ({_described(targets)}): "
+        f"{_first_line(err)}; give {name} in the form loss_fn takes (for cross entropy: a 1-d integer "
+        f"tensor of class indices in [0, {classes}))"
+    )
+
+
+def _check_losses(losses, m: int) -> None:
+    """loss_fn must return (m,) per-example losses that autograd can differentiate."""
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (m,):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise CaptureError(
+            f"loss_fn must return per-example losses of shape ({m},), got {shape}; use reduction='none'"
+        )
+    if not losses.requires_grad:
+        raise CaptureError(
+            "loss_fn returned losses that do not require grad (detached, or computed under no_grad); "
+            "return losses computed from the model's outputs, without .detach()"
+        )
+
+
+def _call_model(model: nn.Module, inputs, pl: Plan, name: str = "inputs"):
+    """``model(inputs)`` (a tuple is unpacked); a refused input becomes a one-line CaptureError."""
+    try:
+        return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+    except _CALL_ERRORS as err:
+        if isinstance(err, (GradstoreError, torch.OutOfMemoryError)):
+            raise
+        raise _input_error(name, inputs, pl, err) from err
+
+
+def _call_loss(loss_fn, outputs, targets, m: int, name: str = "targets"):
+    """``loss_fn(outputs, targets)``, checked; refused targets become a one-line CaptureError."""
+    try:
+        losses = loss_fn(outputs, targets)
+    except _CALL_ERRORS as err:
+        if isinstance(err, (GradstoreError, torch.OutOfMemoryError)):
+            raise
+        raise _loss_error(name, outputs, targets, err) from err
+    _check_losses(losses, m)
+    return losses
+
+
 def _check_coords(coords, pl: Plan) -> dict[str, torch.Tensor]:
     checked = {}
     for name, index in (coords or {}).items():
@@ -193,7 +278,8 @@ def capture(
     ----------
     model : nn.Module
         Run in eval mode for the pass (BatchNorm uses running statistics); modes, RNG state,
-        parameters and ``.grad`` are left as they were. Frozen parameters are skipped.
+        parameters and ``.grad`` are left as they were. Frozen parameters are skipped; a model
+        with no trainable parameter is refused.
     loss_fn : callable
         ``loss_fn(outputs, targets)`` returning per-example losses of shape (m,)
         (``reduction='none'``); the engine differentiates their sum.
@@ -219,9 +305,16 @@ def capture(
     Returns
     -------
     CaptureResult
+
+    Raises
+    ------
+    CaptureError
+        Inputs the model cannot take, targets ``loss_fn`` cannot take, losses that are not (m,) or
+        carry no gradient, or a model without trainable parameters (one line each).
     """
     m = _batch_size(inputs, targets)
     pl = plan(model)
+    _require_trainable(model, pl)
     coords = _check_coords(coords, pl)
     dot_with = _check_dot_with(dot_with, pl)
     if isinstance(projection, int):
@@ -229,13 +322,8 @@ def capture(
     names = list(pl.params)
     with preserved_run(model), torch.enable_grad(), Tap(pl.modules) as tap:
         model.eval()
-        outputs = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-        losses = loss_fn(outputs, targets)
-        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (m,):
-            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise CaptureError(
-                f"loss_fn must return per-example losses of shape ({m},), got {shape}; use reduction='none'"
-            )
+        outputs = _call_model(model, inputs, pl)
+        losses = _call_loss(loss_fn, outputs, targets, m)
         result = CaptureResult(m, losses.detach(), _detach(outputs), pl.layer_of)
         by_module: dict[str, list[str]] = {}
         for name in names:

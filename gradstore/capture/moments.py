@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradstore.capture.engine import capture
+from gradstore.capture.engine import _require_trainable, capture, plan
 from gradstore.errors import CaptureError
 
 _BY = ("param", "layer", "model")
@@ -85,6 +85,22 @@ def _to(data, device):
     return data.to(device) if isinstance(data, torch.Tensor) and device is not None else data
 
 
+def _example_count(inputs, targets) -> int:
+    """m, with every tensor of ``inputs`` and ``targets`` holding m rows (chunks slice them all)."""
+    first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        raise CaptureError("inputs must be a tensor (or tuple of tensors) with the example axis first")
+    m = int(first.shape[0])
+    if m == 0:
+        raise CaptureError("coherence_moments needs at least one example; got an empty batch")
+    for name, data in (("every tensor in inputs", inputs), ("targets", targets)):
+        for value in data if isinstance(data, (tuple, list)) else (data,):
+            if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != m):
+                raise CaptureError(f"{name} must have {m} rows like inputs (example axis first), "
+                                   f"got shape {tuple(value.shape)}")
+    return m
+
+
 def coherence_moments(model, loss_fn, inputs, targets, chunk_size: int = 1024) -> Moments:
     """Exact m, Σ g_n and Σ ||g_n||² over all examples, streamed in chunks of ``chunk_size``.
 
@@ -104,10 +120,8 @@ def coherence_moments(model, loss_fn, inputs, targets, chunk_size: int = 1024) -
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise CaptureError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-    m = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 0
-    if m == 0:
-        raise CaptureError("coherence_moments needs at least one example; got an empty batch")
+    m = _example_count(inputs, targets)
+    _require_trainable(model, plan(model))
     device = next((p.device for p in model.parameters()), None)
     sum_grad: dict = {}
     sum_sq_norm: dict = {}
