@@ -1,8 +1,11 @@
 """Experiment configuration: packaged TOML defaults (the paper's settings), a ``[quick]`` table of
 overrides for a few-minutes run on 2 CPU cores, and an optional user file on top.
 
-Every key a user file sets must already exist in the defaults, with a value of the same type, so a
-typo is an error and not a silently ignored setting.
+Every key a user file sets must already exist in the defaults, so a typo is an error and not a
+silently ignored setting; every value is then checked against the experiment's schema
+(:mod:`pipelines.experiments.schema`: type and range of each key, and rules across keys) before
+any work starts. Errors are :class:`~gradstore.errors.ConfigError`, one line naming the file, the
+key and what is allowed.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gradstore.errors import GradstoreError
+from gradstore.errors import ConfigError
+from pipelines.experiments.schema import SCHEMAS, check_keys, key_name, problems
 
 
 def packaged_defaults(name: str) -> dict[str, Any]:
@@ -21,47 +25,93 @@ def packaged_defaults(name: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def _same_kind(default: Any, value: Any) -> bool:
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, (int, float)):
-        return isinstance(value, (int, float))
-    return type(default) is type(value)
-
-
 def merge(base: dict[str, Any], override: dict[str, Any], *, where: str) -> dict[str, Any]:
-    """``base`` updated by ``override``, refusing unknown keys and values of another type."""
+    """``base`` updated by ``override``, refusing unknown keys and a value where a table belongs.
+
+    Types and ranges are the schema's job (:func:`check`), not this function's.
+    """
     out = dict(base)
     for key, value in override.items():
         if key not in base:
-            raise GradstoreError(f"{where}: unknown setting {key!r}; known settings: {', '.join(sorted(base))}")
+            raise ConfigError(f"{where}: unknown setting {key_name(key)}; known settings: {', '.join(sorted(base))}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise GradstoreError(f"{where}: setting {key!r} must be a table")
-            out[key] = merge(base[key], value, where=f"{where} [{key}]")
-        elif not _same_kind(base[key], value):
-            raise GradstoreError(
-                f"{where}: setting {key!r} must be a {type(base[key]).__name__}, got {value!r}"
-            )
+                raise ConfigError(f"{where}: setting {key_name(key)} must be a table ([{key_name(key)}])")
+            out[key] = merge(base[key], value, where=f"{where} [{key_name(key)}]")
         else:
             out[key] = value
     return out
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A user's TOML configuration file as a dict; :class:`ConfigError` (one line) if it cannot be read."""
+    if str(path) == "":
+        raise ConfigError("the configuration file name is empty; give --config the path of a TOML file")
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"configuration file {path} is a folder; give --config the path of a TOML file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist; give an existing TOML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not UTF-8 text (byte {exc.start}); "
+                          "save it as UTF-8 TOML") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path} ({exc.strerror or exc}); "
+                          "give a readable TOML file") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+
+
+def check(name: str, config: dict[str, Any], *, origin) -> None:
+    """Refuse the first setting of ``config`` that experiment ``name``'s schema does not allow.
+
+    ``origin(path)`` names the file a key path's value came from (for the message).
+    """
+    schema = SCHEMAS[name]
+    check_keys(schema, config)  # the defaults and the schema must agree (a bug otherwise)
+    found = problems(schema, config)
+    if found:
+        paths, message = found[0]
+        raise ConfigError(f"{origin(paths)}: {message}")
+
+
+def _has(table: dict[str, Any], path) -> bool:
+    for key in path:
+        if not isinstance(table, dict) or key not in table:
+            return False
+        table = table[key]
+    return True
+
+
 def load_config(name: str, *, quick: bool = False, path: str | Path | None = None) -> dict[str, Any]:
-    """The configuration of experiment ``name``: defaults, then ``[quick]`` if asked, then ``path``."""
+    """The configuration of experiment ``name``: defaults, then ``[quick]`` if asked, then ``path``.
+
+    Raises
+    ------
+    ConfigError
+        If ``path`` cannot be read or is not TOML, sets an unknown key, or any setting has the
+        wrong type or range (see :mod:`pipelines.experiments.schema`).
+    """
     config = packaged_defaults(name)
     quick_table = config.pop("quick", {})
+    user: dict[str, Any] = {}
     if quick:
         config = merge(config, quick_table, where=f"{name} [quick]")
     if path is not None:
-        path = Path(path)
-        try:
-            user = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise GradstoreError(f"configuration file {path} does not exist; give an existing TOML file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise GradstoreError(f"configuration file {path} is not valid TOML: {exc}") from None
+        user = read_toml(path)
         user.pop("quick", None)
         config = merge(config, user, where=str(path))
+
+    def origin(paths) -> str:
+        if any(_has(user, p) for p in paths):
+            return str(path)
+        where = f"pipelines/configs/{name}.toml"
+        return where + (" [quick]" if quick and any(_has(quick_table, p) for p in paths) else "")
+
+    check(name, config, origin=origin)
     return config
+
