@@ -179,7 +179,8 @@ def _check_losses(losses, m: int) -> None:
     if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (m,):
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
         raise CaptureError(
-            f"loss_fn must return per-example losses of shape ({m},), got {shape}; use reduction='none'"
+            f"loss_fn must return one loss per example, shape ({m},) for {m} examples, got {shape}; "
+            "use reduction='none'"
         )
     if not losses.requires_grad:
         raise CaptureError(

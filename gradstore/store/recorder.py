@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from gradstore.errors import StoreError
+from gradstore.errors import CaptureError, GradstoreError, StoreError
 from gradstore.store.schedule import Schedule
 from gradstore.store.schema import SAMPLES, RunLayout
 from gradstore.store.writer import create_run
@@ -62,6 +62,143 @@ def _cross_entropy(outputs, targets):
     import torch.nn.functional as F
 
     return F.cross_entropy(outputs, targets, reduction="none")
+
+
+# ---------------------------------------------------------------- argument checks (before any store exists)
+def _check_inputs(name: str, inputs, like=None):
+    """A tensor of >= 1 examples, finite, shaped and typed like ``like`` (train_inputs) per example."""
+    import torch
+
+    if not isinstance(inputs, torch.Tensor):
+        raise StoreError(f"{name} must be a torch.Tensor with the example axis first, got {type(inputs).__name__}; "
+                         f"pass torch.as_tensor({name})")
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise StoreError(f"{name} must hold at least one example (example axis first), got shape {tuple(inputs.shape)}")
+    if like is not None and (inputs.shape[1:] != like.shape[1:] or inputs.dtype != like.dtype):
+        raise StoreError(f"{name} has examples of shape {tuple(inputs.shape[1:])} and dtype {inputs.dtype}, "
+                         f"train_inputs {tuple(like.shape[1:])} and {like.dtype}; give {name} examples like train_inputs")
+    if inputs.is_floating_point() or inputs.is_complex():
+        bad = ~torch.isfinite(inputs).reshape(len(inputs), -1).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().reshape(-1)
+            raise StoreError(f"{name} holds non-finite values (NaN or inf) in {len(rows)} example(s), the first at "
+                             f"row {int(rows[0])}; drop or repair those examples")
+    return inputs
+
+
+def _check_targets(name: str, targets, n: int, inputs_name: str, n_classes: int):
+    """Class indices: a 1-d integer tensor of n values in [0, n_classes), returned as int64."""
+    import torch
+
+    if not isinstance(targets, torch.Tensor):
+        raise StoreError(f"{name} must be a torch.Tensor of class indices, got {type(targets).__name__}; "
+                         f"pass torch.as_tensor({name})")
+    if targets.dim() != 1:
+        raise StoreError(f"{name} must be 1-d, one class index per example, got shape {tuple(targets.shape)}; "
+                         f"classification targets are a 1-d integer tensor")
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise StoreError(f"{name} must hold integer class indices, got {targets.dtype}; pass a 1-d integer "
+                         f"tensor (e.g. {name}.long() if its values are whole class numbers)")
+    if len(targets) != n:
+        raise StoreError(f"{name} has {len(targets)} labels but {inputs_name} has {n} examples; "
+                         "give one label per example")
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= n_classes:
+        raise StoreError(f"{name} must lie in [0, {n_classes}) (the model outputs {n_classes} classes), "
+                         f"got values from {low} to {high}; give class indices of this model")
+    return targets.long()
+
+
+def _check_labels(name: str, labels, n: int, n_classes: int) -> np.ndarray:
+    """Clean labels (numpy or tensor): 1-d integers in [0, n_classes), or -1 where unknown."""
+    import torch
+
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise StoreError(f"{name} must be a 1-d array of integer labels, got shape {arr.shape} and dtype {arr.dtype}")
+    if arr.size != n:
+        raise StoreError(f"{name} has {arr.size} labels but train_inputs has {n} examples; give one per example")
+    if arr.size and (int(arr.min()) < -1 or int(arr.max()) >= n_classes):
+        raise StoreError(f"{name} must lie in [0, {n_classes}) (or be -1 where unknown), "
+                         f"got values from {int(arr.min())} to {int(arr.max())}")
+    return arr.astype(np.int64)
+
+
+def _check_ids(name: str, ids, n: int, inputs_name: str) -> np.ndarray:
+    """Example ids: n distinct integers (never cast from floats or strings), as int64."""
+    import torch
+
+    if ids is None:
+        raise StoreError(f"{name} is missing; give one integer id per example of {inputs_name}")
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise StoreError(f"{name} must be integers, got dtype {arr.dtype}; give integer example ids "
+                         "(float or string ids would be cast, and two examples could share one)")
+    if arr.ndim != 1:
+        raise StoreError(f"{name} must be 1-d, one id per example, got shape {arr.shape}")
+    if arr.size != n:
+        raise StoreError(f"{name} has {arr.size} ids but {inputs_name} has {n} examples; give one id per example")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise StoreError(f"{name} must fit in int64, got {int(arr.max())}")
+    values, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        repeated = ", ".join(str(v) for v in values[counts > 1][:5])
+        raise StoreError(f"{name} repeats the id(s) {repeated}; every tracked example needs an id of its own")
+    return arr.astype(np.int64)
+
+
+def _check_split(prefix: str, inputs, targets, ids) -> None:
+    """A held-out or moments sample is given whole (inputs with targets, and ids where stored) or not at all."""
+    parts = {f"{prefix}_inputs": inputs, f"{prefix}_targets": targets}
+    if prefix == "test":
+        parts["test_ids"] = ids
+    given = [name for name, value in parts.items() if value is not None]
+    if given and len(given) != len(parts):
+        missing = [name for name in parts if name not in given]
+        raise StoreError(f"{', '.join(given)} given without {', '.join(missing)}; give all of "
+                         f"{', '.join(parts)} or none")
+
+
+def _probe(model, plan_, loss_fn, inputs, autocast: str | None):
+    """One forward pass of the first two train examples, model in eval mode, the run left untouched.
+
+    Inputs the model cannot take are refused here, naming train_inputs, before any store exists.
+    Returns the outputs, still attached to the graph, for :func:`_check_loss`.
+    """
+    import torch
+
+    from gradstore.capture.engine import _CALL_ERRORS, _input_error
+    from gradstore.capture.state import preserved_run
+
+    device = next(model.parameters()).device
+    x = inputs[:2].to(device)
+    with preserved_run(model), torch.enable_grad(), autocast_forward(model, autocast):
+        model.eval()
+        try:
+            outputs = model(x)
+        except _CALL_ERRORS as err:
+            if isinstance(err, (GradstoreError, torch.OutOfMemoryError)):
+                raise
+            raise _input_error("train_inputs", inputs, plan_, err) from err
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
+        shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+        raise CaptureError(f"the model returns {shape} for train_inputs; the Recorder needs class scores "
+                           "of shape (examples, classes)")
+    return outputs
+
+
+def _check_loss(loss_fn, outputs, targets) -> None:
+    """loss_fn on the probe's outputs: per-example losses that carry a gradient (see capture)."""
+    import torch
+
+    from gradstore.capture.engine import _call_loss
+
+    with torch.enable_grad():
+        _call_loss(loss_fn, outputs, targets[:len(outputs)].to(outputs.device), len(outputs), "train_targets")
 
 
 class Recorder:
@@ -125,6 +262,7 @@ class Recorder:
         import torch
 
         from gradstore.capture import Projection, plan
+        from gradstore.capture.engine import _require_trainable
 
         if autocast not in (None, "bfloat16", "float16"):
             raise StoreError(f"autocast must be None, 'bfloat16' or 'float16', got {autocast!r}")
@@ -132,31 +270,26 @@ class Recorder:
         self.schedule = schedule if schedule is not None else Schedule.every(100)
         self.loss_fn = loss_fn or _cross_entropy
         pl = plan(model)
+        _require_trainable(model, pl)
         layer_of = pl.layer_of
         layers = tuple(dict.fromkeys(layer_of[name] for name in pl.params))
         params = tuple((name, tuple(p.shape), layer_of[name]) for name, p in pl.params.items())
-        self._train = (train_inputs, torch.as_tensor(train_targets))
+        self._train, self._test, self._moments, ids, true_train = self._checked_samples(
+            model, pl, train_inputs, train_targets, train_ids, train_true, test_inputs, test_targets, test_ids,
+            moments_inputs, moments_targets)
         n_train = int(self._train[1].shape[0])
-        self._test = None
-        if test_inputs is not None:
-            self._test = (test_inputs, torch.as_tensor(test_targets))
-        self._moments = None if moments_inputs is None else (moments_inputs, torch.as_tensor(moments_targets))
-        ids = [np.asarray(train_ids, dtype=np.int64).reshape(-1)]
         train_label = [self._train[1].cpu().numpy()]
-        true_label = [np.asarray(train_true if train_true is not None else train_label[0]).reshape(-1)]
+        true_label = [true_train if true_train is not None else train_label[0]]
         if self._test is not None:
-            ids.append(np.asarray(test_ids, dtype=np.int64).reshape(-1))
             train_label.append(self._test[1].cpu().numpy())
             true_label.append(train_label[-1])
         coord_layer, coord_param, coord_index = sample_coords(params, layers, coords_per_layer, coord_seed)
         self.layout = RunLayout(
-            layers=layers, params=params, example_ids=np.concatenate(ids), n_train=n_train,
+            layers=layers, params=params, example_ids=ids, n_train=n_train,
             true_label=np.concatenate(true_label), train_label=np.concatenate(train_label),
             coord_layer=coord_layer, coord_param=coord_param, coord_index=coord_index,
             n_proj=n_proj, projection_seed=projection_seed if n_proj else None, gram=gram,
             dtype=dtype, compression=compression)
-        if self.layout.example_ids.size != self.layout.train_label.size:
-            raise StoreError("example ids and targets differ in length; give one id per tracked example")
         self._coords = {}
         for name, index in zip(coord_param, coord_index):
             self._coords.setdefault(name, []).append(int(index))
@@ -166,6 +299,39 @@ class Recorder:
                                  resume=resume, storage_options=storage_options)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradstore-writer") if background else None
         self._pending = None  # (step, Future) of the write in flight
+
+    def _checked_samples(self, model, pl, train_inputs, train_targets, train_ids, train_true, test_inputs,
+                         test_targets, test_ids, moments_inputs, moments_targets):
+        """Validate every sample argument (one forward pass of two examples); return what __init__ keeps.
+
+        Returns (train, test, moments) as (inputs, int64 targets) pairs (None where not given), the
+        example ids (train then test, int64) and the clean train labels (None: the targets).
+        """
+        _check_split("test", test_inputs, test_targets, test_ids)
+        _check_split("moments", moments_inputs, moments_targets, None)
+        _check_inputs("train_inputs", train_inputs)
+        n = len(train_inputs)
+        outputs = _probe(model, pl, self.loss_fn, train_inputs, self.autocast)
+        n_classes = int(outputs.shape[1])
+        train = (train_inputs, _check_targets("train_targets", train_targets, n, "train_inputs", n_classes))
+        _check_loss(self.loss_fn, outputs, train[1])
+        ids = [_check_ids("train_ids", train_ids, n, "train_inputs")]
+        true = None if train_true is None else _check_labels("train_true", train_true, n, n_classes)
+        test = moments = None
+        if test_inputs is not None:
+            _check_inputs("test_inputs", test_inputs, like=train_inputs)
+            m = len(test_inputs)
+            test = (test_inputs, _check_targets("test_targets", test_targets, m, "test_inputs", n_classes))
+            ids.append(_check_ids("test_ids", test_ids, m, "test_inputs"))
+            shared = np.intersect1d(ids[0], ids[1])
+            if shared.size:
+                raise StoreError(f"test_ids {', '.join(str(i) for i in shared[:5])} are also train_ids; "
+                                 "every tracked example needs an id of its own")
+        if moments_inputs is not None:
+            _check_inputs("moments_inputs", moments_inputs, like=train_inputs)
+            moments = (moments_inputs, _check_targets("moments_targets", moments_targets, len(moments_inputs),
+                                                      "moments_inputs", n_classes))
+        return train, test, moments, np.concatenate(ids), true
 
     # ---------------------------------------------------------------- the training-loop side
     @property
