@@ -8,6 +8,12 @@ unbroken run of correct predictions (both at evaluation resolution; -1 = never /
 
 Observers (for example a :class:`gradstore.store.Recorder`) plug in through :class:`Observer`:
 the trainer evaluates wherever an observer asks to run and hands it the model and the metrics.
+
+Checkpoints follow the commit order "store write, then checkpoint": before a checkpoint is saved,
+every observer's recorded steps are made durable (:meth:`Observer.flush`), and the checkpoint keeps
+what each observer had committed then (:func:`observer_state`). A checkpoint holds tensors and
+plain containers only and is loaded with ``torch.load(..., weights_only=True)``; anything else is
+refused, never executed.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -24,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gradstore.errors import GradstoreError
+from gradstore.errors import GradstoreError, RunFolderError
 from pipelines.data import MNIST, NoisyLabels, apply_label_noise
 
 
@@ -120,13 +127,61 @@ class TrainConfig:
 
 
 class Observer(Protocol):
-    """Something that watches training, e.g. a gradstore Recorder."""
+    """Something that watches training, e.g. a gradstore Recorder.
+
+    Two methods are optional:
+
+    ``flush() -> None``
+        Make every step observed so far durable (a Recorder waits for its background store write
+        and re-raises its error). The trainer calls it before every checkpoint, so a checkpoint is
+        never ahead of what the observer recorded: a kill after the checkpoint loses no step.
+    ``checkpoint_state() -> dict[str, int]``
+        What is durable now, as plain ints, at least ``committed`` (steps committed; for a store
+        also ``last_step``, -1 for none). Saved in the checkpoint; on resume the trainer refuses
+        an observer that now holds fewer committed steps than the checkpoint recorded. A
+        :class:`gradstore.store.Recorder` is read without it (see :func:`observer_state`).
+    """
 
     def wants(self, step: int) -> bool:
         """Whether to be called at ``step`` (the trainer evaluates there too)."""
 
     def __call__(self, step: int, model: nn.Module, metrics: dict[str, float]) -> None:
         """Observe the model after ``step`` updates, with that step's evaluation metrics."""
+
+
+def observer_state(observer) -> dict[str, int] | None:
+    """What ``observer`` has made durable, as plain ints (None if it does not say).
+
+    Its ``checkpoint_state()`` if it has one; for a :class:`gradstore.store.Recorder` (which has
+    ``committed`` and a ``writer``) the committed step count and the last committed step (-1: none).
+    """
+    method = getattr(observer, "checkpoint_state", None)
+    if callable(method):
+        state = method()
+    elif isinstance(getattr(observer, "committed", None), int) and hasattr(observer, "writer"):
+        last = observer.writer.last_step
+        state = {"committed": observer.committed, "last_step": -1 if last is None else last}
+    else:
+        return None
+    return {str(key): int(value) for key, value in state.items()}
+
+
+def flush_observers(observers: Sequence[Observer], step: int) -> None:
+    """Make every observer's recorded steps durable (``flush()`` where offered) before a checkpoint."""
+    for obs in observers:
+        flush = getattr(obs, "flush", None)
+        if callable(flush):
+            with _recording_errors(step):
+                flush()
+
+
+@contextmanager
+def _recording_errors(step: int):
+    """Turn a file-system error of an observer's store write (a full disk) into one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise RunFolderError.write_failed(f"writing the run store at step {step}", exc) from None
 
 
 @dataclass
@@ -194,10 +249,109 @@ def evaluate(model: nn.Module, data: TrainData, *, batch: int = 2000) -> tuple[d
     return metrics, correct.cpu().numpy()
 
 
+#: what :func:`train` stores in a checkpoint: key -> accepted types (all load with weights_only=True)
+CHECKPOINT_KEYS: dict[str, tuple[type, ...]] = {
+    "config": (dict,), "model": (dict,), "optimizer": (dict,), "generator": (torch.Tensor,),
+    "order": (torch.Tensor,), "cursor": (int,), "step": (int,), "history": (list,),
+    "first_learned": (torch.Tensor,), "run_start": (torch.Tensor,), "observers": (list,),
+}
+_FIX = "remove it (--resume then replays training from step 0; committed store steps are kept) or use a new --out"
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically and durably: a temporary file, fsync, then rename.
+
+    The state is serialized in memory first, so a failing write is a plain ``OSError`` (torch's
+    own file writer reports a full disk as an unexplained ``RuntimeError``). A killed run leaves the
+    previous checkpoint or the new one; a failed write (a full disk) removes the temporary file and
+    raises one line.
+    """
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint or the new one
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise RunFolderError.write_failed(f"saving checkpoint {path}", exc) from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict:
+    """The checkpoint at ``path``, loaded with ``weights_only=True``; one line for anything else.
+
+    A pickle naming other objects than tensors and plain containers is refused by torch before
+    anything in it runs; a damaged or truncated file, or a file of another layout, is refused too.
+    """
+    if not path.is_file():
+        raise RunFolderError(f"checkpoint {path} is not a file; {_FIX}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # noqa: BLE001 - unpickling refused, zip damaged or truncated: one line, never the payload
+        raise RunFolderError(f"checkpoint {path} cannot be loaded safely (damaged, truncated, not written by "
+                             f"gradstore, or holding more than tensors and plain values); {_FIX}") from None
+    problems = [key for key, kinds in CHECKPOINT_KEYS.items()
+                if not isinstance(state, dict) or not isinstance(state.get(key), kinds)]
+    if problems:
+        raise RunFolderError(f"checkpoint {path} is not a gradstore checkpoint of this version "
+                             f"(missing or wrong: {', '.join(problems)}); {_FIX}")
+    return state
+
+
+def _restore(path: Path, state: dict, *, model, optimizer, gen, n: int, steps: int) -> None:
+    """Load ``state`` into the model, optimizer and generator; one line if it does not fit them."""
+    order, step = state["order"], state["step"]
+    if (order.dim() != 1 or len(order) != n or len(state["first_learned"]) != n or len(state["run_start"]) != n
+            or not 0 <= state["cursor"] <= n or not 0 <= step <= steps):
+        raise RunFolderError(f"checkpoint {path} belongs to another data set or run ({len(order)} training "
+                             f"examples, step {step}); {_FIX}")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"].cpu())
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunFolderError(f"checkpoint {path} does not fit this model or optimizer ({first}); {_FIX}") from None
+
+
+def _check_observers(path: Path, recorded: list, observers: Sequence[Observer]) -> None:
+    """Refuse a resume where an observer (a run store) holds fewer committed steps than at the checkpoint.
+
+    More steps are normal (committed after the checkpoint, before a kill): training replays from the
+    checkpoint and the Recorder skips what it already holds.
+    """
+    for then, obs in zip(recorded, observers):
+        now = observer_state(obs)
+        if not isinstance(then, dict) or now is None or "committed" not in now:
+            continue
+        had = then.get("committed", 0)
+        if now["committed"] < had:
+            raise RunFolderError(
+                f"the run store holds {now['committed']} committed steps, but checkpoint {path} was saved when "
+                f"it held {had} (up to step {then.get('last_step', '?')}): steps were lost since; put the store "
+                f"back, or remove {path.name} so that --resume replays training from step 0 and records them again")
 
 
 def train(
@@ -235,16 +389,16 @@ def train(
     order, cursor, start = torch.randperm(n, generator=gen), 0, 0
 
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    if ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if ckpt_path is not None and (ckpt_path.exists() or ckpt_path.is_symlink()):
+        state = _load_checkpoint(ckpt_path, device)
         if state["config"] != asdict(config):
-            raise GradstoreError(f"checkpoint {ckpt_path} belongs to another configuration; use a new --out or drop --resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        order, cursor, start = state["order"], state["cursor"], state["step"]
+            raise RunFolderError(f"checkpoint {ckpt_path} belongs to another configuration; use a new --out or drop --resume")
+        _restore(ckpt_path, state, model=model, optimizer=optimizer, gen=gen, n=n, steps=config.steps)
+        _check_observers(ckpt_path, state["observers"], observers)
+        order, cursor, start = state["order"].cpu(), state["cursor"], state["step"]
         result.history = state["history"]
-        result.learned = LearnedTimes(state["first_learned"], state["run_start"])
+        result.learned = LearnedTimes(state["first_learned"].cpu().numpy().astype(np.int64),
+                                      state["run_start"].cpu().numpy().astype(np.int64))
 
     def observe(step: int) -> None:
         wanted = [obs for obs in observers if obs.wants(step)]
@@ -255,7 +409,8 @@ def train(
         metrics = {"step": step, "lr": config.lr, **metrics}
         result.history.append(metrics)
         for obs in wanted:
-            obs(step, model, metrics)
+            with _recording_errors(step):
+                obs(step, model, metrics)
 
     model.train()
     if start == 0:
@@ -276,6 +431,7 @@ def train(
         if progress is not None:
             progress(step)
         if ckpt_path is not None and (step % checkpoint_every == 0 or step == config.steps):
+            flush_observers(observers, step)  # store write, then checkpoint
             _save_checkpoint(
                 ckpt_path,
                 {
@@ -287,8 +443,9 @@ def train(
                     "cursor": cursor,
                     "step": step,
                     "history": result.history,
-                    "first_learned": result.learned.first_learned,
-                    "run_start": result.learned.run_start,
+                    "first_learned": torch.from_numpy(result.learned.first_learned.copy()),
+                    "run_start": torch.from_numpy(result.learned.run_start.copy()),
+                    "observers": [observer_state(obs) for obs in observers],
                 },
             )
     result.model = model
