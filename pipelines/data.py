@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -71,7 +72,15 @@ def parse_idx(raw: bytes, *, name: str = "IDX data") -> np.ndarray:
 
 
 def read_idx(path: Path, *, md5: str | None = None) -> np.ndarray:
-    """Read an IDX file, gzipped (``.gz``) or raw, verifying the md5 of its uncompressed bytes."""
+    """Read an IDX file, gzipped (``.gz``) or raw, verifying the md5 of its uncompressed bytes.
+
+    Raises
+    ------
+    DataError
+        If the file cannot be read, its compressed stream is damaged or truncated (the checksums
+        are of the uncompressed files, so a ``.gz`` must decompress before its md5 can be checked),
+        its md5 differs from ``md5``, or it is not a valid IDX file.
+    """
     path = Path(path)
     try:
         if path.suffix == ".gz":
@@ -79,8 +88,12 @@ def read_idx(path: Path, *, md5: str | None = None) -> np.ndarray:
                 raw = fh.read()
         else:
             raw = path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"cannot read {path}: {exc}; replace it with an intact copy of the MNIST file") from None
+    except (EOFError, zlib.error) as exc:  # a damaged or truncated compressed stream
+        raise DataError(f"{path} is a damaged or truncated gzip file ({exc or type(exc).__name__}); replace it "
+                        "with an intact copy of the MNIST file") from None
+    except OSError as exc:  # also gzip.BadGzipFile: a bad header or CRC
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}; replace it with an intact copy of the MNIST "
+                        "file") from None
     if md5 is not None:
         got = hashlib.md5(raw).hexdigest()
         if got != md5:

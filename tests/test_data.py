@@ -135,3 +135,16 @@ def test_label_noise_is_deterministic_by_seed(mnist_subset):
 def test_label_noise_rejects_bad_levels(bad):
     with pytest.raises(DataError, match=r"\[0, 1\]"):
         apply_label_noise(np.arange(10) % 10, bad, seed=0)
+
+
+def test_damaged_gzip_stream_is_a_data_error_naming_the_file(mnist_dir, tmp_path):
+    """Finding 15: a .gz whose deflate stream is damaged raised zlib.error before the md5 check."""
+    d = _copy_dir(mnist_dir, tmp_path)
+    gz = d / f"{MNIST_FILES['test_labels'][0]}.gz"
+    data = bytearray(gz.read_bytes())
+    for i in range(40, 60):  # inside the compressed blocks, after the 10-byte gzip header
+        data[i] ^= 0xFF
+    gz.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="damaged or truncated gzip") as exc:
+        load_mnist_dir(d)
+    assert str(gz) in str(exc.value) and "\n" not in str(exc.value)
