@@ -16,6 +16,10 @@ CREATING = "gradstore_creating"
 def open_root(store, name: str, *, writable: bool = False) -> tuple[zarr.Group, dict]:
     """Open the root group of a gradstore run and return it with its attributes.
 
+    A reader (``writable=False``) sees the arrays as the root's consolidated metadata records them
+    at the last commit: every per-step array exactly ``committed_steps`` long, whatever an append in
+    progress has done to the arrays' own metadata. A writer sees the arrays' own metadata.
+
     Raises
     ------
     StoreError
@@ -23,7 +27,8 @@ def open_root(store, name: str, *, writable: bool = False) -> tuple[zarr.Group, 
         version, or its root metadata is damaged.
     """
     try:
-        group = zarr.open_group(store, mode="r+" if writable else "r", zarr_format=3)
+        group = zarr.open_group(store, mode="r+" if writable else "r", zarr_format=3,
+                                use_consolidated=False if writable else None)
     except zarr.errors.ContainsArrayError as exc:
         raise StoreError(f"{name!r} is a zarr array, not a gradstore run (a zarr group); check the path") from exc
     except (FileNotFoundError, zarr.errors.NodeNotFoundError) as exc:
@@ -43,6 +48,9 @@ def open_root(store, name: str, *, writable: bool = False) -> tuple[zarr.Group, 
     committed = attrs.get(COMMITTED)
     if not isinstance(committed, int) or isinstance(committed, bool) or committed < 0:
         raise StoreError(f"{name!r} is damaged: root attribute {COMMITTED!r} is {committed!r}, not a count")
+    if not writable and group.metadata.consolidated_metadata is None:
+        raise StoreError(f"{name!r} is damaged: its root zarr.json has no consolidated metadata (the commit "
+                         f"record of every array's committed length)")
     return group, attrs
 
 
@@ -87,16 +95,23 @@ def layout_from_store(group: zarr.Group, attrs: dict, name: str) -> RunLayout:
             gram=bool(storage["gram"]),
             dtype=storage["dtype"],
             compression=storage["compression"],
+            checksums=bool(storage.get("checksums", False)),
         )
     except (KeyError, TypeError) as exc:
         raise StoreError(f"{name!r} is damaged: root attributes are incomplete ({exc!r})") from exc
+    except StoreError as exc:  # a layout the writer would never have made
+        raise StoreError(f"{name!r} is damaged: {exc}") from None
     return layout
 
 
-def check_arrays(group: zarr.Group, layout: RunLayout, committed: int, name: str) -> dict[str, zarr.Array]:
+def check_arrays(group: zarr.Group, layout: RunLayout, committed: int, name: str, *,
+                 uncommitted: int | None = 0) -> dict[str, zarr.Array]:
     """Check every array of the schema is present with the right dims, dtype and shape.
 
-    Per-step arrays may be longer than ``committed`` (an append in progress or interrupted).
+    Per-step arrays must hold ``committed`` steps, plus at most ``uncommitted`` more (1 for a writer:
+    the one step an interrupted append can leave). Anything else is damage: a crash cannot make it.
+    ``uncommitted=None`` does not check the number of steps (a reader checking the arrays' own
+    metadata, which a concurrent append may be changing).
     """
     arrays = {}
     for key, spec in array_specs(layout).items():
@@ -108,9 +123,79 @@ def check_arrays(group: zarr.Group, layout: RunLayout, committed: int, name: str
             raise StoreError(f"{name!r} is damaged: array {key!r} has dtype {arr.dtype}, expected {spec.dtype}")
         want = static_shape(spec, layout)
         shape = tuple(arr.shape)
-        ok = shape[1:] == want[1:] and shape[0] >= committed if spec.per_step else shape == want
-        if not ok:
-            raise StoreError(f"{name!r} is damaged: array {key!r} has shape {shape}, expected {want} "
-                             f"with at least {committed} steps")
+        if spec.per_step:
+            if shape[1:] != want[1:]:
+                raise StoreError(f"{name!r} is damaged: array {key!r} has shape {shape}, expected "
+                                 f"{(committed,) + want[1:]}")
+            if uncommitted is not None and not committed <= shape[0] <= committed + uncommitted:
+                raise StoreError(f"{name!r} is damaged: array {key!r} holds {shape[0]} steps but the commit "
+                                 f"record says {committed} committed (a crash leaves at most one more); "
+                                 f"nothing was changed: run `gradstore inspect --verify` on it")
+        elif shape != want:
+            raise StoreError(f"{name!r} is damaged: array {key!r} has shape {shape}, expected {want}")
         arrays[key] = arr
     return arrays
+
+
+def own_metadata(store, layout: RunLayout, committed: int, name: str) -> None:
+    """Check the arrays' own ``zarr.json`` agree with the commit record (present, dims, dtype, shape)."""
+    try:
+        group = zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=False)
+    except Exception as exc:  # the root was readable a moment ago: damaged or replaced
+        raise StoreError(f"{name!r} is damaged: its root group cannot be opened ({_short(exc)})") from None
+    check_arrays(group, layout, committed, name, uncommitted=None)
+
+
+def check_steps(arrays: dict[str, zarr.Array], attrs: dict, committed: int, name: str) -> np.ndarray:
+    """The committed ``step`` values, checked: strictly increasing and ending at ``last_step``."""
+    try:
+        steps = np.asarray(arrays["step"][:committed])
+    except Exception as exc:  # codec/IO errors of zarr have no common base class
+        raise StoreError(f"{name!r} is damaged: cannot read array 'step' ({_short(exc)}); run "
+                         f"`gradstore inspect --verify` on it") from None
+    last = attrs.get("last_step")
+    if committed and (np.any(np.diff(steps) <= 0)):
+        bad = int(np.flatnonzero(np.diff(steps) <= 0)[0]) + 1
+        raise StoreError(f"{name!r} is damaged: step numbers do not increase at index {bad} "
+                         f"({steps[bad - 1]} then {steps[bad]})")
+    if (last is None) != (committed == 0) or (committed and last != int(steps[-1])):
+        raise StoreError(f"{name!r} is damaged: root attribute 'last_step' is {last!r} but the last committed "
+                         f"step is {int(steps[-1]) if committed else None}")
+    return steps
+
+
+def missing_chunks(store, layout: RunLayout, arrays: dict[str, zarr.Array], committed: int,
+                   steps: np.ndarray | None = None) -> list:
+    """Every chunk (shard) the committed steps and the static arrays need but the store lacks.
+
+    Zarr reads a missing chunk as fill values; a run store writes every chunk it covers (even one
+    of fill values), so a missing one is damage.
+    """
+    from zarr.core.sync import sync
+
+    from gradstore.store._integrity import Problem, expected_chunks
+
+    async def keys(prefix):
+        return {k async for k in store.list_prefix(prefix)}
+
+    problems = []
+    for key, spec in array_specs(layout).items():
+        shape = (committed,) + tuple(arrays[key].shape[1:]) if spec.per_step else tuple(arrays[key].shape)
+        grid = spec.shards or spec.chunks
+        have = sync(keys(f"{key}/c"))
+        for chunk in expected_chunks(key, shape, grid):
+            if chunk not in have:
+                if spec.per_step:
+                    first = int(chunk.split("/")[2]) * grid[0]
+                    for index in range(first, min(first + grid[0], committed)):
+                        step = int(steps[index]) if steps is not None and key != "step" else None
+                        problems.append(Problem(key, chunk, index, step, "chunk missing (would read as fill values)"))
+                else:
+                    problems.append(Problem(key, chunk, None, None, "chunk missing (would read as fill values)"))
+    return problems
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an exception's message (codec errors can be long)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import os
+
 import dask.array as da
 import numpy as np
 import xarray as xr
+import zarr
 
+from gradstore.errors import StoreError
 from gradstore.store import _location
-from gradstore.store._root import check_arrays, layout_from_store, open_root
+from gradstore.store._integrity import DIGEST, DIGESTED, damage_message
+from gradstore.store._root import (check_arrays, check_steps, layout_from_store, missing_chunks, open_root,
+                                   own_metadata)
 from gradstore.store.schema import AUX_COORDS, COMMITTED, array_specs
 
 #: index coordinates, loaded eagerly (small)
 _INDEX = ("step", "example", "example_", "layer", "sample", "coord", "proj")
 #: attributes that describe the on-disk state rather than the run
-_INTERNAL_ATTRS = ("coordinates",)
+_INTERNAL_ATTRS = ("coordinates", "static_crc32", "writer")
+#: arrays of the integrity protocol, not of the run
+_INTERNAL_ARRAYS = (DIGEST, DIGESTED)
 
 
-def open_run(target, *, storage_options: dict | None = None) -> xr.Dataset:
+def open_run(target, *, storage_options: dict | None = None, skip_steps=()) -> xr.Dataset:
     """Open a gradstore run store.
 
     Parameters
@@ -25,6 +33,10 @@ def open_run(target, *, storage_options: dict | None = None) -> xr.Dataset:
         Local path, ``file://`` URL or any fsspec URL (``memory://``, ``s3://``...).
     storage_options : dict, optional
         Passed to fsspec for URLs.
+    skip_steps : sequence of int
+        Positions along ``step`` to leave out, e.g. the damaged steps
+        :func:`gradstore.store.verify_run` found; a chunk missing at any other committed step is
+        refused.
 
     Returns
     -------
@@ -37,23 +49,35 @@ def open_run(target, *, storage_options: dict | None = None) -> xr.Dataset:
     Raises
     ------
     StoreError
-        If ``target`` is missing, not a gradstore run, of another schema version or damaged.
+        If ``target`` is missing, not a gradstore run, of another schema version or damaged (an
+        inconsistent commit record, or a chunk missing). Checksums are checked as chunks are read;
+        :func:`gradstore.store.verify_run` reads every value back and checks its digest.
 
     Notes
     -----
     Steps appended while the dataset is open are not seen; open again to see them. Committed
     steps never change, so a dataset opened during a run stays valid.
     """
+    if not isinstance(target, (str, os.PathLike, zarr.abc.store.Store)):
+        raise StoreError(f"open_run needs a store path or URL (str or path), got {type(target).__name__}")
     name = _location.describe(target)
     store = _location.open_store(target, read_only=True, storage_options=storage_options)
     group, attrs = open_root(store, name)
     layout = layout_from_store(group, attrs, name)
     committed = attrs[COMMITTED]
     arrays = check_arrays(group, layout, committed, name)
+    own_metadata(store, layout, committed, name)
+    skip = {int(i) for i in skip_steps}
+    problems = [p for p in missing_chunks(store, layout, arrays, committed) if p.index not in skip]
+    if problems:
+        raise StoreError(damage_message(name, problems))
+    steps = check_steps(arrays, attrs, committed, name)
     specs = array_specs(layout)
     coords, data_vars = {}, {}
     for key, arr in arrays.items():
         spec = specs[key]
+        if key in _INTERNAL_ARRAYS:
+            continue
         if spec.per_step:
             chunks = tuple(min(c, max(n, 1)) for c, n in zip(spec.shards or spec.chunks, arr.shape))
             data = da.from_zarr(arr, chunks=chunks, inline_array=True)[:committed]
@@ -67,4 +91,8 @@ def open_run(target, *, storage_options: dict | None = None) -> xr.Dataset:
             data_vars[key] = (spec.dims, data)
     ds = xr.Dataset(data_vars, coords=coords)
     ds.attrs = {k: v for k, v in attrs.items() if k not in _INTERNAL_ATTRS}
+    if skip:
+        keep = [i for i in range(committed) if i not in skip]
+        ds = ds.isel(step=keep)
+        ds.attrs["skipped_steps"] = [int(steps[i]) for i in sorted(skip) if i < committed]
     return ds

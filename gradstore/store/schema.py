@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradstore.errors import StoreError
+from gradstore.store._integrity import DIGEST, DIGESTED
 
 #: version of the on-disk layout; a reader refuses any other value
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: root attribute holding the number of committed steps (written last by every append)
 COMMITTED = "committed_steps"
@@ -92,6 +93,10 @@ class RunLayout:
         Storage dtype of ``grad_coords`` and ``grad_proj``.
     compression : {"zstd", "blosc", "none"}
         Compressor of every array (not checked on resume).
+    checksums : bool, default True
+        Store a CRC32C checksum with every chunk and a CRC-32 digest of every step's values, so
+        damage is detected (``docs/store-format.md``, "Integrity"). False only to measure what they
+        cost (``gradstore bench store``): such a store cannot tell damaged values from good ones.
     """
 
     layers: tuple[str, ...]
@@ -108,11 +113,16 @@ class RunLayout:
     gram: bool = False
     dtype: str = "float32"
     compression: str = "zstd"
+    checksums: bool = True
 
     def __post_init__(self):
         ids = np.asarray(self.example_ids)
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
             raise StoreError("example_ids must be a 1-d integer array; pass the stable example ids")
+        unique, counts = np.unique(ids, return_counts=True)
+        if unique.size != ids.size:
+            raise StoreError(f"example_ids must be unique (train and test ids together); "
+                             f"{unique[counts > 1][:5].tolist()} occur more than once")
         object.__setattr__(self, "example_ids", ids.astype(np.int64))
         for name in ("true_label", "train_label"):
             value = getattr(self, name)
@@ -159,7 +169,7 @@ class RunLayout:
     def storage_description(self) -> dict:
         """JSON description of the storage options stored as the root attribute ``storage``."""
         return {"dtype": self.dtype, "compression": self.compression, "n_train": self.n_train,
-                "n_proj": self.n_proj, "gram": self.gram}
+                "n_proj": self.n_proj, "gram": self.gram, "checksums": self.checksums}
 
     def replace(self, **changes) -> RunLayout:
         return dataclasses.replace(self, **changes)
@@ -223,12 +233,29 @@ def array_specs(layout: RunLayout) -> dict[str, ArraySpec]:
         specs.append(ArraySpec("example_", ("example_",), "int64", (n,)))
         specs.append(ArraySpec("gram", ("step", "layer", "example", "example_"), "float64",
                                (1, 1, r_gram, n), (1, nl, _padded(r_gram, n), n)))
+    if layout.checksums:
+        digested = [s.name for s in specs if s.per_step]
+        specs.append(ArraySpec(DIGESTED, (DIGESTED,), "str", (len(digested),)))
+        specs.append(ArraySpec(DIGEST, ("step", DIGESTED), "uint32", (STEP_BLOCK, len(digested))))
     return {s.name: s for s in specs}
+
+
+def digested_arrays(layout: RunLayout) -> tuple[str, ...]:
+    """The per-step arrays whose slots ``step_crc32`` digests, in the order of its ``stored`` axis."""
+    return tuple(k for k, s in array_specs(layout).items() if s.per_step and k != DIGEST)
+
+
+def every_array_name() -> frozenset[str]:
+    """Every array name a run of any layout may hold (what ``overwrite`` may delete)."""
+    full = RunLayout(layers=("a",), params=(("a.w", (1,), "a"),), example_ids=np.arange(1), n_train=1,
+                     coord_layer=("a",), coord_param=("a.w",), coord_index=np.zeros(1, np.int64), n_proj=1,
+                     projection_seed=0, gram=True)
+    return frozenset(array_specs(full))
 
 
 def static_shape(spec: ArraySpec, layout: RunLayout) -> tuple[int, ...]:
     """Shape of ``spec`` for a run of ``layout`` with zero steps."""
     sizes = {"step": 0, "example": layout.n_example, "example_": layout.n_example,
              "layer": len(layout.layers), "sample": len(SAMPLES), "coord": layout.n_coord,
-             "proj": layout.n_proj}
+             "proj": layout.n_proj, DIGESTED: len(digested_arrays(layout)) if DIGESTED in spec.dims else 0}
     return tuple(sizes[d] for d in spec.dims)

@@ -11,6 +11,7 @@ import numpy as np
 from gradstore.errors import StoreError
 from gradstore.store import _location
 from gradstore.store.reader import open_run
+from gradstore.store.verify import verify_run
 
 
 def disk_sizes(target) -> dict[str, int]:
@@ -38,14 +39,15 @@ def _mb(n: int) -> str:
 def summarize(target, *, verify: bool = False) -> str:
     """Multi-line summary: steps, examples, layers, recorded arrays, sizes, schema, configuration.
 
-    With ``verify``, every committed value is read back, so damaged chunks are found too.
+    With ``verify``, every committed value is read back and checked (:func:`verify_run`); a
+    damaged store raises :class:`StoreError` naming the array, chunk and step.
     """
-    ds = open_run(target)
+    checked = None
     if verify:
-        try:
-            ds.load()
-        except Exception as exc:  # any codec/IO failure means damaged data
-            raise StoreError(f"{_location.describe(target)!r} is damaged: reading its data failed ({exc})") from exc
+        checked = verify_run(target)
+        if not checked.ok:
+            raise StoreError(checked.message())
+    ds = open_run(target)
     a = ds.attrs
     steps = ds.step.values
     split = ds.split.values
@@ -67,6 +69,8 @@ def summarize(target, *, verify: bool = False) -> str:
         lines.append(f"             {key:<16} {_mb(size)}")
     lines.append(f"seeds      {json.dumps(a.get('seeds', {}), sort_keys=True)}")
     lines.append(f"config     {json.dumps(a.get('config', {}), sort_keys=True)}")
-    if verify:
-        lines.append("verify     every committed value read back")
+    if checked is not None:
+        lines.append(f"verify     every committed value read back: {checked.committed} step(s), "
+                     + ("every chunk checksum and step digest matches" if checked.checksums
+                        else "every chunk present (this store has no checksums)"))
     return "\n".join(lines)

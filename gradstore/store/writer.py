@@ -1,14 +1,17 @@
 """Write a run store: create it, append one captured step at a time, resume after a crash.
 
-Commit protocol
----------------
+Commit protocol (``docs/store-format.md``, "Commit protocol")
+-------------------------------------------------------------
 An append (1) grows every per-step array to ``committed + 1`` steps, (2) writes the step's slot of
-every array, and only then (3) rewrites the root attributes with ``committed_steps + 1``. Readers
-trust only ``committed_steps``, so a step is visible once all its arrays are written. Every key is
-replaced atomically on local filesystems (zarr's LocalStore writes a temporary file and renames
-it) and by object stores, so ``kill -9`` at any moment leaves the committed steps intact.
-Reopening for writing shrinks the per-step arrays back to ``committed_steps`` (dropping the
-uncommitted leftovers) and deletes temporary files of interrupted writes.
+every array and its digests (``step_crc32``), and only then (3) replaces the root ``zarr.json`` in
+one atomic write holding ``committed_steps + 1``, ``last_step`` and the consolidated metadata of
+every array *at its committed length*. Readers see the store through that root document only, so a
+reader opening at any moment, gradstore or plain ``xarray.open_zarr``, sees whole committed steps
+and every array the same length. ``kill -9`` at any moment leaves at most one uncommitted step
+behind; reopening for writing removes it (and ``*.partial`` files of interrupted writes) and
+refuses, changing nothing, any store a crash cannot have produced.
+
+One writer at a time: a local store is locked for the writer's lifetime (:mod:`._lock`).
 
 The writer takes plain numpy arrays; it never imports torch.
 """
@@ -17,32 +20,44 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import zarr
 import zarr.errors
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 import gradstore
 from gradstore.errors import StoreError
 from gradstore.store import _location
-from gradstore.store._root import CREATING, check_arrays, layout_from_store, open_root
-from gradstore.store.schema import AUX_COORDS, COMMITTED, SAMPLES, SCHEMA_VERSION, RunLayout, array_specs, static_shape
+from gradstore.store._integrity import DIGEST, DIGESTED, crc32_of, damage_message
+from gradstore.store._lock import WriterLock, holder
+from gradstore.store._root import (CREATING, _short, check_arrays, check_steps, layout_from_store,
+                                   missing_chunks, open_root)
+from gradstore.store.schema import (AUX_COORDS, COMMITTED, SAMPLES, SCHEMA_VERSION, RunLayout, array_specs,
+                                    digested_arrays, every_array_name, static_shape)
 
 #: arrays checked for NaN/inf to set the per-step ``nonfinite`` flag
 _GRADIENT_STATS = ("m", "norm_sq_of_sum", "sum_of_norm_sq", "sq_norm", "dot_with_sum",
                    "grad_coords", "grad_proj", "gram")
 _SCALARS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc")
+#: zarr runtime option: write every chunk, even one of fill values, so a missing chunk is damage
+_ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
-def _compressors(kind: str):
+def _compressors(kind: str, checksums: bool):
+    out = []
     if kind == "zstd":
-        return [ZstdCodec(level=1)]
-    if kind == "blosc":
-        return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")]
-    return None
+        out.append(ZstdCodec(level=1))
+    elif kind == "blosc":
+        out.append(BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"))
+    if checksums:
+        out.append(Crc32cCodec())
+    return out or None
 
 
 def code_version() -> str:
@@ -60,13 +75,26 @@ def code_version() -> str:
 
 def _json_attr(name: str, value):
     try:
-        return json.loads(json.dumps(value))
+        return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise StoreError(f"{name} must be JSON-serialisable (dicts, lists, str, numbers): {exc}") from exc
+        raise StoreError(f"{name} must be JSON-serialisable (dicts, lists, str, finite numbers): {exc}") from exc
+
+
+def _metadata_document(arr: zarr.Array) -> dict:
+    """The JSON document of an array's ``zarr.json`` (as zarr itself encodes it)."""
+    return json.loads(arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
+
+
+def _put(store, key: str, document: dict) -> None:
+    """Replace ``key`` with a JSON document in one write (atomic on local disks and object stores)."""
+    data = json.dumps(document, indent=2, allow_nan=False).encode()
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
 
 class RunWriter:
     """Appends captured steps to one run store; create it with :func:`create_run`.
+
+    Holds the store's writer lock (local stores) until :meth:`close`; use it as a context manager.
 
     Attributes
     ----------
@@ -78,15 +106,20 @@ class RunWriter:
         Training step number of the last committed step.
     """
 
-    def __init__(self, group: zarr.Group, layout: RunLayout, name: str):
-        self._group = group
+    def __init__(self, store, group: zarr.Group, layout: RunLayout, name: str, attrs: dict,
+                 lock: WriterLock | None):
+        self._store = store
         self.layout = layout
         self.name = name
+        self._lock = lock
         self._specs = array_specs(layout)
-        self._arrays = {k: group[k] for k in self._specs}
-        attrs = group.attrs.asdict()
+        self._arrays = {k: group[k].with_config(_ARRAY_CONFIG) for k in self._specs}
+        self._documents = {k: _metadata_document(a) for k, a in self._arrays.items()}
+        self._digested = digested_arrays(layout) if layout.checksums else ()
+        self._attrs = {**attrs, "writer": holder()}
         self.committed = int(attrs[COMMITTED])
         self.last_step = attrs.get("last_step")
+        self._commit(self.committed, self.last_step)  # records this writer; changes no data
 
     # ------------------------------------------------------------------ appending
     def append_step(self, step: int, *, loss, correct, sq_norm, dot_with_sum, m, norm_sq_of_sum,
@@ -98,7 +131,7 @@ class RunWriter:
         Parameters
         ----------
         step : int
-            Training step number; larger than every committed step.
+            Training step number (an integer >= 0); larger than every committed step.
         loss, correct : array, dims (example,)
             Per-example loss and whether the prediction equals the training label.
         sq_norm, dot_with_sum : array, dims (example, layer)
@@ -116,6 +149,10 @@ class RunWriter:
         int
             Number of committed steps after this one.
         """
+        if self._store is None:
+            raise StoreError(f"the writer of {self.name!r} is closed; open the run again to append")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise StoreError(f"step must be an integer >= 0 (the training step number), got {step!r}")
         step = int(step)
         if self.last_step is not None and step <= self.last_step:
             raise StoreError(f"step {step} is not after the last committed step {self.last_step} of "
@@ -135,13 +172,19 @@ class RunWriter:
                 raise StoreError(f"{key} is required: the run {self.name!r} records it")
             values[key] = self._cast(key, value)
         values["nonfinite"] = np.bool_(any(not np.isfinite(values[k]).all() for k in _GRADIENT_STATS if k in values))
+        if self._digested:
+            values[DIGEST] = np.array([crc32_of(values[k], self._specs[k].dtype) for k in self._digested],
+                                      dtype=np.uint32)
         self._write(values, step)
         return self.committed
 
     def _cast(self, key: str, value) -> np.ndarray:
         spec = self._specs[key]
         want = static_shape(spec, self.layout)[1:]
-        arr = np.asarray(value)
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{key} must be a numeric array of shape {want}: {exc}") from None
         if arr.shape != want:
             raise StoreError(f"{key} has shape {arr.shape}; this run needs {want} for dims {spec.dims[1:]}")
         if spec.dtype == "bool":
@@ -154,19 +197,36 @@ class RunWriter:
 
     def _write(self, values: dict, step: int) -> None:
         index = self.committed
+        # (1) grow, in schema order; readers keep seeing the committed length (root document)
         for key, spec in self._specs.items():
             if spec.per_step:
                 arr = self._arrays[key]
                 if arr.shape[0] != index + 1:
-                    arr.resize((index + 1,) + tuple(arr.shape[1:]))
+                    self._arrays[key] = arr = arr.resize((index + 1,) + tuple(arr.shape[1:])) or arr
+        # (2) every slot of the step
         for key, value in values.items():
             self._arrays[key][index] = value
-        # the commit: one atomic rewrite of the root metadata, after every array is written
-        self._group.attrs.update({COMMITTED: index + 1, "last_step": step})
-        self.committed, self.last_step = index + 1, step
+        # (3) the commit: one atomic replace of the root zarr.json
+        self._commit(index + 1, step)
+
+    def _commit(self, committed: int, last_step) -> None:
+        """Replace the root ``zarr.json``: attributes and every array's metadata at ``committed`` steps."""
+        members = {}
+        for key, doc in self._documents.items():
+            if self._specs[key].per_step:
+                doc = {**doc, "shape": [committed] + list(doc["shape"][1:])}
+            members[key] = doc
+        self._attrs.update({COMMITTED: committed, "last_step": last_step})
+        _put(self._store, "zarr.json", {
+            "zarr_format": 3, "node_type": "group", "attributes": self._attrs,
+            "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": members}})
+        self.committed, self.last_step = committed, last_step
 
     def close(self) -> None:
-        """Nothing is buffered; provided so the writer can be used as a context manager."""
+        """Release the store's writer lock; nothing is buffered (every append is committed)."""
+        if self._lock is not None:
+            self._lock.release()
+        self._store = None
 
     def __enter__(self):
         return self
@@ -192,8 +252,9 @@ def create_run(target, layout: RunLayout, *, config: dict | None = None, seeds: 
     code : str, optional
         Code version; default ``gradstore <version> (git <commit>)``.
     overwrite : bool
-        Replace an existing run (or empty directory) at ``target``. Never deletes a directory
-        that is not a zarr store.
+        Replace an existing run at ``target``. Deletes only what a run store owns (its root
+        ``zarr.json`` and the schema's arrays); refuses, deleting nothing, when ``target`` holds
+        anything else.
     resume : bool
         If a run exists and ``overwrite`` is false, reopen it to append (it must match ``layout``);
         if false, an existing run is an error.
@@ -201,40 +262,72 @@ def create_run(target, layout: RunLayout, *, config: dict | None = None, seeds: 
     Raises
     ------
     StoreError
-        If ``target`` holds something else, or a run that does not match ``layout``.
+        If ``target`` holds something else, a run that does not match ``layout`` or is damaged, or
+        another writer holds it.
     """
+    if not isinstance(layout, RunLayout):
+        raise StoreError(f"layout must be a gradstore.store.RunLayout, got {type(layout).__name__}")
     name = _location.describe(target)
     store = _location.open_store(target, read_only=False, storage_options=storage_options)
-    state = _existing(store, target)
-    if state == "run" and not overwrite:
-        if not resume:
-            raise StoreError(f"a run already exists at {name!r}; pass overwrite=True to replace it or "
-                             f"resume=True to append to it")
-        return _resume(store, target, layout, name)
+    path = _location.local_path(target) if not isinstance(target, zarr.abc.store.Store) else None
+    _refuse_existing(_existing(store, path), name, overwrite=overwrite, resume=resume)
+    lock = None
+    if path is not None:
+        lock = WriterLock(path, name, recorded=lambda: _recorded_writer(store))
+    try:
+        state = _existing(store, path)  # again, under the lock
+        _refuse_existing(state, name, overwrite=overwrite, resume=resume)
+        if state == "run" and not overwrite:
+            return _resume(store, path, layout, name, lock)
+        if state != "none":
+            _remove_owned(store, name)
+        return _create(store, layout, name, config=config, seeds=seeds, code=code, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _refuse_existing(state: str, name: str, *, overwrite: bool, resume: bool) -> None:
+    if state == "run" and not overwrite and not resume:
+        raise StoreError(f"a run already exists at {name!r}; continue it (--resume on the command line, "
+                         f"resume=True in Python) or write to another path")
     if state == "foreign" and not overwrite:
         raise StoreError(f"{name!r} already holds a zarr store that is not a gradstore run; choose another path")
+    if state == "damaged":
+        raise StoreError(f"{name!r} has a damaged root zarr.json; nothing was changed: repair or move it, "
+                         f"or write to another path")
     if state == "other":
         raise StoreError(f"{name!r} exists and is not a zarr store; refusing to overwrite it, choose another path")
-    return _create(store, layout, name, config=config, seeds=seeds, code=code)
 
 
-def _existing(store, target) -> str:
-    """``"none"`` (nothing or empty dir), ``"run"``, ``"creating"`` (interrupted creation),
-    ``"foreign"`` (another zarr node) or ``"other"`` (non-zarr files)."""
-    path = _location.local_path(target) if not isinstance(target, zarr.abc.store.Store) else None
+def _recorded_writer(store):
+    try:
+        return zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=False).attrs.get("writer")
+    except Exception:  # whatever the root holds, the lock message just has no name then
+        return None
+
+
+def _existing(store, path: Path | None) -> str:
+    """``"none"`` (nothing or an empty dir), ``"run"``, ``"creating"`` (interrupted creation),
+    ``"foreign"`` (another zarr node), ``"damaged"`` (unreadable root) or ``"other"`` (non-zarr files)."""
     if path is not None:
-        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        if path.exists() and not path.is_dir():
+            return "other"
+        if not path.exists() or not any(p for p in path.iterdir() if not p.name.endswith(".partial")):
             return "none"
         if not (path / "zarr.json").is_file():
             return "other"
     try:
-        group = zarr.open_group(store, mode="r", zarr_format=3)
+        group = zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=False)
     except FileNotFoundError:
         return "none"
     except zarr.errors.NodeNotFoundError:
         return "none" if path is None else "other"
-    except Exception:  # an array, or damaged metadata: not ours to delete without overwrite
+    except zarr.errors.ContainsArrayError:
         return "foreign"
+    except Exception:  # damaged metadata: not ours to delete
+        return "damaged"
     attrs = group.attrs.asdict()
     if "gradstore_schema" in attrs:
         return "run"
@@ -243,37 +336,67 @@ def _existing(store, target) -> str:
     return "foreign"
 
 
-def _create(store, layout: RunLayout, name: str, *, config, seeds, code) -> RunWriter:
+def _remove_owned(store, name: str) -> None:
+    """Delete what a run store owns (root ``zarr.json``, the schema's arrays, ``*.partial`` files).
+
+    Refuses, deleting nothing, if the store holds any other entry. The root is first replaced by a
+    "creating" marker, so an interrupted removal leaves a store the next writer recreates.
+    """
+    async def entries():
+        return [k async for k in store.list_dir("")]
+
+    owned = every_array_name() | {"zarr.json"}
+    found = sync(entries())
+    foreign = sorted(k for k in found if k not in owned and not k.endswith(".partial"))
+    if foreign:
+        raise StoreError(f"{name!r} holds entries that are not part of a gradstore run ({', '.join(foreign[:5])}); "
+                         f"nothing was deleted: move them away or write to another path")
+    _put(store, "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {CREATING: True}})
+    for key in found:
+        if key in every_array_name():
+            sync(store.delete_dir(key))
+        elif key.endswith(".partial"):
+            sync(store.delete(key))
+
+
+def _create(store, layout: RunLayout, name: str, *, config, seeds, code, lock) -> RunWriter:
     config = _json_attr("config", config or {})
     seeds = _json_attr("seeds", seeds or {})
-    group = zarr.open_group(store, mode="w", zarr_format=3, attributes={CREATING: True})
-    compressors = _compressors(layout.compression)
+    _put(store, "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {CREATING: True}})
+    group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
+    compressors = _compressors(layout.compression, layout.checksums)
     specs = array_specs(layout)
+    arrays = {}
     for key, spec in specs.items():
         dtype = str if spec.dtype == "str" else spec.dtype
         fill = math.nan if spec.dtype.startswith("float") else None
-        group.create_array(key, shape=static_shape(spec, layout), dtype=dtype, chunks=spec.chunks,
-                           shards=spec.shards, dimension_names=list(spec.dims),
-                           compressors=compressors, fill_value=fill)
+        arrays[key] = group.create_array(key, shape=static_shape(spec, layout), dtype=dtype, chunks=spec.chunks,
+                                         shards=spec.shards, dimension_names=list(spec.dims),
+                                         compressors=compressors, fill_value=fill, config=_ARRAY_CONFIG)
     n = layout.n_example
-    group["example"][...] = layout.example_ids
-    group["layer"][...] = np.array(layout.layers, dtype=object)
-    group["sample"][...] = np.array(SAMPLES, dtype=object)
-    group["true_label"][...] = layout.true_label
-    group["train_label"][...] = layout.train_label
-    group["corrupt"][...] = (layout.true_label != layout.train_label) & (layout.true_label >= 0)
-    group["split"][...] = np.array(["train"] * layout.n_train + ["test"] * (n - layout.n_train), dtype=object)
+    static = {
+        "example": layout.example_ids,
+        "layer": np.array(layout.layers, dtype=object),
+        "sample": np.array(SAMPLES, dtype=object),
+        "true_label": layout.true_label,
+        "train_label": layout.train_label,
+        "corrupt": (layout.true_label != layout.train_label) & (layout.true_label >= 0),
+        "split": np.array(["train"] * layout.n_train + ["test"] * (n - layout.n_train), dtype=object),
+    }
     if layout.n_coord:
-        group["coord"][...] = np.arange(layout.n_coord, dtype=np.int64)
-        group["coord_layer"][...] = np.array(layout.coord_layer, dtype=object)
-        group["coord_param"][...] = np.array(layout.coord_param, dtype=object)
-        group["coord_index"][...] = layout.coord_index
+        static.update(coord=np.arange(layout.n_coord, dtype=np.int64),
+                      coord_layer=np.array(layout.coord_layer, dtype=object),
+                      coord_param=np.array(layout.coord_param, dtype=object), coord_index=layout.coord_index)
     if layout.n_proj:
-        group["proj"][...] = np.arange(layout.n_proj, dtype=np.int64)
+        static["proj"] = np.arange(layout.n_proj, dtype=np.int64)
     if layout.gram:
-        group["example_"][...] = layout.example_ids
+        static["example_"] = layout.example_ids
+    if layout.checksums:
+        static[DIGESTED] = np.array(digested_arrays(layout), dtype=object)
+    for key, value in static.items():
+        arrays[key][...] = value
     present = [c for c in AUX_COORDS if c in specs]
-    group.attrs.put({
+    attrs = {
         "gradstore_schema": SCHEMA_VERSION,
         "gradstore_version": gradstore.__version__,
         "code_version": code or code_version(),
@@ -283,32 +406,44 @@ def _create(store, layout: RunLayout, name: str, *, config, seeds, code) -> RunW
         "projection_seed": layout.projection_seed,
         "storage": layout.storage_description(),
         "coordinates": " ".join(present),
+        "static_crc32": ({k: crc32_of(v, specs[k].dtype) for k, v in static.items()} if layout.checksums else {}),
         COMMITTED: 0,
         "last_step": None,
-    })
-    return RunWriter(group, layout, name)
+    }
+    return RunWriter(store, group, layout, name, attrs, lock)
 
 
-def _resume(store, target, layout: RunLayout, name: str) -> RunWriter:
+def _resume(store, path: Path | None, layout: RunLayout, name: str, lock) -> RunWriter:
+    """Reopen a run to append: check it is what a crash can leave, then drop the uncommitted step."""
     group, attrs = open_root(store, name, writable=True)
     stored = layout_from_store(group, attrs, name)
     _check_match(stored, layout, name)
     committed = attrs[COMMITTED]
-    check_arrays(group, stored, committed, name)
-    path = _location.local_path(target) if not isinstance(target, zarr.abc.store.Store) else None
+    arrays = check_arrays(group, stored, committed, name, uncommitted=1)
+    steps = check_steps(arrays, attrs, committed, name)
+    problems = missing_chunks(store, stored, arrays, committed, steps)
+    if problems:
+        raise StoreError(damage_message(name, problems, skip_hint=False) + "; nothing was changed")
+    if committed and stored.checksums:
+        from gradstore.store.verify import check_step
+
+        problems = check_step(arrays, stored, attrs, committed - 1, steps)
+        if problems:
+            raise StoreError(damage_message(name, problems, skip_hint=False) + "; nothing was changed")
     if path is not None:
         _location.remove_partial_files(path)
     for key, spec in array_specs(stored).items():
-        arr = group[key]
-        if spec.per_step and arr.shape[0] != committed:
+        arr = arrays[key]
+        if spec.per_step and arr.shape[0] != committed:  # the one uncommitted step
             arr.resize((committed,) + tuple(arr.shape[1:]))
-    return RunWriter(group, stored, name)
+    group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
+    return RunWriter(store, group, stored, name, attrs, lock)
 
 
 def _check_match(stored: RunLayout, new: RunLayout, name: str) -> None:
     def refuse(what: str):
         raise StoreError(f"cannot append to {name!r}: {what} differs from the stored run; write to "
-                         f"another path or pass overwrite=True")
+                         f"another path (or replace the run: overwrite=True in Python)")
 
     if stored.model_description() != new.model_description():
         refuse("the model (parameter names, shapes or layers)")

@@ -17,9 +17,9 @@ from pipelines.cli import main
 
 @pytest.fixture
 def run(tmp_path, layout):
-    writer = create_run(tmp_path / "run.zarr", layout)
-    writer.append_step(0, **step_data(layout, 0))
-    writer.append_step(1, **step_data(layout, 1))
+    with create_run(tmp_path / "run.zarr", layout) as writer:
+        writer.append_step(0, **step_data(layout, 0))
+        writer.append_step(1, **step_data(layout, 1))
     return tmp_path / "run.zarr"
 
 
@@ -54,8 +54,8 @@ def test_zarr_array_at_root(tmp_path):
 
 
 def test_unknown_schema_version(run):
-    _edit_root(run, gradstore_schema=2)
-    with pytest.raises(StoreError, match="schema 2; this gradstore reads schema 1 only"):
+    _edit_root(run, gradstore_schema=3)
+    with pytest.raises(StoreError, match="schema 3; this gradstore reads schema 2 only"):
         open_run(run)
 
 
@@ -74,7 +74,7 @@ def test_bad_commit_counter(run):
 
 def test_counter_beyond_written_steps(run):
     _edit_root(run, committed_steps=5)
-    with pytest.raises(StoreError, match=r"damaged: array .* has shape \(2,.*at least 5 steps"):
+    with pytest.raises(StoreError, match=r"damaged: array .* holds 2 steps but the commit record says 5"):
         open_run(run)
 
 
@@ -99,7 +99,8 @@ def test_damaged_chunk_found_by_verify(run, capsys):
         main(["inspect", "--verify", str(run)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("gradstore: error: ") and "is damaged: reading its data failed" in err[0]
+    assert len(err) == 1 and err[0].startswith("gradstore: error: ") and "is damaged: array 'grad_coords'" in err[0]
+    assert "unreadable" in err[0] and "step 0" in err[0]
 
 
 def test_inspect_summary(run, capsys):
@@ -109,7 +110,7 @@ def test_inspect_summary(run, capsys):
     assert "examples   10: 7 train (1 corrupt), 3 test" in out
     assert "layers     2: fc1, fc2" in out
     assert "recorded   coords 5, projection dim 4 (seed 11), gram yes" in out
-    assert "schema     1" in out and "disk " in out
+    assert "schema     2" in out and "disk " in out
 
 
 def test_inspect_exit_2_one_line(tmp_path):

@@ -51,7 +51,7 @@ def test_round_trip_every_array(tmp_path, layout):
     assert ds.grad_proj.dims == ("step", "example", "layer", "proj")
     assert ds.gram.dims == ("step", "layer", "example", "example_")
     np.testing.assert_array_equal(ds.example_.values, layout.example_ids)
-    assert ds.attrs["gradstore_schema"] == 1
+    assert ds.attrs["gradstore_schema"] == 2
     assert ds.attrs["config"] == {"lr": 0.1, "model": "tiny"}
     assert ds.attrs["seeds"] == {"train": 0}
     assert ds.attrs["projection_seed"] == 11
@@ -163,7 +163,7 @@ def test_mismatched_append_is_refused(tmp_path, layout, changes, what):
 
 def test_existing_run_is_kept_unless_overwrite(tmp_path, layout):
     write_steps(tmp_path / "run.zarr", layout, steps=(0,))
-    with pytest.raises(StoreError, match="already exists.*overwrite=True"):
+    with pytest.raises(StoreError, match="already exists.*--resume"):
         create_run(tmp_path / "run.zarr", layout, resume=False)
     check_run(open_run(tmp_path / "run.zarr"), layout, steps=(0,))
     create_run(tmp_path / "run.zarr", small_layout(gram=False), overwrite=True)
