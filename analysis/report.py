@@ -13,27 +13,45 @@ import xarray as xr
 
 from analysis import hardness, losssplit, minibatch, nulls, pairwise, sources
 from analysis.coherence import coherence
-from gradstore.errors import StoreError
+from gradstore.errors import AnalysisError, StoreError
 
 METRICS = ("coherence", "stiffness", "confusion", "loss_split", "easy_hard", "minibatch")
 
 
 def open_store(path) -> xr.Dataset:
-    """Open a run store lazily; :class:`StoreError` (one line) if it is missing or not a run.
+    """Open a run store lazily; one-line errors if it is missing, not a run or has nothing to analyse.
 
     ``path`` is a local directory or an fsspec URL (``s3://...``), passed on to
     :func:`gradstore.store.open_run`.
+
+    Raises
+    ------
+    StoreError
+        If ``path`` is missing, a file, or not a gradstore run.
+    AnalysisError
+        If the run has no committed step (a run stopped before its first capture) or no examples.
     """
     from gradstore.store import open_run
 
-    if "://" in str(path):
-        return open_run(str(path))
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"no run store at {str(path)!r}; give the directory a capture run wrote")
-    if not path.is_dir():
-        raise StoreError(f"{str(path)!r} is a file, not a run store directory; give the run's directory")
-    return open_run(str(path))
+    if "://" not in str(path):
+        local = Path(path)
+        if not local.exists():
+            raise StoreError(f"no run store at {str(local)!r}; give the directory a capture run wrote")
+        if not local.is_dir():
+            raise StoreError(f"{str(local)!r} is a file, not a run store directory; give the run's directory")
+    ds = open_run(str(path))
+    check_not_empty(ds, str(path))
+    return ds
+
+
+def check_not_empty(ds: xr.Dataset, name: str) -> None:
+    """:class:`AnalysisError` if run ``name`` has no committed step or no tracked example."""
+    if ds.sizes.get("step", 0) == 0:
+        raise AnalysisError(f"run store {name!r} has no committed steps (the run stopped before its first "
+                            "capture); there is nothing to analyse: continue the run with --resume or rerun it")
+    if ds.sizes.get("example", 0) == 0:
+        raise AnalysisError(f"run store {name!r} tracks no examples, so there is nothing to analyse; "
+                            "record a run with a tracked sample (tracked_train >= 2)")
 
 
 def pairwise_source(ds: xr.Dataset) -> str | None:
@@ -45,11 +63,22 @@ def pairwise_source(ds: xr.Dataset) -> str | None:
 
 
 def check_metrics(metrics) -> tuple[str, ...]:
-    """Validate metric names; :class:`StoreError` naming the unknown ones."""
-    unknown = [m for m in metrics if m not in METRICS]
+    """Validate metric names (each once, in the order given).
+
+    Raises
+    ------
+    StoreError
+        Naming the unknown ones (kept for callers that catch it).
+    AnalysisError
+        If no metric is asked for: there would be nothing to compute.
+    """
+    metrics = list(metrics)
+    unknown = [str(m) for m in metrics if m not in METRICS]
     if unknown:
         raise StoreError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
-    return tuple(metrics)
+    if not metrics:
+        raise AnalysisError(f"no metric asked for, so there is nothing to compute; choose from {', '.join(METRICS)}")
+    return tuple(dict.fromkeys(metrics))
 
 
 def _with_prefix(ds: xr.Dataset, prefix: str) -> xr.Dataset:

@@ -100,9 +100,15 @@ def _child(args: list[str]) -> dict:
 
 def run(*, examples: int, coords: int, base_steps: int, factors=(1, 4, 8), nulls: int = 1000,
         null_steps: int = 100, null_coords: int = 4096, workdir: str | None = None, echo=print) -> dict:
-    """Write the synthetic stores, time every case in a subprocess; return the rows."""
-    from analysis.synthetic import write_synthetic_store
+    """Write the synthetic stores, time every case in a subprocess; return the rows.
 
+    ``workdir`` (an existing folder) holds the temporary stores; :class:`GradstoreError` if it is missing.
+    """
+    from analysis.synthetic import write_synthetic_store
+    from gradstore.errors import GradstoreError
+
+    if workdir is not None and not Path(workdir).is_dir():
+        raise GradstoreError(f"--workdir {workdir} is not an existing folder; create it or choose another")
     rows: dict = {"scale": [], "nulls": []}
     with tempfile.TemporaryDirectory(prefix="gradstore-bench-analysis-", dir=workdir) as tmp:
         for factor in factors:

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from analysis.report import METRICS
+from gradstore.errors import AnalysisError
+from pipelines.cli.options import NonEmptyPath, SchedulerAddress, check_out
+from pipelines.experiments.schema import MAX_NULLS, MAX_SEED
+
+#: seconds to wait for a --scheduler to answer
+CONNECT_TIMEOUT = 5
 
 
 @click.command()
 @click.argument("store")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=NonEmptyPath(path_type=Path), default=None,
               help="New directory for results.zarr, CSV tables and PNG plots [default: STORE.analysis].")
 @click.option("--metrics", default=",".join(METRICS), show_default=True,
               help=f"Comma-separated metrics to compute, from: {', '.join(METRICS)}.")
-@click.option("--nulls", type=click.IntRange(min=0), default=1000, show_default=True,
+@click.option("--nulls", type=click.IntRange(0, MAX_NULLS), default=1000, show_default=True,
               help="Permutations per permutation test (0: no nulls).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of permutations and minibatch draws.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of permutations and minibatch draws.")
 @click.option("--snapshot", type=int, default=None, help="Step splitting easy from hard [default: middle step].")
 @click.option("--pairwise-source", type=click.Choice(["exact", "coords", "proj"]), default=None,
               help="Source of pairwise products for stiffness/confusion/easy-hard/minibatch "
                    "[default: gram if stored, else grad_coords, else grad_proj].")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
+@click.option("--scheduler", type=SchedulerAddress(), default=None, metavar="ADDRESS",
               help="dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads.")
 @click.option("--steps-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Steps computed together; peak memory grows with it, not with the run's length.")
@@ -34,8 +42,11 @@ def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, s
     from analysis.report import analyze as build, check_metrics, open_store
 
     chosen = check_metrics([m.strip() for m in metrics.split(",") if m.strip()])
-    out = prepare_out(out if out is not None else _default_out(store))
-    ds = open_store(store)
+    out = out if out is not None else _default_out(store)
+    check_out(out)
+    out = prepare_out(out)
+    ds = open_store(store)  # refuses a store with no committed step or no example
+    check_null_memory(nulls, ds.sizes["example"])
     lazy = build(ds, metrics=chosen, n_permutations=nulls, seed=seed, snapshot=snapshot,
                  pair_source=pairwise_source)
     click.echo(f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
@@ -64,7 +75,34 @@ def _compute(lazy, scheduler: str | None, steps_per_batch: int = 8):
 
     if scheduler is None:
         return compute_by_steps(lazy, steps_per_batch=steps_per_batch, progress=bar)
+    with connect(scheduler):  # the default scheduler while open: every .compute() runs on the cluster
+        return compute_by_steps(lazy, steps_per_batch=steps_per_batch, progress=bar)
+
+
+def connect(address: str, timeout: float = CONNECT_TIMEOUT):
+    """A ``distributed.Client`` of the scheduler at ``address``; :class:`AnalysisError` if it does not answer."""
     from distributed import Client
 
-    with Client(scheduler):  # the default scheduler while open: every .compute() runs on the cluster
-        return compute_by_steps(lazy, steps_per_batch=steps_per_batch, progress=bar)
+    try:
+        return Client(address, timeout=timeout)
+    except (OSError, ValueError, MemoryError) as exc:  # MemoryError: a peer that is not a Dask scheduler
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AnalysisError(f"cannot connect to a Dask scheduler at {address} within {timeout:g} s ({reason}); "
+                            "start one (`dask scheduler`) or fix --scheduler") from None
+
+
+def check_null_memory(nulls: int, examples: int) -> None:
+    """Refuse ``--nulls`` whose permutation masks (nulls x examples float64) would not fit in memory."""
+    need = 8 * nulls * examples * 2  # the masks and numpy's permuted copy
+    total = _physical_memory()
+    if total and need > total // 2:
+        raise AnalysisError(f"--nulls {nulls} needs about {need / 2**30:.1f} GiB for the permutation masks of "
+                            f"{examples} examples, more than half of this machine's {total / 2**30:.0f} GiB; "
+                            "use fewer --nulls")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not on this platform
+        return None

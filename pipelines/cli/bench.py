@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from pipelines.cli.options import data_dir_option, device_option
+from pipelines.cli.options import NonEmptyPath, check_device, check_out, data_dir_option, device_option
 
 
 @click.group()
@@ -35,6 +35,7 @@ def capture(m: int, repeats: int, gram_m: int, vmap_m: int, gram_small: int, thr
 
     import torch
 
+    check_device(device)
     click.echo(f"gradstore bench capture: m={m}, device={device}, repeats={repeats}, torch threads="
                f"{threads or torch.get_num_threads()} (each case in its own process)")
     rows = run(m=m, device=device, repeats=repeats, data_dir=data_dir, vmap_m=min(vmap_m, m), gram_m=gram_m,
@@ -58,6 +59,7 @@ def store(examples: int, coords: int, steps: int, repeats: int, data_dir: str | 
     """Run-store write throughput (MB/s) and the cost of writing relative to capture."""
     from pipelines.bench.store import markdown, run
 
+    check_device(device)
     click.echo(f"gradstore bench store: examples={examples}, coords={coords}, device={device}")
     rows = run(examples=examples, coords=coords, steps=steps, repeats=repeats, device=device, data_dir=data_dir,
                echo=click.echo)
@@ -76,13 +78,15 @@ def store(examples: int, coords: int, steps: int, repeats: int, data_dir: str | 
               help="Steps of the permutation-null case.")
 @click.option("--null-coords", type=click.IntRange(min=2), default=4096, show_default=True,
               help="Coordinates of the permutation-null case from grad_coords.")
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where the temporary stores go [default: the system temporary folder].")
+@click.option("--workdir", type=NonEmptyPath(exists=True, file_okay=False), default=None,
+              help="Existing folder where the temporary stores go [default: the system temporary folder].")
 def analysis(examples: int, coords: int, base_steps: int, nulls: int, null_steps: int, null_coords: int,
              workdir: str | None) -> None:
     """Analysis wall time and peak memory on 1x/4x/8x stores; permutation-null speed."""
     from pipelines.bench.analysis import markdown, run
 
+    if workdir is not None:
+        check_out(workdir, "--workdir")
     kw = dict(examples=examples, coords=coords, base_steps=base_steps, nulls=nulls, null_steps=null_steps,
               null_coords=null_coords)
     click.echo(f"gradstore bench analysis: {kw}")

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import click
 
-from pipelines.cli.options import data_dir_option, device_option
+from pipelines.cli.options import NonEmptyPath, check_device, check_out, config_option, data_dir_option, device_option
 
 
 @click.command()
-@click.option("--out", type=click.Path(file_okay=False), default=None,
+@click.option("--out", type=NonEmptyPath(file_okay=False), default=None,
               help="Results folder (default: runs/demo-<date>-<time>).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="TOML file overriding settings of pipelines/configs/demo.toml.")
+@config_option("TOML file overriding settings of pipelines/configs/demo.toml.")
 @click.option("--quick", is_flag=True, help="An even smaller run (under a minute), for smoke tests.")
 @data_dir_option
 @device_option
@@ -30,8 +29,11 @@ def demo(out, config_path, quick, data_dir, device, no_progress):
     from pipelines.experiments.config import load_config
     from pipelines.experiments.label_noise import run
 
-    config = load_config("demo", quick=quick, path=config_path)
-    out_dir = prepare_out(Path(out or time.strftime("runs/demo-%Y%m%d-%H%M%S")), resume=False)
+    config = load_config("demo", quick=quick, path=config_path)  # every setting checked before any work
+    check_device(device)
+    out = Path(out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
+    check_out(out)
+    out_dir = prepare_out(out, resume=False)
     ctx = Context(out=out_dir, data_dir=data_dir, device=device, quick=quick, progress=not no_progress)
     started = time.perf_counter()
     report = run(config, ctx, title="gradstore demo: label noise and gradient coherence")

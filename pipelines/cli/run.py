@@ -6,17 +6,16 @@ from pathlib import Path
 
 import click
 
-from pipelines.cli.options import data_dir_option, device_option
+from pipelines.cli.options import NonEmptyPath, check_device, check_out, config_option, data_dir_option, device_option
 from pipelines.experiments import EXPERIMENTS
 
 
 @click.command()
 @click.argument("name", type=click.Choice(sorted(EXPERIMENTS)))
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="TOML file overriding the experiment's defaults (the paper's settings).")
+@config_option("TOML file overriding the experiment's defaults (the paper's settings).")
 @data_dir_option
 @device_option
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Results folder (default runs/NAME).")
+@click.option("--out", type=NonEmptyPath(file_okay=False), default=None, help="Results folder (default runs/NAME).")
 @click.option("--quick", is_flag=True, help="A few-minutes variant on 2 CPU cores.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint and committed store step.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -31,8 +30,11 @@ def run(name, config_path, data_dir, device, out, quick, resume, no_progress, np
     from pipelines.experiments.common import Context, prepare_out
     from pipelines.experiments.config import load_config
 
-    config = load_config(name, quick=quick, path=config_path)
-    out_dir = prepare_out(Path(out or f"runs/{name}{'-quick' if quick else ''}"), resume=resume)
+    config = load_config(name, quick=quick, path=config_path)  # every setting checked before any work
+    check_device(device)
+    out = Path(out or f"runs/{name}{'-quick' if quick else ''}")
+    check_out(out)
+    out_dir = prepare_out(out, resume=resume)
     ctx = Context(out=out_dir, data_dir=data_dir, device=device, resume=resume, quick=quick, progress=not no_progress,
                   autocast=autocast)
     with capture_workers(nproc, device):
