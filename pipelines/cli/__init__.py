@@ -76,13 +76,14 @@ def main(argv: list[str] | None = None) -> None:
 
 #: Python argument names in library messages -> what a command-line user does instead
 _CLI_WORDS = (
+    (re.compile(r", \w+=\w+ in Python\)"), ")"),  # "(--resume on the command line, resume=True in Python)"
+    (re.compile(r"\s*\([^()]*\b\w+=\w+ in Python\)"), ""),  # "(or replace the run: overwrite=True in Python)"
     (re.compile(r"pass overwrite=True to replace it or resume=True to append to it"),
      "choose another --out, or pass --resume to continue that run"),
-    (re.compile(r"write to another path or pass overwrite=True"),
-     "choose another --out (a run continued with --resume must keep its settings)"),
+    (re.compile(r"write to another path or pass overwrite=True"), "choose another --out"),
     (re.compile(r"pass overwrite=True"), "choose another --out"),
+    (re.compile(r"write to another path"), "choose another --out"),
     (re.compile(r"\bresume=True\b"), "--resume"),
-    (re.compile(r"\bresume=False\b"), "no --resume"),
 )
 
 
