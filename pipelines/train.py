@@ -268,10 +268,10 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     """
     import io
 
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
     tmp = path.with_name(path.name + ".tmp")
     try:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
         with open(tmp, "wb") as fh:
             fh.write(buffer.getbuffer())
             fh.flush()
