@@ -1,45 +1,51 @@
 """Local multi-process capture: ``gradstore run NAME --nproc N``.
 
-:func:`capture_workers` makes this process rank 0 of a gloo process group on 127.0.0.1 and spawns
-N-1 capture workers (``torch.multiprocessing``, spawn start method; each imports torch once). Inside
-the block, :func:`gradstore.store.distributed.make_recorder` returns a
+:func:`capture_workers` makes this process rank 0 of a gloo process group on this machine and
+spawns N-1 capture workers (``torch.multiprocessing``, spawn start method; each imports torch once).
+Inside the block, :func:`gradstore.store.distributed.make_recorder` returns a
 :class:`~gradstore.store.distributed.DistributedRecorder`, so every capture is sharded over the N
 processes while training runs once, on rank 0 (see ``docs/scaling.md``).
+
+What other local users can reach: the rendezvous is a file store in a fresh folder only this user
+can open (mode 0700, removed afterwards), not a TCP port; gloo's own connections stay on the
+loopback interface; and every message that carries Python objects is authenticated with a random
+per-run secret (HMAC-SHA256, see :mod:`gradstore.store.distributed`) that reaches the workers
+through their spawn arguments, never the network.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import secrets
+import shutil
+import tempfile
 from contextlib import contextmanager
 
 from gradstore.errors import GradstoreError
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _init(rank: int, size: int, port: int) -> None:
+def _init(rank: int, size: int, rendezvous: str, key: bytes) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    from gradstore.store.distributed import set_group_key
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
+    set_group_key(key)
 
 
-def _worker(index: int, size: int, port: int, device: str, threads: int) -> None:
+def _worker(index: int, size: int, rendezvous: str, key: bytes, device: str, threads: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from gradstore.store.distributed import serve
+    from gradstore.store.distributed import serve, set_group_key
 
     if threads:
         torch.set_num_threads(threads)
-    _init(index + 1, size, port)
+    _init(index + 1, size, rendezvous, key)
     try:
         serve(device)
     finally:
+        set_group_key(None)
         dist.destroy_process_group()
 
 
@@ -67,12 +73,14 @@ def capture_workers(nproc: int, device: str = "cpu", threads: int = 0):
     if dist.is_initialized():
         raise GradstoreError("a torch.distributed process group is already initialised in this process; "
                              "capture_workers starts its own")
-    port = _free_port()
+    folder = tempfile.mkdtemp(prefix="gradstore-rendezvous-")  # mode 0700: this user only
+    rendezvous = os.path.join(folder, "store")
+    key = secrets.token_bytes(32)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    context = mp.spawn(_worker, args=(nproc, port, device, threads), nprocs=nproc - 1, join=False)
+    context = mp.spawn(_worker, args=(nproc, rendezvous, key, device, threads), nprocs=nproc - 1, join=False)
     ok = False
     try:
-        _init(0, nproc, port)
+        _init(0, nproc, rendezvous, key)
         yield
         ok = True
     finally:
@@ -92,6 +100,10 @@ def capture_workers(nproc: int, device: str = "cpu", threads: int = 0):
                     process.join(timeout=10)
             if dist.is_initialized():
                 dist.destroy_process_group()
+            from gradstore.store.distributed import set_group_key
+
+            set_group_key(None)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def bench(*, models=("mlp-3x256", "mlp-cg"), sizes=(256, 1024), nprocs=(1, 2), threads: int = 1,

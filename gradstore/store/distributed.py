@@ -11,7 +11,7 @@ Rank 0 runs the training loop and owns the only :class:`~gradstore.store.writer.
 - Σ g over a tracked sample is ``all_reduce``-d in float64 *before* the per-example pass, so
   ``dot_with_sum`` dots with the sum over the whole sample, exactly as one process would;
 - the moments (m, Σ g, Σ ||g||²) are sums and are ``all_reduce``-d in float64;
-- the per-example arrays are gathered to rank 0 (``gather_object``), which writes the step and
+- the per-example arrays are gathered to rank 0 (:func:`gather_messages`), which writes the step and
   commits it. No two processes ever write to the store, so no shard or chunk has two writers and
   the commit counter is written last, by rank 0, as in a single-process run.
 - Gram blocks (``gram=True``) need every pair of examples, so rank 0 computes them over the whole
@@ -19,16 +19,132 @@ Rank 0 runs the training loop and owns the only :class:`~gradstore.store.writer.
 
 Collectives use the default process group; with gloo every tensor that crosses ranks is moved to
 the CPU first, so models may live on CUDA devices (worker rank r uses ``cuda:r % device_count``).
+
+Authentication
+--------------
+Messages that carry Python objects (the ``open``/``capture``/``close``/``exit`` broadcasts and the
+gathered per-example arrays) are pickled here, never by torch.distributed, and sent as one uint8
+tensor: a 32-byte HMAC-SHA256 tag, then the pickle. The tag covers the message's kind, its sender's
+rank and its sequence number (every rank counts the exchanges, so a message cannot be replayed or
+moved) and the pickle; a receiver checks it with :func:`hmac.compare_digest` before it unpickles
+anything, and a bad tag stops that rank with one line. The key is a secret shared by the ranks
+outside the network: :func:`pipelines.distributed.capture_workers` makes one per run
+(``secrets.token_bytes``) and hands it to the workers through their spawn arguments; a process group
+started otherwise calls :func:`set_group_key` on every rank, or sets ``GRADSTORE_GROUP_KEY`` (hex) in
+every rank's environment. The float64 sums are ``all_reduce``-d as plain tensors (numbers, never
+unpickled).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
+import os
+import pickle
+import struct
 from dataclasses import dataclass
 
 import numpy as np
 
 from gradstore.errors import StoreError
+
+KEY_ENV = "GRADSTORE_GROUP_KEY"
+_TAG = hashlib.sha256().digest_size  # 32 bytes
+_auth = {"key": None, "seq": 0}  # this process's group key and count of authenticated exchanges
+
+
+def set_group_key(key: bytes | None) -> None:
+    """Use ``key`` (>= 16 random bytes, the same on every rank) to authenticate this process's messages.
+
+    Call it on every rank before the first message; ``None`` forgets the key. The exchange count
+    restarts at 0, so every rank must set it at the same point (right after the group starts).
+    """
+    if key is not None and (not isinstance(key, bytes) or len(key) < 16):
+        raise StoreError("the group key must be at least 16 random bytes (secrets.token_bytes(32))")
+    _auth.update(key=key, seq=0)
+
+
+def _key() -> bytes:
+    if _auth["key"] is None and os.environ.get(KEY_ENV):
+        try:
+            set_group_key(bytes.fromhex(os.environ[KEY_ENV]))
+        except ValueError as err:
+            raise StoreError(f"{KEY_ENV} must be the hex of at least 16 random bytes; {err}") from None
+    if _auth["key"] is None:
+        raise StoreError("capture messages between ranks need a shared secret: start the workers with "
+                         f"pipelines.distributed.capture_workers, or call set_group_key() (or set {KEY_ENV}) "
+                         "on every rank")
+    return _auth["key"]
+
+
+def _next_seq() -> int:
+    seq = _auth["seq"]
+    _auth["seq"] = seq + 1
+    return seq
+
+
+def _tag(key: bytes, kind: bytes, sender: int, seq: int, payload: bytes) -> bytes:
+    header = kind + struct.pack("<qq", sender, seq)
+    return hmac.new(key, header + payload, hashlib.sha256).digest()
+
+
+def seal(obj, kind: bytes, sender: int, seq: int, key: bytes):
+    """``obj`` pickled here and prefixed with its tag, as a uint8 tensor ready to send."""
+    import torch
+
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    frame = bytearray(_tag(key, kind, sender, seq, payload))
+    frame += payload
+    return torch.frombuffer(frame, dtype=torch.uint8)  # never empty: the tag is 32 bytes
+
+
+def unseal(frame: bytes, kind: bytes, sender: int, seq: int, key: bytes):
+    """The object in ``frame``, unpickled only once its tag checks; a bad tag raises StoreError."""
+    tag, payload = frame[:_TAG], frame[_TAG:]
+    if len(tag) != _TAG or not hmac.compare_digest(tag, _tag(key, kind, sender, seq, payload)):
+        raise StoreError(f"a capture message from rank {sender} failed authentication (message {seq}): "
+                         "something other than this run's ranks reached the process group; stopping")
+    return pickle.loads(payload)
+
+
+def broadcast_message(obj=None):
+    """Rank 0 sends ``obj`` to every rank (call with the object on rank 0, nothing elsewhere); returns it."""
+    import torch
+    import torch.distributed as dist
+
+    rank, _ = world()
+    key, seq = _key(), _next_seq()
+    if rank == 0:
+        frame = seal(obj, b"B", 0, seq, key)
+        dist.broadcast(torch.tensor([frame.numel()], dtype=torch.int64), src=0)
+        dist.broadcast(frame, src=0)
+        return obj
+    size = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(size, src=0)
+    frame = torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(frame, src=0)
+    return unseal(frame.numpy().tobytes(), b"B", 0, seq, key)
+
+
+def gather_messages(obj):
+    """Every rank sends ``obj`` to rank 0; rank 0 gets the list in rank order, the others None."""
+    import torch
+    import torch.distributed as dist
+
+    rank, size = world()
+    key, seq = _key(), _next_seq()
+    frame = seal(obj, b"G", rank, seq, key)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+    dist.all_gather(sizes, torch.tensor([frame.numel()], dtype=torch.int64))
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[:frame.numel()] = frame
+    frames = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)] if rank == 0 else None
+    dist.gather(padded, frames, dst=0)
+    if rank != 0:
+        return None
+    return [unseal(f[:int(n)].numpy().tobytes(), b"G", r, seq, key) for r, (f, n) in enumerate(zip(frames, sizes))]
 from gradstore.store.recorder import Recorder, _np, autocast_forward
 from gradstore.store.schema import SAMPLES, RunLayout
 
@@ -128,8 +244,7 @@ def sharded_capture(spec: ShardSpec, model, rank: int, size: int) -> dict | None
         dist.all_reduce(total)  # Σ g over the whole tracked sample, float64
         vectors = {name: v.to(device=device, dtype=params[name].dtype) for name, v in _unflatten(total, params).items()}
         part = spec._split_part(model, xs, ys, vectors)[0] if len(ys) else None
-        gathered = [None] * size if rank == 0 else None
-        dist.gather_object(part, gathered, dst=0)
+        gathered = gather_messages(part)
         if rank == 0:
             pieces = [p for p in gathered if p is not None]
             part = {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
@@ -181,6 +296,7 @@ class DistributedRecorder(Recorder):
         if rank != 0:
             raise StoreError(f"DistributedRecorder is created on rank 0 only (this is rank {rank}); "
                              "other ranks run gradstore.store.distributed.serve()")
+        _key()  # refused before any store exists when the ranks share no secret
         super().__init__(*args, **kwargs)
         self._size = size
         model = args[1] if len(args) > 1 else kwargs["model"]
@@ -190,14 +306,12 @@ class DistributedRecorder(Recorder):
             autocast=self.autocast, train=_cpu(self._train), test=_cpu(self._test), moments=_cpu(self._moments))
         shipped = copy.copy(self._spec)
         shipped._projection = None  # rebuilt from its seed on each worker
-        dist.broadcast_object_list([("open", (shipped, copy.deepcopy(model).cpu()))], src=0)
+        broadcast_message(("open", (shipped, copy.deepcopy(model).cpu())))
         self._open = True
 
     def capture_step(self, model) -> dict[str, np.ndarray]:
-        import torch.distributed as dist
-
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        dist.broadcast_object_list([("capture", state)], src=0)
+        broadcast_message(("capture", state))
         out = sharded_capture(self._spec, model, 0, self._size)
         if self.layout.gram:
             from gradstore.capture import capture
@@ -211,14 +325,12 @@ class DistributedRecorder(Recorder):
         return out
 
     def close(self) -> None:
-        import torch.distributed as dist
-
         try:
             super().close()
         finally:
             if self._open:
                 self._open = False
-                dist.broadcast_object_list([("close", None)], src=0)
+                broadcast_message(("close", None))
 
 
 def _cpu(pair):
@@ -239,15 +351,12 @@ def worker_device(device: str, rank: int, n_gpus: int) -> str:
 def serve(device: str = "cpu") -> None:
     """The capture-worker loop of ranks 1..N-1: answer rank 0's DistributedRecorders until told to stop."""
     import torch
-    import torch.distributed as dist
 
     rank, size = world()
     device = worker_device(device, rank, torch.cuda.device_count() if device.startswith("cuda") else 0)
     spec = model = None
     while True:
-        message = [None]
-        dist.broadcast_object_list(message, src=0)
-        kind, payload = message[0]
+        kind, payload = broadcast_message()
         if kind == "open":
             spec, model = payload
             spec.__post_init__()
@@ -265,6 +374,4 @@ def serve(device: str = "cpu") -> None:
 
 def stop_workers() -> None:
     """Tell every :func:`serve` loop to return (rank 0)."""
-    import torch.distributed as dist
-
-    dist.broadcast_object_list([("exit", None)], src=0)
+    broadcast_message(("exit", None))
