@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gradstore.errors import ConfigError
-from pipelines.experiments.schema import SCHEMAS, check_keys, key_name, problems
+from pipelines.experiments.schema import SCHEMAS, check_keys, problems, shown_key
 
 
 def packaged_defaults(name: str) -> dict[str, Any]:
@@ -25,19 +25,23 @@ def packaged_defaults(name: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def merge(base: dict[str, Any], override: dict[str, Any], *, where: str) -> dict[str, Any]:
+def merge(base: dict[str, Any], override: dict[str, Any], *, where: str,
+          table: tuple[str, ...] = ()) -> dict[str, Any]:
     """``base`` updated by ``override``, refusing unknown keys and a value where a table belongs.
 
-    Types and ranges are the schema's job (:func:`check`), not this function's.
+    ``where`` names the file in messages and ``table`` the TOML table being merged. Types and
+    ranges are the schema's job (:func:`check`), not this function's.
     """
     out = dict(base)
     for key, value in override.items():
+        shown = shown_key((*table, key))
         if key not in base:
-            raise ConfigError(f"{where}: unknown setting {key_name(key)}; known settings: {', '.join(sorted(base))}")
+            raise ConfigError(f"{where}: unknown setting {shown}; known settings"
+                              f"{' of [' + shown_key(table) + ']' if table else ''}: {', '.join(sorted(base))}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: setting {key_name(key)} must be a table ([{key_name(key)}])")
-            out[key] = merge(base[key], value, where=f"{where} [{key_name(key)}]")
+                raise ConfigError(f"{where}: setting {shown} must be a table ([{shown_key((*table, key))}])")
+            out[key] = merge(base[key], value, where=where, table=(*table, key))
         else:
             out[key] = value
     return out
