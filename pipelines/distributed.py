@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 
@@ -44,6 +45,9 @@ def _worker(index: int, size: int, rendezvous: str, key: bytes, device: str, thr
     _init(index + 1, size, rendezvous, key)
     try:
         serve(device)
+    except GradstoreError as err:  # e.g. a message that failed authentication: one line, exit 2
+        print(f"gradstore: error: capture worker {index + 1}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     finally:
         set_group_key(None)
         dist.destroy_process_group()
