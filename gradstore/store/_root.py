@@ -65,12 +65,30 @@ def _array(group: zarr.Group, key: str, name: str) -> zarr.Array:
 
 
 def _values(group, key, name):
+    from gradstore.store._integrity import damage_message, expected_chunks
+
     try:
-        return _array(group, key, name)[...]
+        arr = _array(group, key, name)
+        absent = [c for c in expected_chunks(key, arr.shape, arr.chunks) if not _has(group.store, c)]
+        if absent:
+            raise StoreError(damage_message(name, [_static_missing(key, c) for c in absent]))
+        return arr[...]
     except StoreError:
         raise
     except Exception as exc:  # codec/IO errors of zarr have no common base class
         raise StoreError(f"{name!r} is damaged: cannot read array {key!r} ({exc})") from exc
+
+
+def _has(store, key: str) -> bool:
+    from zarr.core.sync import sync
+
+    return bool(sync(store.exists(key)))
+
+
+def _static_missing(key: str, chunk: str):
+    from gradstore.store._integrity import Problem
+
+    return Problem(key, chunk, None, None, "chunk missing (would read as fill values)")
 
 
 def layout_from_store(group: zarr.Group, attrs: dict, name: str) -> RunLayout:
@@ -191,8 +209,25 @@ def missing_chunks(store, layout: RunLayout, arrays: dict[str, zarr.Array], comm
                         step = int(steps[index]) if steps is not None and key != "step" else None
                         problems.append(Problem(key, chunk, index, step, "chunk missing (would read as fill values)"))
                 else:
-                    problems.append(Problem(key, chunk, None, None, "chunk missing (would read as fill values)"))
+                    problems.append(_static_missing(key, chunk))
     return problems
+
+
+def located_problems(store, layout: RunLayout, arrays: dict[str, zarr.Array], committed: int) -> tuple[list, object]:
+    """:func:`missing_chunks`, with step numbers where the ``step`` array is intact; and those steps
+    (None when ``step`` cannot be read)."""
+    problems = missing_chunks(store, layout, arrays, committed)
+    steps = None
+    if not any(p.array == "step" for p in problems):
+        try:
+            steps = np.asarray(arrays["step"][:committed])
+        except Exception:  # a damaged step chunk: steps are then named by position
+            steps = None
+        if steps is not None and np.any(np.diff(steps) <= 0):  # fill values: not step numbers
+            steps = None
+        if problems and steps is not None:
+            problems = missing_chunks(store, layout, arrays, committed, steps)
+    return problems, steps
 
 
 def _short(exc: BaseException) -> str:

@@ -84,9 +84,10 @@ def _next_seq() -> int:
     return seq
 
 
-def _tag(key: bytes, kind: bytes, sender: int, seq: int, payload: bytes) -> bytes:
-    header = kind + struct.pack("<qq", sender, seq)
-    return hmac.new(key, header + payload, hashlib.sha256).digest()
+def _tag(key: bytes, kind: bytes, sender: int, seq: int, payload) -> bytes:
+    mac = hmac.new(key, kind + struct.pack("<qq", sender, seq), hashlib.sha256)
+    mac.update(payload)
+    return mac.digest()
 
 
 def seal(obj, kind: bytes, sender: int, seq: int, key: bytes):
@@ -94,14 +95,17 @@ def seal(obj, kind: bytes, sender: int, seq: int, key: bytes):
     import torch
 
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    frame = bytearray(_tag(key, kind, sender, seq, payload))
-    frame += payload
-    return torch.frombuffer(frame, dtype=torch.uint8)  # never empty: the tag is 32 bytes
+    frame = torch.empty(_TAG + len(payload), dtype=torch.uint8)
+    view = frame.numpy()
+    view[:_TAG] = np.frombuffer(_tag(key, kind, sender, seq, payload), dtype=np.uint8)
+    view[_TAG:] = np.frombuffer(payload, dtype=np.uint8)
+    return frame
 
 
-def unseal(frame: bytes, kind: bytes, sender: int, seq: int, key: bytes):
-    """The object in ``frame``, unpickled only once its tag checks; a bad tag raises StoreError."""
-    tag, payload = frame[:_TAG], frame[_TAG:]
+def unseal(frame, kind: bytes, sender: int, seq: int, key: bytes):
+    """The object in ``frame`` (bytes-like), unpickled only once its tag checks; a bad tag raises StoreError."""
+    view = memoryview(frame).cast("B")
+    tag, payload = bytes(view[:_TAG]), view[_TAG:]
     if len(tag) != _TAG or not hmac.compare_digest(tag, _tag(key, kind, sender, seq, payload)):
         raise StoreError(f"a capture message from rank {sender} failed authentication (message {seq}): "
                          "something other than this run's ranks reached the process group; stopping")
@@ -124,7 +128,7 @@ def broadcast_message(obj=None):
     dist.broadcast(size, src=0)
     frame = torch.empty(int(size), dtype=torch.uint8)
     dist.broadcast(frame, src=0)
-    return unseal(frame.numpy().tobytes(), b"B", 0, seq, key)
+    return unseal(frame.numpy(), b"B", 0, seq, key)
 
 
 def gather_messages(obj):
@@ -144,7 +148,7 @@ def gather_messages(obj):
     dist.gather(padded, frames, dst=0)
     if rank != 0:
         return None
-    return [unseal(f[:int(n)].numpy().tobytes(), b"G", r, seq, key) for r, (f, n) in enumerate(zip(frames, sizes))]
+    return [unseal(f[:int(n)].numpy(), b"G", r, seq, key) for r, (f, n) in enumerate(zip(frames, sizes))]
 from gradstore.store.recorder import Recorder, _np, autocast_forward
 from gradstore.store.schema import SAMPLES, RunLayout
 

@@ -12,7 +12,7 @@ import zarr
 from gradstore.errors import StoreError
 from gradstore.store import _location
 from gradstore.store._integrity import DIGEST, DIGESTED, damage_message
-from gradstore.store._root import (check_arrays, check_steps, layout_from_store, missing_chunks, open_root,
+from gradstore.store._root import (check_arrays, check_steps, layout_from_store, located_problems, open_root,
                                    own_metadata)
 from gradstore.store.schema import AUX_COORDS, COMMITTED, array_specs
 
@@ -68,7 +68,7 @@ def open_run(target, *, storage_options: dict | None = None, skip_steps=()) -> x
     arrays = check_arrays(group, layout, committed, name)
     own_metadata(store, layout, committed, name)
     skip = {int(i) for i in skip_steps}
-    problems = [p for p in missing_chunks(store, layout, arrays, committed) if p.index not in skip]
+    problems = [p for p in located_problems(store, layout, arrays, committed)[0] if p.index not in skip]
     if problems:
         raise StoreError(damage_message(name, problems))
     steps = check_steps(arrays, attrs, committed, name)

@@ -17,7 +17,7 @@ import zarr
 from gradstore.errors import StoreError
 from gradstore.store import _location
 from gradstore.store._integrity import DIGEST, Problem, chunk_key, crc32_of, damage_message
-from gradstore.store._root import (_short, check_arrays, check_steps, layout_from_store, missing_chunks, open_root,
+from gradstore.store._root import (_short, check_arrays, check_steps, layout_from_store, located_problems, open_root,
                                    own_metadata)
 from gradstore.store.schema import COMMITTED, RunLayout, array_specs, digested_arrays
 
@@ -139,15 +139,20 @@ def verify_run(target, *, storage_options: dict | None = None, progress=None) ->
     committed = attrs[COMMITTED]
     arrays = check_arrays(group, layout, committed, name)
     own_metadata(store, layout, committed, name)
-    specs = array_specs(layout)
-    found = missing_chunks(store, layout, arrays, committed)
-    steps = None
-    if not any(p.array == "step" for p in found):
-        steps = check_steps(arrays, attrs, committed, name)
-        found = missing_chunks(store, layout, arrays, committed, steps)
+    found, steps = located_problems(store, layout, arrays, committed)
     result = Verification(name, committed, list(found), checksums=layout.checksums)
+    _check_values(result, arrays, layout, attrs, steps, progress)
+    if result.ok:  # values intact: then the commit record must be consistent too
+        check_steps(arrays, attrs, committed, name)
+    return result
+
+
+def _check_values(result: Verification, arrays, layout: RunLayout, attrs: dict, steps, progress) -> None:
+    """Append to ``result`` every static array and committed step whose values fail their digest."""
+    name, committed, found = result.name, result.committed, list(result.problems)
+    specs = array_specs(layout)
     if not layout.checksums:
-        return result
+        return
     missing = {(p.array, p.index) for p in found}
     recorded = attrs.get("static_crc32")
     if not isinstance(recorded, dict):
@@ -165,10 +170,10 @@ def verify_run(target, *, storage_options: dict | None = None, progress=None) ->
             result.problems.append(Problem(key, chunk_key(key, (0,) * len(spec.dims)), None, None,
                                            "values differ from those written (CRC-32 digest mismatch)"))
     if (DIGEST, 0) in missing or committed == 0:
-        return result
+        return
     digests = _digests(arrays, committed, result.problems, steps)
     if digests is None:
-        return result
+        return
     keys = digested_arrays(layout)
     for j, key in (progress or (lambda it: it))(list(enumerate(keys))):
         spec = specs[key]
@@ -179,4 +184,3 @@ def verify_run(target, *, storage_options: dict | None = None, progress=None) ->
                 continue
             result.problems += _check_rows(key, spec, arrays[key], start, stop, digests[start:stop, j], steps)
     result.problems.sort(key=lambda p: (p.index if p.index is not None else -1, p.array))
-    return result
