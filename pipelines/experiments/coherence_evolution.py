@@ -17,7 +17,17 @@ from typing import Any
 import numpy as np
 
 from gradstore.errors import GradstoreError
-from pipelines.experiments.common import Claim, Context, Report, dump_json, tracked_indices, write_csv
+from pipelines.experiments.common import (
+    Claim,
+    Context,
+    Report,
+    distinct_dirs,
+    dump_json,
+    experiment,
+    number_label,
+    tracked_indices,
+    write_csv,
+)
 
 MODEL_LAYER = "(model)"
 
@@ -47,8 +57,10 @@ def subsample(mnist, n_train: int, n_test: int, seed: int):
     """``mnist`` restricted to ``n_train``/``n_test`` random examples (0 keeps all)."""
     from dataclasses import replace
 
-    tr = tracked_indices(len(mnist.train_labels), n_train, seed) if n_train else slice(None)
-    te = tracked_indices(len(mnist.test_labels), n_test, seed + 1) if n_test else slice(None)
+    tr = tracked_indices(len(mnist.train_labels), n_train, seed, key="train_examples",
+                         data="training examples") if n_train else slice(None)
+    te = tracked_indices(len(mnist.test_labels), n_test, seed + 1, key="test_examples",
+                         data="test examples") if n_test else slice(None)
     return replace(mnist, train_images=mnist.train_images[tr], train_labels=mnist.train_labels[tr],
                    train_ids=mnist.train_ids[tr], test_images=mnist.test_images[te],
                    test_labels=mnist.test_labels[te], test_ids=mnist.test_ids[te])
@@ -77,9 +89,22 @@ class PrimedRecorder:
             with bn_priming(model, self.batches, reset=True):
                 self.recorder(step, model, metrics)
 
+    def flush(self) -> None:
+        """Wait for the Recorder's write in flight (the trainer calls this before a checkpoint)."""
+        self.recorder.flush()
+
+    def checkpoint_state(self) -> dict[str, int] | None:
+        """The Recorder's committed steps, for the checkpoint (:func:`pipelines.train.observer_state`)."""
+        from pipelines.train import observer_state
+
+        return observer_state(self.recorder)
+
 
 def train_one(config, model_name: str, noise: float, mnist, run_dir: Path, ctx: Context):
-    """Train one model at one noise level with a primed Recorder; return (TrainResult, store path)."""
+    """Train one model at one noise level with a primed Recorder; return (TrainResult, store path).
+
+    ``run_dir`` is a folder of ``ctx.folder`` (:meth:`~pipelines.experiments.common.RunFolder.path`).
+    """
     from tqdm import tqdm
 
     from gradstore.store import Recorder, Schedule
@@ -96,14 +121,16 @@ def train_one(config, model_name: str, noise: float, mnist, run_dir: Path, ctx: 
     tc = TrainConfig(model=model_name, noise=noise, seed=seed, lr=config["lr"], batch_size=config["batch_size"],
                      steps=steps[-1], eval_every=config["eval_every"] or steps[-1], device=ctx.device)
     tc.validate()
-    tr = tracked_indices(n, cap["tracked_train"], seed + 100)
-    te = tracked_indices(len(data.y_test), cap["tracked_test"], seed + 200)
+    tr = tracked_indices(n, cap["tracked_train"], seed + 100, key="[capture] tracked_train", data="training examples")
+    te = tracked_indices(len(data.y_test), cap["tracked_test"], seed + 200, key="[capture] tracked_test",
+                         data="test examples")
     rng = np.random.default_rng(seed + 400)
     prime = [data.x_train[np.sort(rng.choice(n, min(cap["prime_batch_size"], n), replace=False))]
              for _ in range(cap["prime_batches"])]
     model = build_model(model_name, seed=seed).to(ctx.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    store = run_dir / "store.zarr"
+    folder = ctx.folder
+    store = folder.claim(run_dir, "store.zarr", kind="dir")
+    checkpoint, history = folder.claim(run_dir, "checkpoint.pt"), folder.claim(run_dir, "history.csv")
     recorder = Recorder(
         str(store), model,
         train_inputs=data.x_train[tr], train_targets=data.y_train[tr], train_ids=data.train_ids[tr].cpu().numpy(),
@@ -113,18 +140,24 @@ def train_one(config, model_name: str, noise: float, mnist, run_dir: Path, ctx: 
         schedule=Schedule.at(steps), coords_per_layer=0, coord_seed=seed, gram=False,
         config={**config, "model": model_name, "noise": noise}, seeds={"seed": seed}, resume=ctx.resume,
     )
-    with recorder, tqdm(total=tc.steps, desc=f"{model_name}, {noise:.0%} noise", unit="step",
-                        disable=not ctx.progress, leave=False) as bar:
+    with folder.errors(f"recording the run store {store}"), recorder, tqdm(
+            total=tc.steps, desc=f"{model_name}, {noise:.0%} noise", unit="step", disable=not ctx.progress,
+            leave=False) as bar:
         result = train(tc, data, model=model, observers=[PrimedRecorder(recorder, prime)],
-                       checkpoint=run_dir / "checkpoint.pt", checkpoint_every=max(steps_per_epoch, 1),
+                       checkpoint=checkpoint, checkpoint_every=max(steps_per_epoch, 1),
                        progress=lambda _s: bar.update(1))
-    write_csv(run_dir / "history.csv", result.history)
+    with folder.errors(f"writing {history}"):
+        write_csv(history, result.history)
     kinds = {name: type(module).__name__ for name, module in model.named_modules()}
     return result, store, steps_per_epoch, kinds
 
 
-def analyse(store: Path, out: Path):
-    """Exact m-coherence per (step, sample, layer) of one store, written to ``out``; returned computed."""
+def analyse(store: Path, out: Path, *, replace: bool = False):
+    """Exact m-coherence per (step, sample, layer) of one store, written to ``out``; returned computed.
+
+    ``out`` is written under a temporary name and renamed when complete; with ``replace`` (a resumed
+    run) an earlier analysis there is replaced, only then.
+    """
     from analysis.output import write_results
     from analysis.report import analyze, open_store
 
@@ -132,7 +165,7 @@ def analyse(store: Path, out: Path):
     counts = ds["m"].isel(step=0).max("layer").values  # a sample this run did not track has m = 0
     used = [s for s, count in zip(ds["sample"].values, counts) if count > 0]
     results = analyze(ds.sel(sample=used), metrics=("coherence",), n_permutations=0).compute()
-    write_results(results, out)
+    write_results(results, out, replace=replace)
     return results.sel(source="exact")
 
 
@@ -205,32 +238,37 @@ def summary_figure(models, noise_levels, results: dict, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
+@experiment("coherence-evolution")
 def run(config: dict[str, Any], ctx: Context) -> Path:
     """Train every (model, noise), analyse each store, write figures and ``report.md``; return its path."""
     from pipelines.data import load_mnist
 
     check_config(config)
+    folder = ctx.folder
+    labels = distinct_dirs({noise: f"noise-{number_label(noise, 'noise_levels')}" for noise in config["noise_levels"]},
+                           "noise_levels")
+    dirs = {(m, p): (folder.path(f"{m}-{label}"), folder.path(f"layers_{m}_{label}.png"))
+            for m in config["models"] for p, label in labels.items()}  # checked before any work
     mnist = subsample(load_mnist(ctx.data_dir), config["train_examples"], config["test_examples"], config["seed"])
     rows, results = [], {}
     for model_name in config["models"]:
         for noise in config["noise_levels"]:
-            run_dir = ctx.out / f"{model_name}-noise-{noise:.2f}"
+            run_dir, layers_png = dirs[(model_name, noise)]
             result, store, spe, kinds = train_one(config, model_name, noise, mnist, run_dir, ctx)
-            analysis_dir = run_dir / "analysis"
-            if analysis_dir.exists() and ctx.resume:  # a resumed run recomputes its analysis
-                import shutil
-
-                shutil.rmtree(analysis_dir)
-            res = analyse(store, analysis_dir)
+            res = analyse(store, folder.claim(run_dir, "analysis", kind="dir"), replace=ctx.resume)
             results[(model_name, noise)] = res
             rows.append(summarise(model_name, noise, result, res, spe))
-            layer_figure(res, kinds, ctx.out / f"layers_{model_name}_noise-{noise:.2f}.png",
-                         title=f"{model_name}, {noise:.0%} label noise: m-coherence per layer")
-    summary_figure(config["models"], config["noise_levels"], results, ctx.out / "m_coherence.png")
-    write_csv(ctx.out / "summary.csv", rows)
-    dump_json(ctx.out / "summary.json", rows)
+            with folder.writing(layers_png.name) as path:
+                layer_figure(res, kinds, path, title=f"{model_name}, {noise:.0%} label noise: m-coherence per layer")
+    with folder.writing("m_coherence.png") as path:
+        summary_figure(config["models"], config["noise_levels"], results, path)
+    with folder.writing("summary.csv") as path:
+        write_csv(path, rows)
+    with folder.writing("summary.json") as path:
+        dump_json(path, rows)
     report = build_report(config, ctx, rows, results, mnist)
-    return report.write(ctx.out / "report.md")
+    with folder.writing("report.md") as path:
+        return report.write(path)
 
 
 def _real_vs_random(model_name: str, results) -> Claim | None:

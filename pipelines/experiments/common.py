@@ -1,17 +1,35 @@
 """Pieces every experiment uses: the output folder, the tracked sample, training with a Recorder,
-and the markdown report."""
+and the markdown report.
+
+The run folder (``--out``) is a :class:`RunFolder`. Every path an experiment writes is made by
+:meth:`RunFolder.claim` (or :meth:`RunFolder.writing`): built from checked names only, it must
+resolve inside ``--out``, and it is listed in the folder's marker ``.gradstore-run.json`` (written
+first, naming the experiment, rewritten atomically before each new path is written). On
+``--resume`` a path that exists but is not listed was not written by the run and is refused, never
+overwritten; a non-empty folder without the marker is refused. While a run is going, the folder is
+locked (``flock`` on the folder), so a second process resuming it gets one clear line.
+"""
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import math
+import os
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gradstore.errors import GradstoreError
+from gradstore.errors import GradstoreError, RunFolderError
+
+MARKER = ".gradstore-run.json"
+_FORMAT = "gradstore-run-folder"
+_BAD_CHARS = frozenset("/\\\0:")
 
 
 @dataclass
@@ -25,6 +43,7 @@ class Context:
     quick: bool = False
     progress: bool = True
     autocast: str | None = None  # mixed-precision capture (Recorder(autocast=...))
+    folder: RunFolder | None = field(default=None, repr=False)  # set while an experiment runs (experiment())
 
 
 def prepare_out(out: Path, *, resume: bool) -> Path:
@@ -36,14 +55,259 @@ def prepare_out(out: Path, *, resume: bool) -> Path:
         raise GradstoreError(
             f"{out} already holds results; pass --resume to continue that run or choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    with RunFolder.errors(f"creating --out {out}"):
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def tracked_indices(n: int, size: int, seed: int) -> np.ndarray:
-    """A fixed random sample of ``min(size, n)`` indices (sorted), the same for every noise level."""
+def _check_name(part: str) -> str:
+    """``part`` as one plain path component (no separator, no ``..``); a one-line error otherwise."""
+    if (not isinstance(part, str) or part in ("", ".", "..") or _BAD_CHARS & set(part) or len(part) > 200
+            or not part.isprintable()):
+        raise RunFolderError(f"{part!r} cannot name a file or folder of the run (built from a config value or "
+                             "argument); give plain names and numbers in the configuration")
+    return part
+
+
+def number_label(value, key: str, spec: str = ".2f") -> str:
+    """``value`` formatted by ``spec`` for a folder name, if it is a finite number (else one line naming ``key``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GradstoreError(f"{key}: {value!r} is not a number; give numbers in the configuration")
+    if spec == "d":
+        if float(value) != int(value):
+            raise GradstoreError(f"{key}: {value!r} is not an integer; give integers in the configuration")
+        value = int(value)
+    return format(value, spec)
+
+
+def distinct_dirs(labels: dict, key: str) -> dict:
+    """``labels`` (condition -> folder name) unchanged if no two conditions share a folder; else one line."""
+    seen: dict[str, Any] = {}
+    for condition, label in labels.items():
+        if label in seen:
+            raise GradstoreError(f"{key}: {seen[label]!r} and {condition!r} would share the folder {label}; "
+                                 "give values that differ in their folder names")
+        seen[label] = condition
+    return labels
+
+
+class RunFolder:
+    """The results folder of one experiment run; see the module docstring.
+
+    Use :meth:`open` (which checks the marker and takes the lock) and :meth:`close`.
+
+    Parameters
+    ----------
+    out : path
+        The ``--out`` folder (it exists).
+    experiment : str
+        The experiment's name, kept in the marker.
+    files : list of str
+        The relative paths already listed in the marker.
+    """
+
+    def __init__(self, out: Path, experiment: str, files: list[str], lock: int | None = None):
+        self.out, self.experiment, self.files = Path(out), experiment, set(files)
+        self.root = self.out.resolve()
+        self._lock = lock
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, out, experiment: str, *, resume: bool) -> RunFolder:
+        """The run folder ``out`` of ``experiment``: started (fresh) or checked and reopened (``resume``).
+
+        A fresh run writes the marker into the empty folder before anything else. With ``resume`` a
+        folder with the marker of another experiment, a damaged marker, or a non-empty folder
+        without one is refused (an empty folder starts the run afresh).
+        """
+        out = Path(out)
+        if out.is_symlink() or not out.is_dir():
+            raise RunFolderError(f"--out {out} is not a folder; give a folder for the experiment's results")
+        lock = _lock_folder(out)
+        try:
+            marker = out / MARKER
+            if marker.exists() or marker.is_symlink():
+                state = _read_marker(marker)
+                if not resume:
+                    raise RunFolderError(f"{out} already holds results; pass --resume to continue that run "
+                                         "or choose another --out")
+                if state["experiment"] != experiment:
+                    raise RunFolderError(f"{out} holds a {state['experiment']!r} run, not {experiment!r}; "
+                                         f"resume it with `gradstore run {state['experiment']} --resume` "
+                                         "or choose another --out")
+                folder = cls(out, experiment, state["files"], lock)
+            elif any(out.iterdir()):
+                what = "has no" if resume else "already holds files and no"
+                raise RunFolderError(f"{out} {what} {MARKER}: it is not a gradstore run folder, so --resume "
+                                     "will not write into it; move its files away or choose another --out")
+            else:
+                folder = cls(out, experiment, [], lock)
+            folder._save()
+            return folder
+        except BaseException:
+            _unlock(lock)
+            raise
+
+    def close(self) -> None:
+        """Release the folder's lock (the marker stays)."""
+        _unlock(self._lock)
+        self._lock = None
+
+    # ------------------------------------------------------------------ paths
+    def path(self, *parts: str | Path) -> Path:
+        """``out/part/...`` after checking every part is a plain name and the result stays inside ``out``.
+
+        The first part may be a path this method returned (a condition's folder). Nothing is
+        created; use it to check every folder of a run before any work starts.
+        """
+        if parts and isinstance(parts[0], Path):
+            parts = (*parts[0].relative_to(self.out).parts, *parts[1:])
+        path = self.out.joinpath(*(_check_name(p) for p in parts))
+        resolved = path.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise RunFolderError(f"{path} resolves to {resolved}, outside --out {self.out}; remove the link "
+                                 "or choose another --out")
+        return path
+
+    def claim(self, *parts: str | Path, kind: str = "file") -> Path:
+        """The checked :meth:`path` of something the run is about to write, listed in the marker first.
+
+        Its parent folders are created. Refused (one line): a parent that is a file, a ``kind``
+        (``"file"`` or ``"dir"``) that does not match what is there, or something already there that
+        the marker does not list (not written by this run).
+        """
+        path = self.path(*parts)
+        rel = path.relative_to(self.out).as_posix()
+        for parent in reversed(path.relative_to(self.out).parents[:-1]):
+            where = self.out / parent
+            if where.exists() and not where.is_dir():
+                raise RunFolderError(f"{where} is a file, where the run keeps a folder; move it away "
+                                     "or choose another --out")
+        if path.exists() or path.is_symlink():
+            if not self.owns(rel):
+                raise RunFolderError(f"{path} exists but was not written by this run; move it away "
+                                     "or choose another --out")
+            if path.is_dir() != (kind == "dir"):
+                raise RunFolderError(f"{path} is a {'folder' if path.is_dir() else 'file'}, where the run "
+                                     f"keeps a {'folder' if kind == 'dir' else 'file'}; move it away "
+                                     "or choose another --out")
+        if not self.owns(rel):
+            self.files.add(rel)
+            self._save()
+        with self.errors(f"creating {path.parent}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def owns(self, rel: str) -> bool:
+        """Whether the marker lists ``rel`` or a folder above it."""
+        parts = rel.split("/")
+        return any("/".join(parts[:k]) in self.files for k in range(1, len(parts) + 1))
+
+    @contextmanager
+    def writing(self, *parts: str | Path, kind: str = "file"):
+        """``with folder.writing("report.md") as path:`` write there: claimed, and a file-system error
+        (a full disk) becomes one line saying to run again with ``--resume``."""
+        path = self.claim(*parts, kind=kind)
+        with self.errors(f"writing {path}"):
+            yield path
+
+    @staticmethod
+    @contextmanager
+    def errors(what: str):
+        """Turn an ``OSError`` of the block into one line (what failed, and ``--resume`` once fixed)."""
+        try:
+            yield
+        except OSError as exc:
+            raise RunFolderError.write_failed(what, exc) from None
+
+    def _save(self) -> None:
+        state = {"format": _FORMAT, "version": 1, "experiment": self.experiment,
+                 "pid": os.getpid(), "host": socket.gethostname(), "files": sorted(self.files)}
+        marker = self.out / MARKER
+        tmp = marker.with_name(f"{MARKER}.tmp-{os.getpid()}")
+        with self.errors(f"writing {marker}"):
+            try:
+                tmp.write_text(json.dumps(state, indent=1) + "\n")
+                os.replace(tmp, marker)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+def _read_marker(marker: Path) -> dict:
+    fix = "restore it, or choose another --out"
+    if marker.is_symlink() or not marker.is_file():
+        raise RunFolderError(f"{marker} is not a file; {fix}")
+    try:
+        state = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise RunFolderError(f"{marker} is damaged (not JSON); {fix}") from None
+    if (not isinstance(state, dict) or state.get("format") != _FORMAT or not isinstance(state.get("experiment"), str)
+            or not isinstance(state.get("files"), list) or not all(isinstance(f, str) for f in state["files"])):
+        raise RunFolderError(f"{marker} is not a gradstore run marker; {fix}")
+    return state
+
+
+def _lock_folder(out: Path) -> int | None:
+    """An exclusive ``flock`` on the folder ``out`` for this process (None where unsupported).
+
+    The OS drops it when the process ends, a kill included, so a lock is never stale.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = ""
+        try:
+            state = json.loads((out / MARKER).read_text())
+            holder = f" (pid {int(state['pid'])} on {str(state['host'])[:100]})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        raise RunFolderError(f"another gradstore process{holder} is running in {out}; wait for it to finish, "
+                             "or choose another --out") from None
+    except OSError:  # a file system without flock: no lock
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def experiment(name: str):
+    """Decorator of an experiment's ``run(config, ctx)``: it runs with ``ctx.folder``, the open
+    :class:`RunFolder` of ``ctx.out`` for experiment ``name`` (checked, marked and locked first)."""
+    def wrap(run):
+        @functools.wraps(run)
+        def with_folder(config, ctx, *args, **kwargs):
+            if ctx.folder is not None:  # already open (nested)
+                return run(config, ctx, *args, **kwargs)
+            ctx.folder = RunFolder.open(ctx.out, name, resume=ctx.resume)
+            try:
+                return run(config, ctx, *args, **kwargs)
+            finally:
+                ctx.folder.close()
+                ctx.folder = None
+        return with_folder
+    return wrap
+
+
+def tracked_indices(n: int, size: int, seed: int, *, key: str = "size", data: str = "examples") -> np.ndarray:
+    """A fixed random sample of ``size`` of ``n`` indices (sorted), the same for every noise level.
+
+    ``size`` above ``n`` is refused (one line naming the setting ``key``, its value and ``n``), never
+    silently reduced; 0 gives none.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 <= size <= n:
+        raise GradstoreError(f"{key} = {size!r} but the data have {n} {data}; give an integer from 0 to {n}")
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=min(size, n), replace=False))
+    return np.sort(rng.choice(n, size=int(size), replace=False))
 
 
 def schedule_from(capture: dict[str, Any]):
@@ -57,8 +321,9 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
                    optimizer: str = "sgd", optimizer_options: dict | None = None):
     """Train one model at one noise level with a Recorder on the tracked sample.
 
-    Returns the :class:`~pipelines.train.TrainResult`, the :class:`~pipelines.train.TrainData` and the
-    store path. A resumed run continues from its checkpoint and its last committed store step.
+    ``run_dir`` is a folder of ``ctx.folder`` (:meth:`RunFolder.path`). Returns the
+    :class:`~pipelines.train.TrainResult`, the :class:`~pipelines.train.TrainData` and the store
+    path. A resumed run continues from its checkpoint and its last committed store step.
     """
     from tqdm import tqdm
 
@@ -73,32 +338,48 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
                      optimizer=optimizer, optimizer_options=dict(optimizer_options or {}), device=ctx.device)
     tc.validate()
     data = TrainData.from_mnist(mnist, noise=noise, seed=seed, device=ctx.device)
-    tr = tracked_indices(len(data.y_train), cap["tracked_train"], seed + 100)
-    te = tracked_indices(len(data.y_test), cap["tracked_test"], seed + 200)
-    mo = tracked_indices(len(data.y_train), cap["moments_examples"], seed + 300)
+    tr, te, mo = tracked_samples(cap, len(data.y_train), len(data.y_test), seed)
+    folder = ctx.folder
+    store = folder.claim(run_dir, "store.zarr", kind="dir")
+    checkpoint = folder.claim(run_dir, "checkpoint.pt")
+    history, learned = folder.claim(run_dir, "history.csv"), folder.claim(run_dir, "learned_times.npz")
     model = build_model(config["model"], seed=seed).to(ctx.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    store = run_dir / "store.zarr"
-    recorder = make_recorder(  # sharded over the ranks of `gradstore run --nproc N`
-        str(store), model,
-        train_inputs=data.x_train[tr], train_targets=data.y_train[tr], train_ids=data.train_ids[tr].cpu().numpy(),
-        train_true=data.y_true[tr].cpu().numpy(),
-        test_inputs=data.x_test[te] if len(te) else None, test_targets=data.y_test[te] if len(te) else None,
-        test_ids=data.test_ids[te].cpu().numpy() if len(te) else None,
-        moments_inputs=data.x_train[mo] if len(mo) else None, moments_targets=data.y_train[mo] if len(mo) else None,
-        schedule=schedule_from(cap), coords_per_layer=cap["coords_per_layer"], coord_seed=seed,
-        n_proj=cap["projection_dim"], projection_seed=seed, gram=cap["gram"],
-        config={**config, "noise": noise, "optimizer": optimizer, "optimizer_options": dict(optimizer_options or {})},
-        seeds={"seed": seed}, resume=ctx.resume, autocast=ctx.autocast,
-    )
-    with recorder, tqdm(total=tc.steps, desc=desc, unit="step", disable=not ctx.progress, leave=False) as bar:
-        result = train(tc, data, model=model, observers=[recorder], checkpoint=run_dir / "checkpoint.pt",
-                       checkpoint_every=max(tc.eval_every, 1), progress=lambda _s: bar.update(1))
-    write_csv(run_dir / "history.csv", result.history)
-    np.savez(run_dir / "learned_times.npz", example_id=data.train_ids.cpu().numpy(),
-             first_learned=result.learned.first_learned, run_start=result.learned.run_start,
-             corrupt=data.corrupt.cpu().numpy())
+    with folder.errors(f"recording the run store {store}"):
+        recorder = make_recorder(  # sharded over the ranks of `gradstore run --nproc N`
+            str(store), model,
+            train_inputs=data.x_train[tr], train_targets=data.y_train[tr], train_ids=data.train_ids[tr].cpu().numpy(),
+            train_true=data.y_true[tr].cpu().numpy(),
+            test_inputs=data.x_test[te] if len(te) else None, test_targets=data.y_test[te] if len(te) else None,
+            test_ids=data.test_ids[te].cpu().numpy() if len(te) else None,
+            moments_inputs=data.x_train[mo] if len(mo) else None,
+            moments_targets=data.y_train[mo] if len(mo) else None,
+            schedule=schedule_from(cap), coords_per_layer=cap["coords_per_layer"], coord_seed=seed,
+            n_proj=cap["projection_dim"], projection_seed=seed, gram=cap["gram"],
+            config={**config, "noise": noise, "optimizer": optimizer, "optimizer_options": dict(optimizer_options or {})},
+            seeds={"seed": seed}, resume=ctx.resume, autocast=ctx.autocast,
+        )
+        with recorder, tqdm(total=tc.steps, desc=desc, unit="step", disable=not ctx.progress, leave=False) as bar:
+            result = train(tc, data, model=model, observers=[recorder], checkpoint=checkpoint,
+                           checkpoint_every=max(tc.eval_every, 1), progress=lambda _s: bar.update(1))
+    with folder.errors(f"writing {history}"):
+        write_csv(history, result.history)
+    with folder.errors(f"writing {learned}"):
+        np.savez(learned, example_id=data.train_ids.cpu().numpy(), first_learned=result.learned.first_learned,
+                 run_start=result.learned.run_start, corrupt=data.corrupt.cpu().numpy())
     return result, data, store
+
+
+def tracked_samples(cap: dict[str, Any], n_train: int, n_test: int, seed: int):
+    """The tracked training, tracked test and moments samples of a ``[capture]`` table (indices).
+
+    A size above the data size is refused in one line naming the setting (0: no such sample).
+    """
+    return (tracked_indices(n_train, cap["tracked_train"], seed + 100, key="[capture] tracked_train",
+                            data="training examples"),
+            tracked_indices(n_test, cap["tracked_test"], seed + 200, key="[capture] tracked_test",
+                            data="test examples"),
+            tracked_indices(n_train, cap["moments_examples"], seed + 300, key="[capture] moments_examples",
+                            data="training examples"))
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

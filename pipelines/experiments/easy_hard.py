@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from gradstore.errors import GradstoreError
-from pipelines.experiments.common import Claim, Context, Report, dump_json, train_recorded, write_csv
+from pipelines.experiments.common import Claim, Context, Report, dump_json, experiment, train_recorded, write_csv
 
 MODEL_LAYER = "(model)"
 RULES = ("snapshot", "first_learned")
@@ -79,7 +79,10 @@ def fit_and_holdout(easy: np.ndarray, fraction: float, seed: int) -> dict[str, t
 
 def retrain(config, data, fit: np.ndarray, held: dict[str, np.ndarray], run_dir: Path, ctx: Context,
             *, desc: str) -> dict[str, Any]:
-    """Train a fresh model on ``fit`` (training labels); accuracy on each held-out set and the test set."""
+    """Train a fresh model on ``fit`` (training labels); accuracy on each held-out set and the test set.
+
+    ``run_dir`` (a folder of ``ctx.folder``) keeps the checkpoint.
+    """
     import torch
     from tqdm import tqdm
 
@@ -93,10 +96,10 @@ def retrain(config, data, fit: np.ndarray, held: dict[str, np.ndarray], run_dir:
     sub = TrainData(x_train=data.x_train[part], y_train=data.y_train[part], y_true=data.y_true[part],
                     corrupt=data.corrupt[part], train_ids=data.train_ids[part], x_test=data.x_test,
                     y_test=data.y_test, test_ids=data.test_ids, noise=data.noise)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = ctx.folder.claim(run_dir, "checkpoint.pt")
     model = build_model(config["model"], seed=tc.seed).to(ctx.device)
     with tqdm(total=tc.steps, desc=desc, unit="step", disable=not ctx.progress, leave=False) as bar:
-        result = train(tc, sub, model=model, checkpoint=run_dir / "checkpoint.pt", checkpoint_every=tc.steps,
+        result = train(tc, sub, model=model, checkpoint=checkpoint, checkpoint_every=tc.steps,
                        progress=lambda _s: bar.update(1))
     row = {"n_fit": int(len(fit)), "fit_acc": result.final["train_acc"], "test_acc": result.final["test_acc"]}
     for group, index in held.items():
@@ -153,14 +156,21 @@ def coherence_rows(res, rule: str) -> list[dict[str, Any]]:
     return rows
 
 
+@experiment("easy-hard")
 def run(config: dict[str, Any], ctx: Context) -> Path:
     """Phase 1 with capture, easy/hard split, retraining per group, store coherence; write ``report.md``."""
     from pipelines.data import load_mnist
 
     check_config(config)
+    folder = ctx.folder
+    rules = config["split"]["rules"]
+    retrain_dirs = {(rule, group): folder.path(f"retrain-{rule}-{group}") for rule in rules for group in GROUPS}
+    for rule in rules:  # every name built from the configuration, checked before any work
+        folder.path("analysis", f"easy_hard_{rule}.csv")
+        folder.path(f"coherence_{rule}.png")
     mnist = load_mnist(ctx.data_dir)
     noise = float(config["noise"])
-    result, data, store = train_recorded(config, noise, mnist, ctx.out / "phase1", ctx, desc="phase 1 (snapshot)")
+    result, data, store = train_recorded(config, noise, mnist, folder.path("phase1"), ctx, desc="phase 1 (snapshot)")
     masks = easy_masks(result.learned, config["split"]["rules"], config["split"]["learned_by"])
     ds_ids = _tracked_train_ids(store)
     position = {int(i): k for k, i in enumerate(data.train_ids.cpu().numpy())}
@@ -176,25 +186,29 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
             if len(fit) < 1:
                 acc_rows.append({"rule": rule, "trained_on": group, "n_fit": 0})
                 continue
-            row = retrain(config, data, fit, held, ctx.out / f"retrain-{rule}-{group}", ctx,
+            row = retrain(config, data, fit, held, retrain_dirs[(rule, group)], ctx,
                           desc=f"retrain on {group} ({rule})")
             acc_rows.append({"rule": rule, "trained_on": group, **row})
         if not 0 < easy[tracked].sum() < len(tracked):
             continue  # the tracked sample lacks one group: the coherence claim says so (undecided)
         res = store_easy_hard(store, easy[tracked], nulls=config["analysis"]["nulls"], seed=config["analysis"]["seed"])
-        analysis_dir = ctx.out / "analysis"
-        analysis_dir.mkdir(exist_ok=True)
-        res.drop_vars([v for v in res.data_vars if "group_" in res[v].dims]).to_dataframe().to_csv(
-            analysis_dir / f"easy_hard_{rule}.csv")
+        with folder.writing("analysis", f"easy_hard_{rule}.csv") as path:
+            res.drop_vars([v for v in res.data_vars if "group_" in res[v].dims]).to_dataframe().to_csv(path)
         coh_rows += coherence_rows(res, rule)
-        coherence_figure(res, ctx.out / f"coherence_{rule}.png", rule=rule)
-    accuracy_figure(acc_rows, ctx.out / "heldout_accuracy.png")
-    write_csv(ctx.out / "heldout_accuracy.csv", acc_rows)
-    write_csv(ctx.out / "coherence_by_step.csv", coh_rows)
-    dump_json(ctx.out / "summary.json", {"split": split_rows, "heldout": acc_rows, "coherence": coh_rows,
-                                         "phase1_final": result.final})
+        with folder.writing(f"coherence_{rule}.png") as path:
+            coherence_figure(res, path, rule=rule)
+    with folder.writing("heldout_accuracy.png") as path:
+        accuracy_figure(acc_rows, path)
+    with folder.writing("heldout_accuracy.csv") as path:
+        write_csv(path, acc_rows)
+    with folder.writing("coherence_by_step.csv") as path:
+        write_csv(path, coh_rows)
+    with folder.writing("summary.json") as path:
+        dump_json(path, {"split": split_rows, "heldout": acc_rows, "coherence": coh_rows,
+                         "phase1_final": result.final})
     report = build_report(config, ctx, mnist.source, result.final, split_rows, acc_rows, coh_rows)
-    return report.write(ctx.out / "report.md")
+    with folder.writing("report.md") as path:
+        return report.write(path)
 
 
 def _tracked_train_ids(store: Path) -> np.ndarray:

@@ -13,7 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.experiments.common import Claim, Context, Report, dump_json, train_recorded
+from pipelines.experiments.common import (
+    Claim,
+    Context,
+    Report,
+    distinct_dirs,
+    dump_json,
+    experiment,
+    number_label,
+    train_recorded,
+)
 
 MODEL_LAYER = "(model)"
 
@@ -21,25 +30,28 @@ MODEL_LAYER = "(model)"
 def analyse_store(store: Path, out: Path, *, nulls: int, seed: int, metrics, progress: bool, resume: bool = False):
     """Analyse one run store into ``out`` (results.zarr, CSVs, PNGs); return the computed results.
 
-    A resumed run recomputes its analysis: with ``resume`` an earlier ``out`` is replaced.
+    The folder is written under a temporary name and renamed into place when complete. A resumed
+    run recomputes its analysis: with ``resume`` an earlier ``out`` is replaced, only then.
     """
-    import shutil
-
     from dask.diagnostics import ProgressBar
 
     from analysis.output import write_results
     from analysis.report import analyze, open_store
 
-    if resume and out.exists():
-        shutil.rmtree(out)
     lazy = analyze(open_store(store), metrics=metrics, n_permutations=nulls, seed=seed)
     if progress:
         with ProgressBar(minimum=1.0):
             results = lazy.compute()
     else:
         results = lazy.compute()
-    write_results(results, out)
+    write_results(results, out, replace=resume)
     return results
+
+
+def noise_dirs(folder, levels, key: str = "noise_levels") -> dict[float, Path]:
+    """The checked folder ``noise-P.PP`` of every noise level (before anything is written)."""
+    return {noise: folder.path(name) for noise, name in
+            distinct_dirs({noise: f"noise-{number_label(noise, key)}" for noise in levels}, key).items()}
 
 
 def summarise(noise: float, result, data, results) -> dict[str, Any]:
@@ -115,26 +127,33 @@ def accuracy_figure(rows, histories, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
+@experiment("label-noise")
 def run(config: dict[str, Any], ctx: Context, *, title: str = "Label noise (Coherent Gradients §2)") -> Path:
     """Run every noise level, analyse each store, write figures and ``report.md``; return its path."""
     from pipelines.data import load_mnist
 
+    folder = ctx.folder
+    dirs = noise_dirs(folder, config["noise_levels"])
     mnist = load_mnist(ctx.data_dir)
     rows, all_results, histories = [], [], []
-    for noise in config["noise_levels"]:
-        run_dir = ctx.out / f"noise-{noise:.2f}"
+    for noise, run_dir in dirs.items():
         result, data, store = train_recorded(config, noise, mnist, run_dir, ctx, desc=f"train, {noise:.0%} noise")
-        results = analyse_store(store, run_dir / "analysis", nulls=config["analysis"]["nulls"],
-                                seed=config["analysis"]["seed"], metrics=tuple(config["analysis"]["metrics"]),
-                                progress=ctx.progress, resume=ctx.resume)
+        results = analyse_store(store, folder.claim(run_dir, "analysis", kind="dir"),
+                                nulls=config["analysis"]["nulls"], seed=config["analysis"]["seed"],
+                                metrics=tuple(config["analysis"]["metrics"]), progress=ctx.progress,
+                                resume=ctx.resume)
         rows.append(summarise(noise, result, data, results))
         all_results.append(results)
         histories.append(result.history)
-    coherence_figure(rows, all_results, ctx.out / "m_coherence.png")
-    accuracy_figure(rows, histories, ctx.out / "accuracy.png")
-    dump_json(ctx.out / "summary.json", rows)
+    with folder.writing("m_coherence.png") as path:
+        coherence_figure(rows, all_results, path)
+    with folder.writing("accuracy.png") as path:
+        accuracy_figure(rows, histories, path)
+    with folder.writing("summary.json") as path:
+        dump_json(path, rows)
     report = build_report(title, config, ctx, rows, mnist.source)
-    return report.write(ctx.out / "report.md")
+    with folder.writing("report.md") as path:
+        return report.write(path)
 
 
 def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:

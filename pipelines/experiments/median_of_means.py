@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipelines.experiments.common import Claim, Context, Report, coherence_table, dump_json, write_csv
+from pipelines.experiments.common import Claim, Context, Report, coherence_table, dump_json, experiment, write_csv
 from pipelines.experiments.winsorize import binomial_se, train_condition, verdict_less
 
 #: a fixed margin, chosen before any run, for "keeps test accuracy"
@@ -29,20 +29,25 @@ def matched(history: list[dict[str, float]], level: float) -> dict[str, float]:
     return {"step": math.nan, "pristine_acc": math.nan, "corrupt_acc": math.nan, "test_acc": math.nan}
 
 
+@experiment("median-of-means")
 def run(config: dict[str, Any], ctx: Context) -> Path:
     """Train every (noise, optimizer) condition, write ``results.csv``, figures and ``report.md``."""
     from gradstore.errors import GradstoreError
     from pipelines.data import load_mnist
+    from pipelines.experiments.label_noise import noise_dirs
 
     unknown = [o for o in config["optimizers"] if o not in LABELS]
     if unknown or "sgd" not in config["optimizers"]:
         raise GradstoreError(f"optimizers must include 'sgd' and come from {', '.join(LABELS)}; got {config['optimizers']}")
+    folder = ctx.folder
+    noise_dir = noise_dirs(folder, config["noise_levels"])
+    dirs = {(p, opt): folder.path(noise_dir[p], opt) for p in noise_dir for opt in config["optimizers"]}
     mnist = load_mnist(ctx.data_dir)
     rows, histories = [], {}
     for noise in config["noise_levels"]:
         for opt in config["optimizers"]:
             result, data, coherence = train_condition(config, noise=noise, optimizer=opt, options={}, mnist=mnist,
-                                           run_dir=ctx.out / f"noise-{noise:.2f}" / opt, ctx=ctx,
+                                           run_dir=dirs[(noise, opt)], ctx=ctx,
                                            desc=f"{LABELS[opt]}, {noise:.0%} noise")
             histories[(noise, opt)] = result.history
             final = result.final
@@ -60,11 +65,16 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
                 at = matched(histories[(noise, row["optimizer"])], level)
                 row.update(matched_pristine=level, matched_step=at["step"], matched_corrupt_acc=at["corrupt_acc"],
                            matched_test_acc=at["test_acc"])
-    write_csv(ctx.out / "results.csv", rows)
-    dump_json(ctx.out / "summary.json", rows)
-    curves_figure(histories, config, ctx.out / "accuracy_curves.png")
-    tradeoff_figure(histories, config, ctx.out / "corrupt_vs_pristine.png")
-    return build_report(config, ctx, rows, mnist.source).write(ctx.out / "report.md")
+    with folder.writing("results.csv") as path:
+        write_csv(path, rows)
+    with folder.writing("summary.json") as path:
+        dump_json(path, rows)
+    with folder.writing("accuracy_curves.png") as path:
+        curves_figure(histories, config, path)
+    with folder.writing("corrupt_vs_pristine.png") as path:
+        tradeoff_figure(histories, config, path)
+    with folder.writing("report.md") as path:
+        return build_report(config, ctx, rows, mnist.source).write(path)
 
 
 def curves_figure(histories, config, path: Path) -> None:

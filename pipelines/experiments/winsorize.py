@@ -24,7 +24,10 @@ from pipelines.experiments.common import (
     Report,
     coherence_summary,
     coherence_table,
+    distinct_dirs,
     dump_json,
+    experiment,
+    number_label,
     train_recorded,
     write_csv,
 )
@@ -62,32 +65,46 @@ def train_condition(config: dict[str, Any], *, noise: float, optimizer: str, opt
                     ctx: Context, desc: str):
     """Train one (noise, optimizer) condition with a Recorder and a checkpoint in ``run_dir``; analyse its store.
 
-    Returns the :class:`~pipelines.train.TrainResult`, the :class:`~pipelines.train.TrainData` and the
+    ``run_dir`` is a folder of ``ctx.folder`` (:meth:`~pipelines.experiments.common.RunFolder.path`). Returns the :class:`~pipelines.train.TrainResult`, the :class:`~pipelines.train.TrainData` and the
     whole-model coherence summary of the store (:func:`~pipelines.experiments.common.coherence_summary`).
     """
     from pipelines.experiments.label_noise import analyse_store
 
     result, data, store = train_recorded(config, noise, mnist, run_dir, ctx, desc=desc, optimizer=optimizer,
                                          optimizer_options=options)
-    results = analyse_store(store, run_dir / "analysis", nulls=config["analysis"]["nulls"],
+    results = analyse_store(store, ctx.folder.claim(run_dir, "analysis", kind="dir"), nulls=config["analysis"]["nulls"],
                             seed=config["analysis"]["seed"], metrics=tuple(config["analysis"]["metrics"]),
                             progress=ctx.progress, resume=ctx.resume)
     return result, data, coherence_summary(results)
 
 
+def condition_dirs(folder, config) -> dict[tuple[float, int], Path]:
+    """The checked folder ``noise-P.PP/c-C`` of every (noise, c) condition, before anything is written."""
+    from pipelines.experiments.label_noise import noise_dirs
+
+    noise = noise_dirs(folder, config["noise_levels"])
+    c_names = distinct_dirs({c: f"c-{number_label(c, 'c_values', 'd')}" for c in config["c_values"]}, "c_values")
+    return {(p, c): folder.path(noise[p], name) for p in noise for c, name in c_names.items()}
+
+
+@experiment("winsorize")
 def run(config: dict[str, Any], ctx: Context) -> Path:
     """Train every (noise, c) condition, write ``results.csv``, figures and ``report.md``; return its path."""
+    from gradstore.errors import GradstoreError
     from pipelines.data import load_mnist
 
     if not config["c_values"] or not config["noise_levels"]:
-        from gradstore.errors import GradstoreError
-
         raise GradstoreError("winsorize needs at least one value in c_values and in noise_levels")
+    bad = [c for c in config["c_values"] if isinstance(c, bool) or not isinstance(c, int) or c < 0]
+    if bad:
+        raise GradstoreError(f"winsorize: every c in c_values must be an integer >= 0, got {bad[0]!r}")
+    folder = ctx.folder
+    dirs = condition_dirs(folder, config)
     mnist = load_mnist(ctx.data_dir)
     rows, histories = [], {}
     for noise in config["noise_levels"]:
         for c in config["c_values"]:
-            run_dir = ctx.out / f"noise-{noise:.2f}" / f"c-{c}"
+            run_dir = dirs[(noise, c)]
             result, data, coherence = train_condition(config, noise=noise, optimizer="winsorized-sgd", options={"c": c},
                                            mnist=mnist, run_dir=run_dir, ctx=ctx,
                                            desc=f"winsorized c={c}, {noise:.0%} noise")
@@ -107,11 +124,16 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
                 **coherence,
             })
             histories[(noise, c)] = result.history
-    write_csv(ctx.out / "results.csv", rows)
-    dump_json(ctx.out / "summary.json", rows)
-    figure_4(rows, config, ctx.out / "winsorize.png")
-    curves_figure(histories, config, ctx.out / "accuracy_curves.png")
-    return build_report(config, ctx, rows, mnist.source).write(ctx.out / "report.md")
+    with folder.writing("results.csv") as path:
+        write_csv(path, rows)
+    with folder.writing("summary.json") as path:
+        dump_json(path, rows)
+    with folder.writing("winsorize.png") as path:
+        figure_4(rows, config, path)
+    with folder.writing("accuracy_curves.png") as path:
+        curves_figure(histories, config, path)
+    with folder.writing("report.md") as path:
+        return build_report(config, ctx, rows, mnist.source).write(path)
 
 
 def figure_4(rows, config, path: Path) -> None:
