@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -49,9 +50,10 @@ def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, s
     check_null_memory(nulls, ds.sizes["example"])
     lazy = build(ds, metrics=chosen, n_permutations=nulls, seed=seed, snapshot=snapshot,
                  pair_source=pairwise_source)
-    click.echo(f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
-               f"{ds.sizes['layer']} layers; computing {', '.join(chosen)}", err=True)
-    results = _compute(lazy, scheduler, steps_per_batch)
+    with connect(scheduler) if scheduler else contextlib.nullcontext():  # while open, compute runs there
+        click.echo(f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
+                   f"{ds.sizes['layer']} layers; computing {', '.join(chosen)}", err=True)
+        results = _compute(lazy, None, steps_per_batch)
     files = write_results(results, out)
     click.echo(f"wrote {len(files)} files to {out}")
 
