@@ -175,7 +175,12 @@ class RunWriter:
         if self._digested:
             values[DIGEST] = np.array([crc32_of(values[k], self._specs[k].dtype) for k in self._digested],
                                       dtype=np.uint32)
-        self._write(values, step)
+        try:
+            self._write(values, step)
+        except OSError as exc:  # a full disk, a lost mount...: this step is not committed, the others are
+            raise StoreError(f"writing step {step} to {self.name!r} failed ({exc.strerror or exc}); it was not "
+                             f"committed and the {self.committed} committed step(s) are intact: fix the cause "
+                             f"(e.g. free disk space), then resume the run") from None
         return self.committed
 
     def _cast(self, key: str, value) -> np.ndarray:

@@ -12,6 +12,10 @@ examples, ``coords`` sampled gradient coordinates split evenly over its two laye
   synchronously (median per step) and with the Recorder's default background writer (``repeats``
   steps back to back, including the wait for the last write, fastest of 3 alternating rounds);
   the target is a ratio <= 1.25.
+* ``integrity``: the same step appended to a store with and without checksums (CRC32C per chunk,
+  CRC-32 digests per step; ``RunLayout(checksums=False)``), float32 zstd, alternating rounds, the
+  median step of each; the writer lock's acquire + release; and ``verify_run`` read-back speed.
+  The target: checksums and the lock cost at most 5% of a store write.
 """
 
 from __future__ import annotations
@@ -109,12 +113,47 @@ def run(*, examples: int, coords: int, steps: int, repeats: int, device: str, da
                 rec.record(s, model)
             rec.close()
             background = min(background, time.perf_counter() - t0)
+        out["integrity"] = _integrity(tmp, rec.layout, values, steps)
+        i = out["integrity"]
+        echo(f"  integrity: {i['with_s'] * 1e3:.1f} ms with checksums vs {i['without_s'] * 1e3:.1f} ms without "
+             f"(ratio {i['ratio']:.3f}); lock {i['lock_s'] * 1e6:.0f} us; verify {i['verify_mb_s']:.0f} MB/s")
         out["record"] = {"capture_s": c, "capture_write_s": b, "ratio": b / c, "loop_capture_s": alone / repeats,
                          "loop_record_s": background / repeats, "loop_ratio": background / alone}
         echo(f"  record (sync): capture {c * 1e3:.0f} ms, capture+write {b * 1e3:.0f} ms, ratio {b / c:.3f}")
         echo(f"  record (background, {repeats} steps): {alone / repeats * 1e3:.0f} ms vs "
              f"{background / repeats * 1e3:.0f} ms per step, ratio {background / alone:.3f}")
     return out
+
+
+def _integrity(tmp: Path, layout, values: dict, steps: int, rounds: int = 5) -> dict:
+    """Median append time with and without checksums (alternating rounds), lock cost, verify speed."""
+    import numpy as np
+
+    from gradstore.store import create_run, verify_run
+    from gradstore.store._lock import WriterLock
+
+    times = {True: [], False: []}
+    for r in range(rounds):
+        for checksums in (True, False) if r % 2 == 0 else (False, True):
+            path = tmp / f"integrity-{checksums}-{r}.zarr"
+            with create_run(path, layout.replace(checksums=checksums)) as writer:
+                for s in range(steps):
+                    t0 = time.perf_counter()
+                    writer.append_step(s, **values)
+                    if s:  # the first append of a store also creates its first chunks
+                        times[checksums].append(time.perf_counter() - t0)
+    path = tmp / "integrity-True-0.zarr"
+    t0 = time.perf_counter()
+    for _ in range(200):
+        WriterLock(path, str(path)).release()
+    lock = (time.perf_counter() - t0) / 200
+    logical = steps * sum(np.asarray(v).nbytes for v in values.values())
+    t0 = time.perf_counter()
+    assert verify_run(path).ok
+    verify = time.perf_counter() - t0
+    with_s, without_s = statistics.median(times[True]), statistics.median(times[False])
+    return {"with_s": with_s, "without_s": without_s, "ratio": with_s / without_s, "lock_s": lock,
+            "verify_s": verify, "verify_mb_s": logical / 1e6 / verify, "appends": len(times[True])}
 
 
 def markdown(rows: dict, *, examples: int, coords: int, steps: int, repeats: int, device: str) -> str:
@@ -137,4 +176,11 @@ def markdown(rows: dict, *, examples: int, coords: int, steps: int, repeats: int
               f"| background write (default; {repeats} steps back to back incl. the final wait, fastest of 3 rounds) | "
               f"{rec['loop_capture_s'] * 1e3:.0f} ms | {rec['loop_record_s'] * 1e3:.0f} ms | "
               f"{rec['loop_ratio']:.3f} ({verdict_bg} the target) |"]
+    i = rows["integrity"]
+    verdict_i = "meets" if i["ratio"] <= 1.05 else "misses"
+    lines += ["", f"Integrity (float32, zstd; median of {i['appends']} appends each, alternating stores):", "",
+              "| append with checksums | append without | ratio | writer lock (acquire + release, once per writer) "
+              "| verify_run |", "|---|---|---|---|---|",
+              f"| {i['with_s'] * 1e3:.1f} ms | {i['without_s'] * 1e3:.1f} ms | {i['ratio']:.3f} ({verdict_i} the "
+              f"≤ 1.05 target) | {i['lock_s'] * 1e6:.0f} µs | {i['verify_mb_s']:.0f} MB/s |"]
     return "\n".join(lines)

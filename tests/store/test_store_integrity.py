@@ -321,3 +321,29 @@ def test_read_during_append_sees_committed_length(tmp_path, layout):
     assert plain.sizes["step"] == 2 and plain.loss.shape == (2, layout.n_example)
     assert open_run(store).sizes["step"] == 2
     time.sleep(0)
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_committed_steps(tmp_path, layout, monkeypatch):
+    """Finding 19 (store side): an OSError such as a full disk mid-append commits nothing, loses nothing."""
+    import errno
+
+    store = tmp_path / "run.zarr"
+    with create_run(store, layout) as writer:
+        writer.append_step(0, **step_data(layout, 0))
+        setitem = zarr.Array.__setitem__
+        calls = {"n": 0}
+
+        def full(self, *a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return setitem(self, *a, **kw)
+
+        monkeypatch.setattr(zarr.Array, "__setitem__", full)
+        with pytest.raises(StoreError, match=r"writing step 1 .* failed \(No space left on device\); it was not "
+                                             r"committed and the 1 committed step"):
+            writer.append_step(1, **step_data(layout, 1))
+        monkeypatch.setattr(zarr.Array, "__setitem__", setitem)
+        assert writer.committed == 1 and open_run(store).sizes["step"] == 1
+        writer.append_step(1, **step_data(layout, 1))  # space freed: the same step goes in
+    assert verify_run(store).ok and list(open_run(store).step.values) == [0, 1]
