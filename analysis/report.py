@@ -33,6 +33,8 @@ def open_store(path) -> xr.Dataset:
     """
     from gradstore.store import open_run
 
+    if not str(path).strip():
+        raise StoreError("the run store path is empty; give the directory a capture run wrote")
     if "://" not in str(path):
         local = Path(path)
         if not local.exists():

@@ -98,7 +98,8 @@ def test_settings_that_do_not_fit_together_are_refused(tmp_path, name, text, phr
 
 def test_pairwise_metrics_can_be_dropped_when_nothing_pairwise_is_stored(tmp_path):
     path = tmp_path / "ok.toml"
-    path.write_text('[capture]\ngram = false\ncoords_per_layer = 0\n[analysis]\nmetrics = ["coherence", "loss_split"]\n')
+    path.write_text('[capture]\ngram = false\ncoords_per_layer = 0\n'
+                    '[analysis]\nmetrics = ["coherence", "loss_split"]\n')
     assert load_config("label-noise", path=path)["capture"]["gram"] is False
 
 

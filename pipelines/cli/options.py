@@ -84,5 +84,7 @@ def check_out(path: str | Path, option: str = "--out") -> None:
     if not probe.is_dir():
         raise GradstoreError(f"{option} {path}: {where} is a file, not a folder; choose another {option}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        fix = f"choose a folder you may write to with {option}" + (" or run from one" if where.startswith("the") else "")
+        fix = f"choose a folder you may write to with {option}"
+        if where == "the working folder":
+            fix += " or run from one"
         raise GradstoreError(f"{option} {path}: {where} is not writable (permission denied); {fix}")

@@ -393,7 +393,8 @@ def check_keys(schema: Schema, config: dict[str, Any], prefix: tuple[str, ...] =
     table = _get(schema.keys, prefix) if prefix else schema.keys
     if set(table) != set(config):
         raise KeyError(f"the schema of {shown_key(prefix) if prefix else 'the experiment'} covers "
-                       f"{sorted(table)} but the defaults have {sorted(config)}; update pipelines/experiments/schema.py")
+                       f"{sorted(table)} but the defaults have {sorted(config)}; "
+                       "update pipelines/experiments/schema.py")
     for key, value in config.items():
         if isinstance(table[key], dict):
             check_keys(schema, value, prefix + (key,))
