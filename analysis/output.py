@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +65,7 @@ def write_results(results: xr.Dataset, out, *, replace: bool = False) -> list[Pa
     retry = "run it again (gradstore run: with --resume)"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+        partial = _new_sibling(out, "partial")
     except OSError as exc:
         raise RunFolderError.write_failed(f"creating the analysis folder {out}", exc, retry=retry) from None
     try:
@@ -97,6 +97,17 @@ def _write_into(results: xr.Dataset, out: Path) -> list[Path]:
     return written
 
 
+def _new_sibling(out: Path, kind: str) -> Path:
+    """A new empty folder ``.NAME.KIND-PID-XXXXXXXX`` beside ``out`` (permissions as ``mkdir`` gives)."""
+    while True:
+        path = out.with_name(f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 def _check_replaceable(out: Path) -> None:
     """Refuse to replace ``out`` unless it is missing, empty, or an earlier analysis."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
@@ -115,7 +126,7 @@ def _into_place(partial: Path, out: Path, *, replace: bool) -> None:
     for _attempt in range(5):
         old = None
         if replace and out.is_dir() and any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+            old = _new_sibling(out, "old")
             try:
                 os.replace(out, old)  # onto the empty temporary folder
             except FileNotFoundError:  # another process moved it meanwhile

@@ -131,6 +131,7 @@ def train_one(config, model_name: str, noise: float, mnist, run_dir: Path, ctx: 
     folder = ctx.folder
     store = folder.claim(run_dir, "store.zarr", kind="dir")
     checkpoint, history = folder.claim(run_dir, "checkpoint.pt"), folder.claim(run_dir, "history.csv")
+    folder.makedirs(run_dir)
     recorder = Recorder(
         str(store), model,
         train_inputs=data.x_train[tr], train_targets=data.y_train[tr], train_ids=data.train_ids[tr].cpu().numpy(),
@@ -249,6 +250,10 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
                            "noise_levels")
     dirs = {(m, p): (folder.path(f"{m}-{label}"), folder.path(f"layers_{m}_{label}.png"))
             for m in config["models"] for p, label in labels.items()}  # checked before any work
+    folder.claim_all([run_dir for run_dir, _ in dirs.values()], [
+        ("store.zarr", "dir"), ("checkpoint.pt", "file"), ("history.csv", "file"), ("analysis", "dir")])
+    folder.claim_all([folder.out], [(png.name, "file") for _, png in dirs.values()] + [
+        (name, "file") for name in ("m_coherence.png", "summary.csv", "summary.json", "report.md")])
     mnist = subsample(load_mnist(ctx.data_dir), config["train_examples"], config["test_examples"], config["seed"])
     rows, results = [], {}
     for model_name in config["models"]:

@@ -106,10 +106,10 @@ class RunFolder:
         The relative paths already listed in the marker.
     """
 
-    def __init__(self, out: Path, experiment: str, files: list[str], lock: int | None = None):
+    def __init__(self, out: Path, experiment: str, files: list[str], lock: int | None = None, fresh: bool = False):
         self.out, self.experiment, self.files = Path(out), experiment, set(files)
         self.root = self.out.resolve()
-        self._lock = lock
+        self._lock, self._fresh = lock, fresh
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -141,15 +141,18 @@ class RunFolder:
                 raise RunFolderError(f"{out} {what} {MARKER}: it is not a gradstore run folder, so --resume "
                                      "will not write into it; move its files away or choose another --out")
             else:
-                folder = cls(out, experiment, [], lock)
+                folder = cls(out, experiment, [], lock, fresh=True)
             folder._save()
             return folder
         except BaseException:
             _unlock(lock)
             raise
 
-    def close(self) -> None:
-        """Release the folder's lock (the marker stays)."""
+    def close(self, *, failed: bool = False) -> None:
+        """Release the folder's lock. The marker stays, unless ``failed`` before anything it lists was
+        written by a run that started the folder (so that a corrected command can start it afresh)."""
+        if failed and self._fresh and not any((self.out / rel).exists() for rel in self.files):
+            (self.out / MARKER).unlink(missing_ok=True)
         _unlock(self._lock)
         self._lock = None
 
@@ -172,7 +175,7 @@ class RunFolder:
     def claim(self, *parts: str | Path, kind: str = "file") -> Path:
         """The checked :meth:`path` of something the run is about to write, listed in the marker first.
 
-        Its parent folders are created. Refused (one line): a parent that is a file, a ``kind``
+        Nothing is created. Refused (one line): a parent that is a file, a ``kind``
         (``"file"`` or ``"dir"``) that does not match what is there, or something already there that
         the marker does not list (not written by this run).
         """
@@ -194,8 +197,18 @@ class RunFolder:
         if not self.owns(rel):
             self.files.add(rel)
             self._save()
-        with self.errors(f"creating {path.parent}"):
-            path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def claim_all(self, folders, names) -> None:
+        """:meth:`claim` every ``(name, kind)`` of ``names`` in each of ``folders`` (before any work)."""
+        for where in folders:
+            for name, kind in names:
+                self.claim(where, name, kind=kind)
+
+    def makedirs(self, path: Path) -> Path:
+        """Create the folder ``path`` (a checked :meth:`path`) and its parents; one line if that fails."""
+        with self.errors(f"creating {path}"):
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     def owns(self, rel: str) -> bool:
@@ -208,6 +221,7 @@ class RunFolder:
         """``with folder.writing("report.md") as path:`` write there: claimed, and a file-system error
         (a full disk) becomes one line saying to run again with ``--resume``."""
         path = self.claim(*parts, kind=kind)
+        self.makedirs(path.parent)
         with self.errors(f"writing {path}"):
             yield path
 
@@ -288,12 +302,15 @@ def experiment(name: str):
         def with_folder(config, ctx, *args, **kwargs):
             if ctx.folder is not None:  # already open (nested)
                 return run(config, ctx, *args, **kwargs)
-            ctx.folder = RunFolder.open(ctx.out, name, resume=ctx.resume)
+            ctx.folder = folder = RunFolder.open(ctx.out, name, resume=ctx.resume)
+            failed = True
             try:
-                return run(config, ctx, *args, **kwargs)
+                out = run(config, ctx, *args, **kwargs)
+                failed = False
+                return out
             finally:
-                ctx.folder.close()
                 ctx.folder = None
+                folder.close(failed=failed)
         return with_folder
     return wrap
 
@@ -343,6 +360,7 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
     store = folder.claim(run_dir, "store.zarr", kind="dir")
     checkpoint = folder.claim(run_dir, "checkpoint.pt")
     history, learned = folder.claim(run_dir, "history.csv"), folder.claim(run_dir, "learned_times.npz")
+    folder.makedirs(run_dir)
     model = build_model(config["model"], seed=seed).to(ctx.device)
     with folder.errors(f"recording the run store {store}"):
         recorder = make_recorder(  # sharded over the ranks of `gradstore run --nproc N`
@@ -367,6 +385,11 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
         np.savez(learned, example_id=data.train_ids.cpu().numpy(), first_learned=result.learned.first_learned,
                  run_start=result.learned.run_start, corrupt=data.corrupt.cpu().numpy())
     return result, data, store
+
+
+#: what :func:`train_recorded` and the analysis of its store write in a condition's folder
+RECORDED = (("store.zarr", "dir"), ("checkpoint.pt", "file"), ("history.csv", "file"),
+            ("learned_times.npz", "file"), ("analysis", "dir"))
 
 
 def tracked_samples(cap: dict[str, Any], n_train: int, n_test: int, seed: int):

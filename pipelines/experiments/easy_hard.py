@@ -22,7 +22,16 @@ from typing import Any
 import numpy as np
 
 from gradstore.errors import GradstoreError
-from pipelines.experiments.common import Claim, Context, Report, dump_json, experiment, train_recorded, write_csv
+from pipelines.experiments.common import (
+    RECORDED,
+    Claim,
+    Context,
+    Report,
+    dump_json,
+    experiment,
+    train_recorded,
+    write_csv,
+)
 
 MODEL_LAYER = "(model)"
 RULES = ("snapshot", "first_learned")
@@ -97,6 +106,7 @@ def retrain(config, data, fit: np.ndarray, held: dict[str, np.ndarray], run_dir:
                     corrupt=data.corrupt[part], train_ids=data.train_ids[part], x_test=data.x_test,
                     y_test=data.y_test, test_ids=data.test_ids, noise=data.noise)
     checkpoint = ctx.folder.claim(run_dir, "checkpoint.pt")
+    ctx.folder.makedirs(run_dir)
     model = build_model(config["model"], seed=tc.seed).to(ctx.device)
     with tqdm(total=tc.steps, desc=desc, unit="step", disable=not ctx.progress, leave=False) as bar:
         result = train(tc, sub, model=model, checkpoint=checkpoint, checkpoint_every=tc.steps,
@@ -165,9 +175,13 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
     folder = ctx.folder
     rules = config["split"]["rules"]
     retrain_dirs = {(rule, group): folder.path(f"retrain-{rule}-{group}") for rule in rules for group in GROUPS}
-    for rule in rules:  # every name built from the configuration, checked before any work
-        folder.path("analysis", f"easy_hard_{rule}.csv")
-        folder.path(f"coherence_{rule}.png")
+    # every name built from the configuration checked, and what exists refused if not the run's own, before any work
+    folder.claim_all([folder.path("phase1")], RECORDED[:4])
+    folder.claim_all(retrain_dirs.values(), [("checkpoint.pt", "file")])
+    folder.claim_all([folder.path("analysis")], [(f"easy_hard_{rule}.csv", "file") for rule in rules])
+    folder.claim_all([folder.out], [(f"coherence_{rule}.png", "file") for rule in rules] + [
+        (name, "file") for name in ("heldout_accuracy.png", "heldout_accuracy.csv", "coherence_by_step.csv",
+                                    "summary.json", "report.md")])
     mnist = load_mnist(ctx.data_dir)
     noise = float(config["noise"])
     result, data, store = train_recorded(config, noise, mnist, folder.path("phase1"), ctx, desc="phase 1 (snapshot)")

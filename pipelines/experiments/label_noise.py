@@ -16,6 +16,7 @@ import numpy as np
 from pipelines.experiments.common import (
     Claim,
     Context,
+    RECORDED,
     Report,
     distinct_dirs,
     dump_json,
@@ -134,6 +135,9 @@ def run(config: dict[str, Any], ctx: Context, *, title: str = "Label noise (Cohe
 
     folder = ctx.folder
     dirs = noise_dirs(folder, config["noise_levels"])
+    folder.claim_all(dirs.values(), RECORDED)  # refused now, not after training, if not the run's own
+    folder.claim_all([folder.out], [(name, "file") for name in ("m_coherence.png", "accuracy.png", "summary.json",
+                                                                "report.md")])
     mnist = load_mnist(ctx.data_dir)
     rows, all_results, histories = [], [], []
     for noise, run_dir in dirs.items():

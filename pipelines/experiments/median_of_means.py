@@ -13,7 +13,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipelines.experiments.common import Claim, Context, Report, coherence_table, dump_json, experiment, write_csv
+from pipelines.experiments.common import (
+    RECORDED,
+    Claim,
+    Context,
+    Report,
+    coherence_table,
+    dump_json,
+    experiment,
+    write_csv,
+)
 from pipelines.experiments.winsorize import binomial_se, train_condition, verdict_less
 
 #: a fixed margin, chosen before any run, for "keeps test accuracy"
@@ -42,6 +51,9 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
     folder = ctx.folder
     noise_dir = noise_dirs(folder, config["noise_levels"])
     dirs = {(p, opt): folder.path(noise_dir[p], opt) for p in noise_dir for opt in config["optimizers"]}
+    folder.claim_all(dirs.values(), RECORDED)  # refused now, not after training, if not the run's own
+    folder.claim_all([folder.out], [(name, "file") for name in ("results.csv", "summary.json", "accuracy_curves.png",
+                                                                "corrupt_vs_pristine.png", "report.md")])
     mnist = load_mnist(ctx.data_dir)
     rows, histories = [], {}
     for noise in config["noise_levels"]:

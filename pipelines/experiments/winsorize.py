@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.experiments.common import (
+    RECORDED,
     Claim,
     Context,
     Report,
@@ -100,6 +101,9 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
         raise GradstoreError(f"winsorize: every c in c_values must be an integer >= 0, got {bad[0]!r}")
     folder = ctx.folder
     dirs = condition_dirs(folder, config)
+    folder.claim_all(dirs.values(), RECORDED)  # refused now, not after training, if not the run's own
+    folder.claim_all([folder.out], [(name, "file") for name in ("results.csv", "summary.json", "winsorize.png",
+                                                                "accuracy_curves.png", "report.md")])
     mnist = load_mnist(ctx.data_dir)
     rows, histories = [], {}
     for noise in config["noise_levels"]:
