@@ -59,8 +59,12 @@ def recorder(store, model, data: TrainData, **options) -> Recorder:
                     **options)
 
 
-def recorded_run(run_dir, *, steps: int = STEPS, checkpoint_every: int = CHECKPOINT_EVERY, **recorder_options):
-    """Train the tiny model with a Recorder and a checkpoint in ``run_dir`` (resumed where they exist)."""
+def recorded_run(run_dir, *, steps: int = STEPS, checkpoint_every: int = CHECKPOINT_EVERY, checkpoint=None,
+                 **recorder_options):
+    """Train the tiny model with a Recorder and a checkpoint in ``run_dir`` (resumed where they exist).
+
+    ``checkpoint`` puts the checkpoint elsewhere (default ``run_dir/checkpoint.pt``).
+    """
     from pipelines.train import train
 
     run_dir = Path(run_dir)
@@ -68,8 +72,8 @@ def recorded_run(run_dir, *, steps: int = STEPS, checkpoint_every: int = CHECKPO
     data = tiny_data()
     model = tiny_model()
     with recorder(run_dir / "store.zarr", model, data, **recorder_options) as rec:
-        return train(tiny_config(steps), data, model=model, observers=[rec], checkpoint=run_dir / "checkpoint.pt",
-                     checkpoint_every=checkpoint_every)
+        return train(tiny_config(steps), data, model=model, observers=[rec],
+                     checkpoint=checkpoint or run_dir / "checkpoint.pt", checkpoint_every=checkpoint_every)
 
 
 def kill_at_checkpoint(k: int, *, after: bool) -> None:
