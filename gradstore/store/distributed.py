@@ -291,8 +291,6 @@ class DistributedRecorder(Recorder):
     """
 
     def __init__(self, *args, **kwargs):
-        import torch.distributed as dist
-
         rank, size = world()
         if size < 2:
             raise StoreError("DistributedRecorder needs a torch.distributed process group of 2 or more ranks; "

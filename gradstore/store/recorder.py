@@ -249,6 +249,17 @@ class Recorder:
         flight; the next capture waits for it). Call :meth:`close` (or use ``with``) to wait for
         the last write; a write error is raised by the next ``record``/``close``. A step becomes
         visible to readers when its write commits, exactly as with ``background=False``.
+
+    Raises
+    ------
+    StoreError, CaptureError
+        Before any store is created, one line naming the argument: inputs that are not finite
+        tensors or that the model cannot take (checked by one forward pass of two train examples in
+        eval mode, the run left untouched), targets that are not a 1-d integer tensor in
+        [0, n_classes) (the width of the model's output), a ``loss_fn`` that does not return
+        per-example losses carrying a gradient, ids that are not distinct integers (test ids
+        included), a test or moments sample given in part, lengths that differ, or a model without
+        trainable parameters.
     """
 
     def __init__(self, target, model, *, train_inputs, train_targets, train_ids, train_true=None,
@@ -259,8 +270,6 @@ class Recorder:
                  compression: str = "zstd", config: dict | None = None, seeds: dict | None = None,
                  overwrite: bool = False, resume: bool = True, storage_options: dict | None = None,
                  background: bool = True, autocast: str | None = None):
-        import torch
-
         from gradstore.capture import Projection, plan
         from gradstore.capture.engine import _require_trainable
 
