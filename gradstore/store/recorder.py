@@ -364,6 +364,8 @@ class Recorder:
     def record(self, step: int, model, *, lr=math.nan, train_loss=math.nan, train_acc=math.nan,
                test_loss=math.nan, test_acc=math.nan) -> None:
         """Capture the tracked sample now and append it as ``step`` (regardless of the schedule)."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise StoreError(f"step must be an integer >= 0 (the training step number), got {step!r}")
         step = int(step)
         last = self._last_step()
         if last is not None and step <= last:

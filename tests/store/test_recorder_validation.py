@@ -172,3 +172,14 @@ def test_a_custom_loss_is_checked_on_the_probe_and_then_used(tmp_path):
         rec.record(0, model)
     np.testing.assert_allclose(open_run(tmp_path / "run.zarr").loss.values[0], smooth(model(X), Y).detach().numpy(),
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("step", ["x", 1.5, 2.0, -1, True, None])
+def test_record_refuses_a_step_that_is_not_a_training_step_number(tmp_path, step):
+    model = tiny_model()
+    with Recorder(tmp_path / "run.zarr", model, **_kwargs()) as rec:
+        with pytest.raises(StoreError, match=r"step must be an integer >= 0") as err:
+            rec.record(step, model)
+        assert "\n" not in str(err.value)
+        rec.record(np.int64(3), model)  # numpy integers are steps too
+    assert open_run(tmp_path / "run.zarr").step.values.tolist() == [3]
