@@ -191,6 +191,20 @@ def test_resume_into_a_damaged_folder_is_one_line(finished, tiny, capsys, what):
     assert snapshot(finished) == before
 
 
+def test_resume_with_the_store_deleted_and_the_checkpoint_kept_is_one_line(finished, tiny, capsys):
+    """Not an IndexError, and not a store silently missing its early steps."""
+    shutil.rmtree(finished / "noise-0.50" / "store.zarr")
+    code, err = run_cli(capsys, finished, "--resume", config=tiny)
+    assert code == 2
+    line = one_line(err)
+    assert "holds 0 committed steps" in line and "checkpoint.pt" in line and "--resume" in line
+    (finished / "noise-0.50" / "checkpoint.pt").unlink()  # the fix the line names: replay from step 0
+    assert run_cli(capsys, finished, "--resume", config=tiny)[0] == 0
+    from gradstore.store import open_run
+
+    assert open_run(finished / "noise-0.50" / "store.zarr").step.values.tolist() == [0, 1, 2, 4]
+
+
 def test_out_is_a_file_is_one_line(tmp_path):
     from pipelines.experiments.common import prepare_out
 

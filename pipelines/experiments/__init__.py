@@ -3,6 +3,10 @@
 ``EXPERIMENTS`` maps a name to ``(module, function, one-line description)``; the function takes the
 merged configuration (``pipelines/configs/NAME.toml``) and a :class:`~pipelines.experiments.common.Context`
 and returns the path of the markdown report it wrote.
+
+Each function is wrapped by :func:`~pipelines.experiments.common.experiment`: it runs with
+``ctx.folder``, the :class:`~pipelines.experiments.common.RunFolder` of ``--out`` (marker checked or
+written first, folder locked), and writes every file through it.
 """
 
 EXPERIMENTS: dict[str, tuple[str, str, str]] = {
