@@ -72,13 +72,26 @@ def capture_workers(nproc: int, device: str = "cpu", threads: int = 0):
         yield
         return
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if dist.is_initialized():
         raise GradstoreError("a torch.distributed process group is already initialised in this process; "
                              "capture_workers starts its own")
     folder = tempfile.mkdtemp(prefix="gradstore-rendezvous-")  # mode 0700: this user only
-    rendezvous = os.path.join(folder, "store")
+    try:
+        with _group(nproc, os.path.join(folder, "store"), device, threads):
+            yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def _group(nproc: int, rendezvous: str, device: str, threads: int):
+    """Spawn the workers, join the group as rank 0 (one new secret for this run), stop them on exit."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from gradstore.store.distributed import set_group_key, stop_workers
+
     key = secrets.token_bytes(32)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     context = mp.spawn(_worker, args=(nproc, rendezvous, key, device, threads), nprocs=nproc - 1, join=False)
@@ -90,8 +103,6 @@ def capture_workers(nproc: int, device: str = "cpu", threads: int = 0):
     finally:
         try:
             if ok:
-                from gradstore.store.distributed import stop_workers
-
                 stop_workers()
                 while not context.join(timeout=60):
                     pass
@@ -104,10 +115,7 @@ def capture_workers(nproc: int, device: str = "cpu", threads: int = 0):
                     process.join(timeout=10)
             if dist.is_initialized():
                 dist.destroy_process_group()
-            from gradstore.store.distributed import set_group_key
-
             set_group_key(None)
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def bench(*, models=("mlp-3x256", "mlp-cg"), sizes=(256, 1024), nprocs=(1, 2), threads: int = 1,

@@ -123,3 +123,34 @@ def test_a_worker_refuses_a_forged_broadcast_and_stops_without_unpickling_it(tmp
     assert len(lines) == 1 and lines[0].startswith("gradstore: error: capture worker 1: ")
     assert "failed authentication" in lines[0]
 
+
+
+def _rendezvous_folders() -> set:
+    import glob
+    import tempfile
+
+    return set(glob.glob(f"{tempfile.gettempdir()}/gradstore-rendezvous-*"))
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_rendezvous_is_a_private_folder_removed_afterwards(fails):
+    """No TCP store for other users to reach: a file store in a 0700 folder, gone when the block ends."""
+    import os
+    import stat
+
+    before = _rendezvous_folders()
+    with pytest.raises(RuntimeError, match="leave") if fails else _nothing():
+        with capture_workers(2):
+            new = _rendezvous_folders() - before
+            assert len(new) == 1
+            assert stat.S_IMODE(os.stat(new.pop()).st_mode) == 0o700
+            if fails:
+                raise RuntimeError("leave")
+    assert _rendezvous_folders() - before == set()
+    assert world() == (0, 1)
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
