@@ -121,7 +121,7 @@ class RunFolder:
         without one is refused (an empty folder starts the run afresh).
         """
         out = Path(out)
-        if out.is_symlink() or not out.is_dir():
+        if not out.is_dir():
             raise RunFolderError(f"--out {out} is not a folder; give a folder for the experiment's results")
         lock = _lock_folder(out)
         try:
@@ -132,9 +132,9 @@ class RunFolder:
                     raise RunFolderError(f"{out} already holds results; pass --resume to continue that run "
                                          "or choose another --out")
                 if state["experiment"] != experiment:
-                    raise RunFolderError(f"{out} holds a {state['experiment']!r} run, not {experiment!r}; "
-                                         f"resume it with `gradstore run {state['experiment']} --resume` "
-                                         "or choose another --out")
+                    other = state["experiment"][:60]
+                    raise RunFolderError(f"{out} holds a {other!r} run, not {experiment!r}; resume it with "
+                                         f"`gradstore run {other!r} --resume` or choose another --out")
                 folder = cls(out, experiment, state["files"], lock)
             elif any(out.iterdir()):
                 what = "has no" if resume else "already holds files and no"
