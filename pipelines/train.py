@@ -138,8 +138,8 @@ class Observer(Protocol):
     ``checkpoint_state() -> dict[str, int]``
         What is durable now, as plain ints, at least ``committed`` (steps committed; for a store
         also ``last_step``, -1 for none). Saved in the checkpoint; on resume the trainer refuses
-        an observer that now holds fewer committed steps than the checkpoint recorded. A
-        :class:`gradstore.store.Recorder` is read without it (see :func:`observer_state`).
+        an observer that now holds fewer committed steps than the checkpoint recorded
+        (:class:`gradstore.store.Recorder` has both).
     """
 
     def wants(self, step: int) -> bool:
@@ -152,18 +152,12 @@ class Observer(Protocol):
 def observer_state(observer) -> dict[str, int] | None:
     """What ``observer`` has made durable, as plain ints (None if it does not say).
 
-    Its ``checkpoint_state()`` if it has one; for a :class:`gradstore.store.Recorder` (which has
-    ``committed`` and a ``writer``) the committed step count and the last committed step (-1: none).
+    Its ``checkpoint_state()``, if it has one.
     """
     method = getattr(observer, "checkpoint_state", None)
-    if callable(method):
-        state = method()
-    elif isinstance(getattr(observer, "committed", None), int) and hasattr(observer, "writer"):
-        last = observer.writer.last_step
-        state = {"committed": observer.committed, "last_step": -1 if last is None else last}
-    else:
+    if not callable(method):
         return None
-    return {str(key): int(value) for key, value in state.items()}
+    return {str(key): int(value) for key, value in method().items()}
 
 
 def flush_observers(observers: Sequence[Observer], step: int) -> None:

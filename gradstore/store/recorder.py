@@ -348,6 +348,15 @@ class Recorder:
         """Number of committed steps in the store."""
         return self.writer.committed
 
+    def checkpoint_state(self) -> dict[str, int]:
+        """What the store holds durably: ``committed`` steps and the ``last_step`` (-1: none).
+
+        Observer protocol of :func:`pipelines.train.train` (saved in each checkpoint, after
+        :meth:`flush`); call :meth:`flush` first to include the write in flight.
+        """
+        last = self.writer.last_step
+        return {"committed": self.writer.committed, "last_step": -1 if last is None else int(last)}
+
     def wants(self, step: int) -> bool:
         """Whether ``step`` is scheduled and not already committed (a resumed run skips those)."""
         last = self._last_step()

@@ -180,7 +180,7 @@ class RunWriter:
         except OSError as exc:  # a full disk, a lost mount...: this step is not committed, the others are
             raise StoreError(f"writing step {step} to {self.name!r} failed ({exc.strerror or exc}); it was not "
                              f"committed and the {self.committed} committed step(s) are intact: fix the cause "
-                             f"(e.g. free disk space), then resume the run") from None
+                             f"(e.g. free disk space), then resume (--resume on the command line)") from None
         return self.committed
 
     def _cast(self, key: str, value) -> np.ndarray:
@@ -272,6 +272,16 @@ def create_run(target, layout: RunLayout, *, config: dict | None = None, seeds: 
     """
     if not isinstance(layout, RunLayout):
         raise StoreError(f"layout must be a gradstore.store.RunLayout, got {type(layout).__name__}")
+    try:
+        return _create_or_resume(target, layout, config=config, seeds=seeds, code=code, overwrite=overwrite,
+                                 resume=resume, storage_options=storage_options)
+    except OSError as exc:  # a full disk, a read-only folder...: committed steps of a resumed run are intact
+        raise StoreError(f"cannot write the run store {_location.describe(target)!r} "
+                         f"({exc.strerror or exc}); fix the cause (free disk space, permissions) and run "
+                         f"again") from None
+
+
+def _create_or_resume(target, layout, *, config, seeds, code, overwrite, resume, storage_options) -> RunWriter:
     name = _location.describe(target)
     store = _location.open_store(target, read_only=False, storage_options=storage_options)
     path = _location.local_path(target) if not isinstance(target, zarr.abc.store.Store) else None

@@ -93,11 +93,9 @@ class PrimedRecorder:
         """Wait for the Recorder's write in flight (the trainer calls this before a checkpoint)."""
         self.recorder.flush()
 
-    def checkpoint_state(self) -> dict[str, int] | None:
+    def checkpoint_state(self) -> dict[str, int]:
         """The Recorder's committed steps, for the checkpoint (:func:`pipelines.train.observer_state`)."""
-        from pipelines.train import observer_state
-
-        return observer_state(self.recorder)
+        return self.recorder.checkpoint_state()
 
 
 def train_one(config, model_name: str, noise: float, mnist, run_dir: Path, ctx: Context):
