@@ -18,11 +18,13 @@ from gradstore.errors import AnalysisError, StoreError
 METRICS = ("coherence", "stiffness", "confusion", "loss_split", "easy_hard", "minibatch")
 
 
-def open_store(path) -> xr.Dataset:
+def open_store(path, *, verify: bool = False, skip_damaged: bool = False, progress=None) -> xr.Dataset:
     """Open a run store lazily; one-line errors if it is missing, not a run or has nothing to analyse.
 
     ``path`` is a local directory or an fsspec URL (``s3://...``), passed on to
-    :func:`gradstore.store.open_run`.
+    :func:`gradstore.store.open_run`. With ``verify``, every committed value is first read back and
+    checked (:func:`gradstore.store.verify_run`): a damaged store is refused, or with
+    ``skip_damaged`` its damaged steps are left out (listed in ``attrs["skipped_steps"]``).
 
     Raises
     ------
@@ -41,7 +43,15 @@ def open_store(path) -> xr.Dataset:
             raise StoreError(f"no run store at {str(local)!r}; give the directory a capture run wrote")
         if not local.is_dir():
             raise StoreError(f"{str(local)!r} is a file, not a run store directory; give the run's directory")
-    ds = open_run(str(path))
+    skip = ()
+    if verify:
+        from gradstore.store import verify_run
+
+        checked = verify_run(str(path), progress=progress)
+        if not checked.ok and (checked.static_damage or not skip_damaged):
+            raise StoreError(checked.message())
+        skip = checked.damaged_indices
+    ds = open_run(str(path), skip_steps=skip)
     check_not_empty(ds, str(path))
     return ds
 

@@ -28,10 +28,9 @@ def crc32_of(value, dtype: str) -> int:
     Strings (``dtype="str"``) are hashed as the UTF-8 bytes of each element followed by a NUL.
     """
     if dtype == "str":
-        data = b"".join(str(s).encode("utf-8") + b"\0" for s in np.asarray(value, dtype=object).reshape(-1))
-    else:
-        data = np.ascontiguousarray(np.asarray(value, dtype=np.dtype(dtype).newbyteorder("<"))).tobytes()
-    return zlib.crc32(data)
+        return zlib.crc32(b"".join(str(s).encode("utf-8") + b"\0" for s in np.asarray(value, dtype=object).reshape(-1)))
+    data = np.ascontiguousarray(np.asarray(value, dtype=np.dtype(dtype).newbyteorder("<")))
+    return zlib.crc32(data.reshape(-1).view(np.uint8))  # the buffer itself, no copy
 
 
 def chunk_key(name: str, chunk_index: tuple[int, ...]) -> str:

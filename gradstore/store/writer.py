@@ -87,7 +87,7 @@ def _metadata_document(arr: zarr.Array) -> dict:
 
 def _put(store, key: str, document: dict) -> None:
     """Replace ``key`` with a JSON document in one write (atomic on local disks and object stores)."""
-    data = json.dumps(document, indent=2, allow_nan=False).encode()
+    data = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
     sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
 

@@ -36,9 +36,15 @@ CONNECT_TIMEOUT = 5
               help="dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads.")
 @click.option("--steps-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Steps computed together; peak memory grows with it, not with the run's length.")
+@click.option("--skip-damaged", is_flag=True,
+              help="Leave out the steps that fail verification (named in the output) instead of refusing the store.")
 def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, snapshot: int | None,
-            pairwise_source: str | None, scheduler: str | None, steps_per_batch: int) -> None:
-    """Compute coherence, stiffness, confusion, loss split, easy/hard and minibatch metrics of STORE."""
+            pairwise_source: str | None, scheduler: str | None, steps_per_batch: int, skip_damaged: bool) -> None:
+    """Compute coherence, stiffness, confusion, loss split, easy/hard and minibatch metrics of STORE.
+
+    STORE is verified first (every committed value read back against its checksum and digest); a
+    damaged store is refused with one line naming the array, chunk and step, unless --skip-damaged.
+    """
     from analysis.output import prepare_out, write_results
     from analysis.report import analyze as build, check_metrics, open_store
 
@@ -46,7 +52,11 @@ def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, s
     out = out if out is not None else _default_out(store)
     check_out(out)
     out = prepare_out(out)
-    ds = open_store(store)  # refuses a store with no committed step or no example
+    ds = open_store(store, verify=True, skip_damaged=skip_damaged, progress=_verify_bar)
+    skipped = ds.attrs.get("skipped_steps", [])
+    if skipped:
+        click.echo(f"{store}: leaving out {len(skipped)} damaged step(s): {', '.join(map(str, skipped[:10]))}"
+                   + (" ..." if len(skipped) > 10 else ""), err=True)
     check_null_memory(nulls, ds.sizes["example"])
     lazy = build(ds, metrics=chosen, n_permutations=nulls, seed=seed, snapshot=snapshot,
                  pair_source=pairwise_source)
@@ -54,8 +64,16 @@ def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, s
         click.echo(f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
                    f"{ds.sizes['layer']} layers; computing {', '.join(chosen)}", err=True)
         results = _compute(lazy, None, steps_per_batch)
+    if skipped:
+        results.attrs["skipped_steps"] = list(skipped)
     files = write_results(results, out)
     click.echo(f"wrote {len(files)} files to {out}")
+
+
+def _verify_bar(arrays):
+    from tqdm import tqdm
+
+    return tqdm(arrays, desc="verifying", unit="array", file=sys.stderr, leave=False)
 
 
 def _default_out(store: str) -> Path:
