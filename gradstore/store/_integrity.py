@@ -4,33 +4,34 @@ Three layers (``docs/store-format.md``, "Integrity"):
 
 - every chunk is stored with a CRC32C checksum (the Zarr v3 ``crc32c`` codec, after compression),
   so flipped bytes fail to decode instead of decoding to other numbers;
-- every committed step carries, in ``step_crc32`` (dims ``step``, ``stored``), the CRC-32 of each
+- every committed step carries, in ``step_crc32c`` (dims ``step``, ``stored``), the CRC32C of each
   per-step array's slot as written (:func:`crc32_of`); static arrays carry theirs in the root
-  attribute ``static_crc32``. A deleted chunk reads back as fill values and a swapped shard as
+  attribute ``static_crc32c``. A deleted chunk reads back as fill values and a swapped shard as
   another step's values; both disagree with the digest;
 - every chunk (or shard) that the committed steps cover must exist.
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
+import google_crc32c  # zarr's own crc32c codec uses it
 import numpy as np
 
 #: the per-step digest array and its static coordinate (names of the arrays digested, in order)
-DIGEST, DIGESTED = "step_crc32", "stored"
+DIGEST, DIGESTED = "step_crc32c", "stored"
 
 
 def crc32_of(value, dtype: str) -> int:
-    """CRC-32 (zlib / ISO-HDLC) of ``value`` as stored: C order, little-endian ``dtype`` bytes.
+    """CRC32C (Castagnoli, RFC 3720; what the zarr ``crc32c`` codec uses) of ``value`` as stored:
+    C order, little-endian ``dtype`` bytes.
 
     Strings (``dtype="str"``) are hashed as the UTF-8 bytes of each element followed by a NUL.
     """
     if dtype == "str":
-        return zlib.crc32(b"".join(str(s).encode("utf-8") + b"\0" for s in np.asarray(value, dtype=object).reshape(-1)))
+        return google_crc32c.value(b"".join(str(s).encode("utf-8") + b"\0" for s in np.asarray(value, dtype=object).reshape(-1)))
     data = np.ascontiguousarray(np.asarray(value, dtype=np.dtype(dtype).newbyteorder("<")))
-    return zlib.crc32(data.reshape(-1).view(np.uint8))  # the buffer itself, no copy
+    return google_crc32c.value(data.reshape(-1).view(np.uint8))  # the buffer itself, no copy
 
 
 def chunk_key(name: str, chunk_index: tuple[int, ...]) -> str:

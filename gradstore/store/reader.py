@@ -19,7 +19,7 @@ from gradstore.store.schema import AUX_COORDS, COMMITTED, array_specs
 #: index coordinates, loaded eagerly (small)
 _INDEX = ("step", "example", "example_", "layer", "sample", "coord", "proj")
 #: attributes that describe the on-disk state rather than the run
-_INTERNAL_ATTRS = ("coordinates", "static_crc32", "writer")
+_INTERNAL_ATTRS = ("coordinates", "static_crc32c", "writer")
 #: arrays of the integrity protocol, not of the run
 _INTERNAL_ARRAYS = (DIGEST, DIGESTED)
 

@@ -94,7 +94,7 @@ class RunLayout:
     compression : {"zstd", "blosc", "none"}
         Compressor of every array (not checked on resume).
     checksums : bool, default True
-        Store a CRC32C checksum with every chunk and a CRC-32 digest of every step's values, so
+        Store a CRC32C checksum with every chunk and a CRC32C digest of every step's values, so
         damage is detected (``docs/store-format.md``, "Integrity"). False only to measure what they
         cost (``gradstore bench store``): such a store cannot tell damaged values from good ones.
     """
@@ -241,7 +241,7 @@ def array_specs(layout: RunLayout) -> dict[str, ArraySpec]:
 
 
 def digested_arrays(layout: RunLayout) -> tuple[str, ...]:
-    """The per-step arrays whose slots ``step_crc32`` digests, in the order of its ``stored`` axis."""
+    """The per-step arrays whose slots ``step_crc32c`` digests, in the order of its ``stored`` axis."""
     return tuple(k for k, s in array_specs(layout).items() if s.per_step and k != DIGEST)
 
 

@@ -3,8 +3,8 @@
 :func:`verify_run` is what ``gradstore inspect --verify`` and ``gradstore analyze`` run. It checks
 the commit record (array lengths, ``last_step``, increasing steps), that every chunk the committed
 steps need exists, that every chunk decodes (its CRC32C checksum matches), and that every step's
-values have the CRC-32 digest recorded when the step was committed (``step_crc32``), and every
-static array the one recorded at creation (``static_crc32``).
+values have the CRC32C digest recorded when the step was committed (``step_crc32c``), and every
+static array the one recorded at creation (``static_crc32c``).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _check_rows(key, spec, arr, start, stop, digests, steps) -> list[Problem]:
         return [Problem(key, _step_chunk(key, spec, i), i, _step_at(steps, i), f"unreadable ({_short(exc)})")
                 for i in range(start, stop)]
     return [Problem(key, _step_chunk(key, spec, i), i, _step_at(steps, i),
-                    "values differ from those committed (CRC-32 digest mismatch)")
+                    "values differ from those committed (CRC32C digest mismatch)")
             for i, row, want in zip(range(start, stop), block, digests)
             if crc32_of(row, spec.dtype) != int(want)]
 
@@ -154,9 +154,9 @@ def _check_values(result: Verification, arrays, layout: RunLayout, attrs: dict, 
     if not layout.checksums:
         return
     missing = {(p.array, p.index) for p in found}
-    recorded = attrs.get("static_crc32")
+    recorded = attrs.get("static_crc32c")
     if not isinstance(recorded, dict):
-        raise StoreError(f"{name!r} is damaged: root attribute 'static_crc32' is missing")
+        raise StoreError(f"{name!r} is damaged: root attribute 'static_crc32c' is missing")
     for key, spec in specs.items():
         if spec.per_step or (key, None) in missing:
             continue
@@ -168,7 +168,7 @@ def _check_values(result: Verification, arrays, layout: RunLayout, attrs: dict, 
             continue
         if crc32_of(value, spec.dtype) != recorded.get(key):
             result.problems.append(Problem(key, chunk_key(key, (0,) * len(spec.dims)), None, None,
-                                           "values differ from those written (CRC-32 digest mismatch)"))
+                                           "values differ from those written (CRC32C digest mismatch)"))
     if (DIGEST, 0) in missing or committed == 0:
         return
     digests = _digests(arrays, committed, result.problems, steps)

@@ -37,15 +37,15 @@ def main(store: str, n_steps: int, moment: str, k: int, slow: float = 0.0) -> No
             if seen["n"] == k:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    resize, setitem, put = zarr.Array.resize, zarr.Array.__setitem__, writer_module._put
+    resize, setitem, put = zarr.AsyncArray.resize, zarr.AsyncArray.setitem, writer_module._put
 
-    def counted_resize(self, *a, **kw):
+    async def counted_resize(self, *a, **kw):
         tick("resize")
-        return resize(self, *a, **kw)
+        return await resize(self, *a, **kw)
 
-    def counted_setitem(self, *a, **kw):
+    async def counted_setitem(self, *a, **kw):
         tick("write")
-        return setitem(self, *a, **kw)
+        return await setitem(self, *a, **kw)
 
     def counted_put(store_, key, document):
         tick("commit")
@@ -55,7 +55,7 @@ def main(store: str, n_steps: int, moment: str, k: int, slow: float = 0.0) -> No
             time.sleep(slow)
 
     writer_module_state = {"open": False}
-    zarr.Array.resize, zarr.Array.__setitem__, writer_module._put = counted_resize, counted_setitem, counted_put
+    zarr.AsyncArray.resize, zarr.AsyncArray.setitem, writer_module._put = counted_resize, counted_setitem, counted_put
     layout = small_layout()
     with create_run(store, layout) as writer:
         writer_module_state["open"] = True  # count the appends' moments only, not creation's
