@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import zarr
 import zarr.errors
@@ -153,6 +155,37 @@ def check_arrays(group: zarr.Group, layout: RunLayout, committed: int, name: str
             raise StoreError(f"{name!r} is damaged: array {key!r} has shape {shape}, expected {want}")
         arrays[key] = arr
     return arrays
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A run store opened for reading through its commit record, its metadata checked."""
+
+    name: str
+    store: object
+    attrs: dict
+    layout: RunLayout
+    committed: int
+    arrays: dict
+
+
+def open_committed(target, storage_options: dict | None = None) -> Committed:
+    """Open ``target`` for reading: the commit record, the layout and every array, checked against
+    the schema and against the arrays' own metadata (no data read but the static arrays)."""
+    import os
+
+    from gradstore.store import _location
+
+    if not isinstance(target, (str, os.PathLike, zarr.abc.store.Store)):
+        raise StoreError(f"a run store is a path or URL (str or path), got {type(target).__name__}")
+    name = _location.describe(target)
+    store = _location.open_store(target, read_only=True, storage_options=storage_options)
+    group, attrs = open_root(store, name)
+    layout = layout_from_store(group, attrs, name)
+    committed = attrs[COMMITTED]
+    arrays = check_arrays(group, layout, committed, name)
+    own_metadata(store, layout, committed, name)
+    return Committed(name, store, attrs, layout, committed, arrays)
 
 
 def own_metadata(store, layout: RunLayout, committed: int, name: str) -> None:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import dask.array as da
 import numpy as np
 import xarray as xr
-import zarr
 
 from gradstore.errors import StoreError
-from gradstore.store import _location
 from gradstore.store._integrity import DIGEST, DIGESTED, damage_message
-from gradstore.store._root import (check_arrays, check_steps, layout_from_store, located_problems, open_root,
-                                   own_metadata)
-from gradstore.store.schema import AUX_COORDS, COMMITTED, array_specs
+from gradstore.store._root import check_steps, located_problems, open_committed
+from gradstore.store.schema import AUX_COORDS, array_specs
 
 #: index coordinates, loaded eagerly (small)
 _INDEX = ("step", "example", "example_", "layer", "sample", "coord", "proj")
@@ -58,17 +53,10 @@ def open_run(target, *, storage_options: dict | None = None, skip_steps=()) -> x
     Steps appended while the dataset is open are not seen; open again to see them. Committed
     steps never change, so a dataset opened during a run stays valid.
     """
-    if not isinstance(target, (str, os.PathLike, zarr.abc.store.Store)):
-        raise StoreError(f"open_run needs a store path or URL (str or path), got {type(target).__name__}")
-    name = _location.describe(target)
-    store = _location.open_store(target, read_only=True, storage_options=storage_options)
-    group, attrs = open_root(store, name)
-    layout = layout_from_store(group, attrs, name)
-    committed = attrs[COMMITTED]
-    arrays = check_arrays(group, layout, committed, name)
-    own_metadata(store, layout, committed, name)
+    run = open_committed(target, storage_options)
+    name, attrs, layout, committed, arrays = run.name, run.attrs, run.layout, run.committed, run.arrays
     skip = {int(i) for i in skip_steps}
-    problems = [p for p in located_problems(store, layout, arrays, committed)[0] if p.index not in skip]
+    problems = [p for p in located_problems(run.store, layout, arrays, committed)[0] if p.index not in skip]
     if problems:
         raise StoreError(damage_message(name, problems))
     steps = check_steps(arrays, attrs, committed, name)

@@ -15,11 +15,9 @@ import numpy as np
 import zarr
 
 from gradstore.errors import StoreError
-from gradstore.store import _location
 from gradstore.store._integrity import DIGEST, Problem, chunk_key, crc32_of, damage_message
-from gradstore.store._root import (_short, check_arrays, check_steps, layout_from_store, located_problems, open_root,
-                                   own_metadata)
-from gradstore.store.schema import COMMITTED, RunLayout, array_specs, digested_arrays
+from gradstore.store._root import _short, check_steps, located_problems, open_committed
+from gradstore.store.schema import RunLayout, array_specs, digested_arrays
 
 
 @dataclass
@@ -132,14 +130,9 @@ def verify_run(target, *, storage_options: dict | None = None, progress=None) ->
         If the store is not a gradstore run or its commit record is inconsistent (array lengths,
         ``last_step``, step order), so that its steps cannot even be located.
     """
-    name = _location.describe(target)
-    store = _location.open_store(target, read_only=True, storage_options=storage_options)
-    group, attrs = open_root(store, name)
-    layout = layout_from_store(group, attrs, name)
-    committed = attrs[COMMITTED]
-    arrays = check_arrays(group, layout, committed, name)
-    own_metadata(store, layout, committed, name)
-    found, steps = located_problems(store, layout, arrays, committed)
+    run = open_committed(target, storage_options)
+    name, attrs, layout, committed, arrays = run.name, run.attrs, run.layout, run.committed, run.arrays
+    found, steps = located_problems(run.store, layout, arrays, committed)
     result = Verification(name, committed, list(found), checksums=layout.checksums)
     _check_values(result, arrays, layout, attrs, steps, progress)
     if result.ok:  # values intact: then the commit record must be consistent too

@@ -37,8 +37,7 @@ from gradstore.errors import StoreError
 from gradstore.store import _location
 from gradstore.store._integrity import DIGEST, DIGESTED, crc32_of, damage_message
 from gradstore.store._lock import WriterLock, holder
-from gradstore.store._root import (CREATING, _short, check_arrays, check_steps, layout_from_store,
-                                   missing_chunks, open_root)
+from gradstore.store._root import CREATING, check_arrays, check_steps, layout_from_store, missing_chunks, open_root
 from gradstore.store.schema import (AUX_COORDS, COMMITTED, SAMPLES, SCHEMA_VERSION, RunLayout, array_specs,
                                     digested_arrays, every_array_name, static_shape)
 

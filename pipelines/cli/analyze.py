@@ -73,7 +73,7 @@ def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, s
 def _verify_bar(arrays):
     from tqdm import tqdm
 
-    return tqdm(arrays, desc="verifying", unit="array", file=sys.stderr, leave=False)
+    return tqdm(arrays, desc="verifying", unit="array", file=sys.stderr, leave=False, disable=None)  # terminals only
 
 
 def _default_out(store: str) -> Path:

@@ -13,16 +13,7 @@ from torch import nn
 
 from gradstore.errors import CaptureError, GradstoreError, StoreError
 from gradstore.store import Recorder, open_run
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-
-
-def data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 2, 3, generator=g), torch.randint(0, 3, (n,), generator=g)
+from recorder_helpers import data, tiny_model
 
 
 X, Y = data(4, 1)

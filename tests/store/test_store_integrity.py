@@ -305,7 +305,7 @@ def test_bad_step_and_target_types_are_refused(tmp_path, layout):
         for bad in ("x", 1.5, -1, True):
             with pytest.raises(StoreError, match="step must be an integer >= 0"):
                 writer.append_step(bad, **step_data(layout, 0))
-    with pytest.raises(StoreError, match="open_run needs a store path"):
+    with pytest.raises(StoreError, match="a run store is a path or URL"):
         open_run(None)
     with pytest.raises(StoreError, match="layout must be a gradstore.store.RunLayout"):
         create_run(tmp_path / "other.zarr", {"layers": ["a"]})

@@ -9,16 +9,7 @@ from torch.func import functional_call, grad, vmap
 from gradstore.errors import StoreError
 from gradstore.store import Recorder, Schedule, open_run
 from gradstore.store.recorder import sample_coords
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-
-
-def data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 2, 3, generator=g), torch.randint(0, 3, (n,), generator=g)
+from recorder_helpers import data, tiny_model
 
 
 def per_example_grads(model, x, y):
