@@ -1,16 +1,18 @@
 """One forward+backward pass, every requested per-example quantity: :func:`capture`.
 
 Flow: find the modules owning trainable parameters and their rules (:func:`plan`); run the model
-in eval mode under a :class:`~gradstore.capture.hooks.Tap`; differentiate the summed loss with
-``torch.autograd.grad`` (which never touches ``.grad``) with respect to the modules' outputs, so
-that the hooks see every output gradient and autograd forms no weight gradient (Σ_n g_n comes from
-the factors; see :func:`_backward`); turn each module's recorded uses into factors (its rule, or the
-torch.func fallback) and each factor into the requested quantities
-(:mod:`gradstore.capture.factors`).
+in eval mode under a :class:`~gradstore.capture.hooks.Tap`, with every use of a trainable parameter
+checked to be one the engine accounts for (:class:`~gradstore.capture.uses.UseCheck`);
+differentiate the summed loss with ``torch.autograd.grad`` (which never touches ``.grad``) with
+respect to the modules' outputs, so that the hooks see every output gradient and autograd forms no
+weight gradient (Σ_n g_n comes from the factors; see :func:`_backward`); turn each module's recorded
+uses into factors (its rule, or the torch.func fallback) and each factor into the requested
+quantities (:mod:`gradstore.capture.factors`).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +24,12 @@ from gradstore.capture.hooks import Tap
 from gradstore.capture.projection import Projection
 from gradstore.capture.registry import lookup_rule
 from gradstore.capture.state import preserved_run
+from gradstore.capture.uses import UseCheck
 from gradstore.errors import CaptureError, GradstoreError
+
+
+#: check every use of a trainable parameter during the capture forward (off only to time the check)
+CHECK_USES = True
 
 
 @dataclass
@@ -311,7 +318,10 @@ def capture(
     ------
     CaptureError
         Inputs the model cannot take, targets ``loss_fn`` cannot take, losses that are not (m,) or
-        carry no gradient, or a model without trainable parameters (one line each).
+        carry no gradient, a model without trainable parameters, or a trainable parameter used
+        outside the forward of the module that owns it (functional weight tying, a child's weight
+        used by a parent, a parameter in ``loss_fn``; :mod:`gradstore.capture.uses`), which the
+        engine would otherwise miss (one line each).
     """
     m = _batch_size(inputs, targets)
     pl = plan(model)
@@ -323,8 +333,12 @@ def capture(
     names = list(pl.params)
     with preserved_run(model), torch.enable_grad(), Tap(pl.modules) as tap:
         model.eval()
-        outputs = _call_model(model, inputs, pl)
-        losses = _call_loss(loss_fn, outputs, targets, m)
+        # every use of a trainable parameter in the model's forward and in loss_fn is one the engine
+        # accounts for (its owner's rule or the fallback), or capture refuses here (gradstore.capture.uses)
+        fallback = {path for path, module in pl.modules.items() if lookup_rule(type(module)) is None}
+        with UseCheck(model, pl.params, pl.owner, fallback) if CHECK_USES else nullcontext():
+            outputs = _call_model(model, inputs, pl)
+            losses = _call_loss(loss_fn, outputs, targets, m)
         result = CaptureResult(m, losses.detach(), _detach(outputs), pl.layer_of)
         by_module: dict[str, list[str]] = {}
         for name in names:
