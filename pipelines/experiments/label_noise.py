@@ -55,8 +55,11 @@ def noise_dirs(folder, levels, key: str = "noise_levels") -> dict[float, Path]:
             distinct_dirs({noise: f"noise-{number_label(noise, key)}" for noise in levels}, key).items()}
 
 
-def summarise(noise: float, result, data, results) -> dict[str, Any]:
-    """The numbers the report's table shows for one noise level."""
+def summarise(noise: float, result, data, results) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The numbers the report's table shows for one noise level, and the inputs of its verdicts
+    (:mod:`pipelines.experiments.verdicts`; None where the level has no pristine/corrupt split)."""
+    from pipelines.experiments.verdicts import EARLY_WINDOW, window_weights, increments
+
     final = result.final
     row: dict[str, Any] = {
         "noise": noise,
@@ -72,21 +75,40 @@ def summarise(noise: float, result, data, results) -> dict[str, Any]:
     row["m"] = int(results["m"].sel(source="exact", sample="tracked_train", layer=MODEL_LAYER).values[k])
     row["peak_m_coherence"], row["peak_step"] = float(mc.values[k]), int(steps[k])
     row["final_m_coherence"] = float(mc.values[-1])
-    row["crossing_step"], row["crossing_p"] = None, float("nan")
-    row["early_f_p"], row["early_f_p_p"] = float("nan"), float("nan")
-    row["r_p_end"], row["r_c_end"] = float("nan"), float("nan")
+    row["crossing_step"] = None
+    row["f_p_step0"], row["pristine_share"] = float("nan"), float("nan")
+    row["R_p_early"], row["R_c_early"] = float("nan"), float("nan")
+    inputs = None
     if "f_p" in results and 0.0 < noise < 1.0:
         f_p = results["f_p"].sel(layer=MODEL_LAYER).values
         f_c = results["f_c"].sel(layer=MODEL_LAYER).values
-        p = results["f_p_p_value"].sel(layer=MODEL_LAYER).values if "f_p_p_value" in results else np.full_like(f_p, np.nan)
-        first = 1 if len(steps) > 1 else 0  # step 0 is the untrained model
-        row["early_f_p"], row["early_f_p_p"] = float(f_p[first]), float(p[first])
-        row["r_p_end"] = float(results["r_p"].sel(layer=MODEL_LAYER).values[-1])
-        row["r_c_end"] = float(results["r_c"].sel(layer=MODEL_LAYER).values[-1])
-        crossed = np.flatnonzero((f_c >= f_p) & (np.arange(len(steps)) >= first))
+        n_p, n_c = int(results["n_pristine"].values), int(results["n_corrupt"].values)
+
+        def null(name):
+            return results[name].sel(layer=MODEL_LAYER).transpose("permutation", "step").values \
+                if name in results else None
+
+        f_p_null, r_p_null = null("f_p_null"), null("r_p_null")
+        r_p = results["r_p"].sel(layer=MODEL_LAYER).values
+        r_c = results["r_c"].sel(layer=MODEL_LAYER).values
+        row["pristine_share"] = n_p / (n_p + n_c)
+        row["f_p_step0"] = float(f_p[0]) if steps[0] == 0 else float("nan")
+        w = window_weights(steps, EARLY_WINDOW)
+        row["R_p_early"], row["R_c_early"] = float(increments(r_p) @ w), float(increments(r_c) @ w)
+        crossed = np.flatnonzero(f_c >= f_p)
         if crossed.size:
-            row["crossing_step"], row["crossing_p"] = int(steps[crossed[0]]), float(p[crossed[0]])
-    return row
+            row["crossing_step"] = int(steps[crossed[0]])
+        inputs = {
+            "f_p": {"noise": noise, "f_p": row["f_p_step0"], "n_p": n_p, "n": n_p + n_c,
+                    "null": f_p_null[:, 0] if f_p_null is not None and steps[0] == 0 else []},
+            "r": {"noise": noise, "steps": steps, "r_p": r_p, "r_c": r_c, "r_p_null": r_p_null, "n_p": n_p,
+                  "n": n_p + n_c},
+        }
+    if 0.0 < noise < 1.0:
+        inputs = inputs or {}
+        inputs["learned"] = {"noise": noise, "first_learned": result.learned.first_learned,
+                             "corrupt": data.corrupt.cpu().numpy(), "end": int(final["step"])}
+    return row, inputs
 
 
 def coherence_figure(rows, all_results, path: Path, *, sample: str = "tracked_train") -> None:
@@ -139,14 +161,16 @@ def run(config: dict[str, Any], ctx: Context, *, title: str = "Label noise (Cohe
     folder.claim_all([folder.out], [(name, "file") for name in ("m_coherence.png", "accuracy.png", "summary.json",
                                                                 "report.md")])
     mnist = load_mnist(ctx.data_dir)
-    rows, all_results, histories = [], [], []
+    rows, all_results, histories, inputs = [], [], [], []
     for noise, run_dir in dirs.items():
         result, data, store = train_recorded(config, noise, mnist, run_dir, ctx, desc=f"train, {noise:.0%} noise")
         results = analyse_store(store, folder.claim(run_dir, "analysis", kind="dir"),
                                 nulls=config["analysis"]["nulls"], seed=config["analysis"]["seed"],
                                 metrics=tuple(config["analysis"]["metrics"]), progress=ctx.progress,
                                 resume=ctx.resume)
-        rows.append(summarise(noise, result, data, results))
+        row, verdict_inputs = summarise(noise, result, data, results)
+        rows.append(row)
+        inputs.append(verdict_inputs)
         all_results.append(results)
         histories.append(result.history)
     with folder.writing("m_coherence.png") as path:
@@ -155,12 +179,15 @@ def run(config: dict[str, Any], ctx: Context, *, title: str = "Label noise (Cohe
         accuracy_figure(rows, histories, path)
     with folder.writing("summary.json") as path:
         dump_json(path, rows)
-    report = build_report(title, config, ctx, rows, mnist.source)
+    report = build_report(title, config, ctx, rows, mnist.source, inputs)
     with folder.writing("report.md") as path:
         return report.write(path)
 
 
-def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:
+def build_report(title: str, config, ctx: Context, rows, source: str, inputs=None) -> Report:
+    """The report; ``inputs`` are the verdict inputs :func:`summarise` returns, one per row (or None)."""
+    from pipelines.experiments import verdicts
+
     cap = config["capture"]
     intro = (
         f"Model `{config['model']}`, SGD lr {config['lr']}, batch {config['batch_size']}, {config['steps']} steps, "
@@ -170,29 +197,15 @@ def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:
         + (" This is the `--quick` variant: far shorter than the paper's runs." if ctx.quick else "")
     )
     report = Report(title, intro)
+    inputs = list(inputs) if inputs is not None else [None] * len(rows)
     noisy = [r for r in rows if 0.0 < r["noise"] < 1.0]
     clean = next((r for r in rows if r["noise"] == 0.0), None)
     rand = next((r for r in rows if r["noise"] == 1.0), None)
     if noisy:
-        faster = all(r["pristine_acc"] > r["corrupt_acc"] for r in noisy)
-        report.claims.append(Claim(
-            "Pristine examples are fitted before corrupt ones", "§2.2, Fig. 1",
-            "; ".join(f"{r['noise']:.0%}: pristine {r['pristine_acc']:.3f} vs corrupt {r['corrupt_acc']:.3f}" for r in noisy),
-            faster))
-        report.claims.append(Claim(
-            "Per example, pristine examples contribute more to the cumulative loss reduction (r_p > r_c)",
-            "§2.4, Fig. 3",
-            "; ".join(f"{r['noise']:.0%}: r_p = {r['r_p_end']:.3g}, r_c = {r['r_c_end']:.3g} at the last step"
-                      for r in noisy),
-            all(r["r_p_end"] > r["r_c_end"] for r in noisy)))
-        early = [r for r in noisy if np.isfinite(r["early_f_p_p"])]
-        if early:
-            dominant = all(r["early_f_p"] > 1 - r["noise"] and r["early_f_p_p"] < 0.05 for r in early)
-            report.claims.append(Claim(
-                "Early on, pristine examples give more of the loss reduction than their share of the sample", "§2.4, Fig. 3",
-                "; ".join(f"{r['noise']:.0%}: f_p = {r['early_f_p']:.3f} (pristine share {1 - r['noise']:.2f}, "
-                          f"p = {r['early_f_p_p']:.3g})" for r in early),
-                dominant))
+        given = [i for i in inputs if i]
+        report.claims.append(verdicts.fitted_first_claim([i["learned"] for i in given if "learned" in i]))
+        report.claims.append(verdicts.cumulative_split_claim([i["r"] for i in given if "r" in i]))
+        report.claims.append(verdicts.pristine_share_claim([i["f_p"] for i in given if "f_p" in i], step=0))
     if clean and rand:
         report.claims.append(Claim(
             "Real labels give more coherent gradients than random labels", "§2 / Making Coherence… §5",
@@ -202,12 +215,14 @@ def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:
             "Random labels do not generalize: test accuracy near chance", "§2.2",
             f"test accuracy {clean['test_acc']:.3f} (0%) vs {rand['test_acc']:.3f} (100%)",
             rand["test_acc"] < 0.2 < clean["test_acc"]))
+    w = verdicts.EARLY_WINDOW
     header = ["noise", "proper acc", "train acc", "pristine acc", "corrupt acc", "test acc", "peak m-coherence",
-              "peak step", "final m-coherence", "f_p at first step", "p (f_p)", "f_c ≥ f_p from step", "p there", "r_p at end", "r_c at end"]
+              "peak step", "final m-coherence", "f_p at step 0", "pristine share of the sample",
+              "f_c ≥ f_p from step", f"R_p over steps 0–{w}", f"R_c over steps 0–{w}"]
     report.tables.append(("Results per noise level", header, [
         [f"{r['noise']:.0%}", r["proper_acc"], r["train_acc"], r["pristine_acc"], r["corrupt_acc"], r["test_acc"],
-         r["peak_m_coherence"], r["peak_step"], r["final_m_coherence"], r["early_f_p"], r["early_f_p_p"],
-         r["crossing_step"] if r["crossing_step"] is not None else "never", r["crossing_p"], r["r_p_end"], r["r_c_end"]]
+         r["peak_m_coherence"], r["peak_step"], r["final_m_coherence"], r["f_p_step0"], r["pristine_share"],
+         r["crossing_step"] if r["crossing_step"] is not None else "never", r["R_p_early"], r["R_c_early"]]
         for r in rows]))
     report.figures += [
         ("m-coherence of the whole model against step (log-log), lines at 1 and m", "m_coherence.png"),
@@ -216,10 +231,21 @@ def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:
     report.figures += [(f"Loss-reduction split f_p / f_c with permutation null bands, {r['noise']:.0%} noise",
                         f"noise-{r['noise']:.2f}/analysis/loss_split.png")
                        for r in noisy if (ctx.out / f"noise-{r['noise']:.2f}/analysis/loss_split.png").exists()]
-    report.notes.append("m-coherence is exact (from the stored moments) over the tracked training sample; "
-                        "p-values are two-sided permutation p-values of f_p against random pristine/corrupt relabelings of the sample (the null band is its 2.5–97.5% range).")
-    report.notes.append("r_p and r_c sum g_p·g and g_c·g over the captured steps only (log-spaced early, then a "
-                        "regular cadence), not over every training step, each divided by the group's size.")
+    report.notes.append("m-coherence is exact (from the stored moments) over the tracked training sample. The f_p "
+                        "claim is tested at step 0 (the gradient the first update uses) by a one-sided permutation "
+                        "test against random pristine/corrupt relabelings of the tracked sample, whose mean is the "
+                        "sample's own pristine share n_p/n (shown per level); the null band of the figures is the "
+                        "2.5–97.5% range of the same null.")
+    report.notes.append(f"The analysis stores r_p and r_c as sums over the captured steps only. For the r_p > r_c claim "
+                        f"each captured step's contribution is weighted by the number of training steps it stands "
+                        f"for up to the next capture (left rectangle rule), over the pre-declared window of steps "
+                        f"0–{w} (Fig. 3's first 10 steps); where every step of the window is captured this is exact.")
+    report.notes.append("First-learned time: the first evaluated step (evaluations at every capture and every "
+                        "eval_every steps) at which a training example is classified as its training label; "
+                        "examples never learned count as learned after the last step.")
+    report.notes.append("Verdicts: directional claims are one-sided; a claim made at every noise level is supported when "
+                        "each level's test rejects at 0.05 and not supported when the opposite direction is "
+                        "significant at some level after a Holm correction; otherwise inconclusive ('undecided').")
     report.notes.append("Per-noise stores, analysis results (results.zarr, CSV, PNG) and training histories are in "
                         "the noise-*/ folders.")
     return report
