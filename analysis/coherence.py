@@ -1,8 +1,16 @@
 """The coherence quantities of Chatterjee & Zielinski, "Making Coherence Out of Nothing At All".
 
-One definition of each quantity, used by capture reports, analysis, theory checks and reports.
-Every function works on Python/NumPy scalars and arrays and on xarray/dask objects alike
-(element-wise arithmetic only, so dask arrays stay lazy).
+One definition of each quantity, used by capture reports, analysis, theory checks and reports:
+:func:`alpha`, :func:`m_coherence`, :func:`gradient_diversity`, :func:`self_removed_m_coherence`
+and :func:`pairwise_alpha`; the moments they take, from a Gram block (:func:`gram_diagonal`,
+:func:`gram_moments`) or estimated from sampled coordinates or random projections
+(:func:`estimated_moments`, :func:`estimated_gram`). Every other module calls these.
+
+The public functions are thin: they document the quantity and pass their arguments to a private
+pure function of the same name (``_alpha``, ...), which does the arithmetic. The scalar quantities
+work on Python/NumPy scalars and arrays, on exact numbers (``Fraction``, sympy) and on
+xarray/dask objects alike (element-wise arithmetic only, so dask arrays stay lazy); the Gram and
+estimator functions take named-dimension xarray objects.
 
 Notation: for per-example gradients g_1..g_m, ``norm_sq_of_sum`` = ||Σ g_i||² and
 ``sum_of_norm_sq`` = Σ ||g_i||².
@@ -43,8 +51,75 @@ def _where_positive(denominator, value):
         return np.where(np.asarray(denominator) > 0, value, np.nan)[()]
 
 
+# --- private pure definitions: arithmetic only ------------------------------------------------
+
+def _alpha(norm_sq_of_sum, sum_of_norm_sq, m):
+    # 0/0 -> NaN, also for Python floats and dask; NaN wherever every g_i is zero
+    return _where_positive(sum_of_norm_sq, divide(norm_sq_of_sum, m * sum_of_norm_sq))
+
+
+def _m_coherence(norm_sq_of_sum, sum_of_norm_sq):
+    return _where_positive(sum_of_norm_sq, divide(norm_sq_of_sum, sum_of_norm_sq))
+
+
+def _gradient_diversity(norm_sq_of_sum, sum_of_norm_sq, m):
+    return divide(1.0, _alpha(norm_sq_of_sum, sum_of_norm_sq, m))
+
+
+def _self_removed_m_coherence(norm_sq_of_sum, sum_of_norm_sq):
+    return _m_coherence(norm_sq_of_sum, sum_of_norm_sq) - 1
+
+
+def _pairwise_alpha(mean_cross, mean_sq):
+    return _where_positive(mean_sq, divide(mean_cross, mean_sq))
+
+
+def _gram_diagonal(gram, dim):
+    import xarray as xr
+
+    eye = xr.DataArray(np.eye(gram.sizes[dim]), dims=(dim, dim + "_"))
+    return (gram * eye).sum(dim + "_", skipna=False)
+
+
+def _gram_moments(gram, weights):
+    import xarray as xr
+
+    diagonal = _gram_diagonal(gram, "example")
+    if weights is None:
+        return (gram.sum(("example", "example_"), skipna=False), diagonal.sum("example", skipna=False),
+                gram.sizes["example"])
+    quad = xr.dot(xr.dot(weights, gram, dim="example"), weights.rename(example="example_"), dim="example_",
+                  optimize=True)
+    return quad, xr.dot(weights, diagonal, dim="example", optimize=True), weights.sum("example")
+
+
+def _estimated_moments(vectors, weights, inner):
+    import xarray as xr
+
+    total = xr.dot(vectors, weights, dim="example", optimize=True)
+    return (inner(total, total), xr.dot(inner(vectors, vectors), weights, dim="example"),
+            float(weights.sum()))
+
+
+def _estimated_gram(vectors, dim, layers):
+    import xarray as xr
+
+    other = vectors.rename(example="example_")
+    if layers is None:
+        return xr.dot(vectors, other, dim=dim, optimize=True)
+    parts = [xr.dot(vectors * layers.sel(layer=name), other, dim=dim, optimize=True) for name in layers.layer.values]
+    return xr.concat(parts, "layer").assign_coords(layer=layers.layer.values)
+
+
+# --- public quantities ------------------------------------------------------------------------
+
 def alpha(norm_sq_of_sum, sum_of_norm_sq, m):
-    """Coherence alpha = ||E g||² / E||g||² (eq. 3 of *Making Coherence Out of Nothing At All*).
+    r"""Coherence alpha = ||E g||² / E||g||² (eq. 3 of *Making Coherence Out of Nothing At All*).
+
+    Over a sample of m examples, E g = (1/m) Σ g_i and E||g||² = (1/m) Σ ||g_i||², so
+
+    .. math:: \alpha = \frac{\lVert \mathbb{E} g \rVert^2}{\mathbb{E}\lVert g \rVert^2}
+              = \frac{\lVert \sum_i g_i \rVert^2}{m \sum_i \lVert g_i \rVert^2}.
 
     Parameters
     ----------
@@ -64,24 +139,199 @@ def alpha(norm_sq_of_sum, sum_of_norm_sq, m):
     -----
     alpha = 1/m when the g_i are pairwise orthogonal (the orthogonal limit), 1 when they are all
     equal, 0 when they sum to zero (Theorem 1).
+
+    Examples
+    --------
+    >>> float(alpha(4.0, 2.0, 2))   # g_1 = g_2 = (1, 0): identical gradients
+    1.0
+    >>> float(alpha(2.0, 2.0, 2))   # g_1 = (1, 0), g_2 = (0, 1): orthogonal, 1/m
+    0.5
     """
-    value = divide(norm_sq_of_sum, m * sum_of_norm_sq)  # 0/0 -> NaN, also for Python floats and dask
-    return _where_positive(sum_of_norm_sq, value)
+    return _alpha(norm_sq_of_sum, sum_of_norm_sq, m)
 
 
-def m_coherence(norm_sq_of_sum, sum_of_norm_sq, m):
-    """m-coherence = m · alpha = ||Σ g||² / Σ||g||²: 1 in the orthogonal limit, m when all agree."""
-    return m * alpha(norm_sq_of_sum, sum_of_norm_sq, m)
+def m_coherence(norm_sq_of_sum, sum_of_norm_sq, m=None):
+    r"""m-coherence = m · alpha = ||Σ g||² / Σ||g||² (*Making Coherence Out of Nothing At All*, §3).
+
+    .. math:: m\alpha = \frac{\lVert \sum_i g_i \rVert^2}{\sum_i \lVert g_i \rVert^2}
+              = 1 + \frac{\sum_{i \ne j} g_i \cdot g_j}{\sum_i \lVert g_i \rVert^2}.
+
+    Parameters
+    ----------
+    norm_sq_of_sum, sum_of_norm_sq : array_like
+        As for :func:`alpha`.
+    m : array_like, optional
+        Number of examples; m-coherence does not depend on it (adding zero gradients leaves it
+        unchanged). Accepted so that every quantity here takes the same arguments.
+
+    Returns
+    -------
+    array_like
+        1 in the orthogonal limit, m when all g_i agree; NaN where every g_i is zero.
+
+    Examples
+    --------
+    >>> float(m_coherence(4.0, 2.0, 2)), float(m_coherence(2.0, 2.0, 2))
+    (2.0, 1.0)
+    """
+    return _m_coherence(norm_sq_of_sum, sum_of_norm_sq)
 
 
 def gradient_diversity(norm_sq_of_sum, sum_of_norm_sq, m):
-    """Gradient diversity (Yin et al.) = 1 / alpha."""
-    return divide(1.0, alpha(norm_sq_of_sum, sum_of_norm_sq, m))
+    r"""Gradient diversity = 1 / alpha = m Σ||g_i||² / ||Σ g_i||².
+
+    .. math:: \Delta = \frac{m \sum_i \lVert g_i \rVert^2}{\lVert \sum_i g_i \rVert^2} = 1/\alpha
+
+    It is 1 for identical gradients and m in the orthogonal limit. Yin et al. (2018),
+    Definition 1, write Δ = Σ||g_i||² / ||Σ g_i||² without the factor m, which is 1/m-coherence
+    = this value / m; the factor m is kept here (it is the reciprocal of alpha).
+
+    Examples
+    --------
+    >>> float(gradient_diversity(2.0, 2.0, 2))   # orthogonal: m
+    2.0
+    """
+    return _gradient_diversity(norm_sq_of_sum, sum_of_norm_sq, m)
 
 
-def self_removed_m_coherence(norm_sq_of_sum, sum_of_norm_sq, m):
-    """m-coherence − 1 = Σ_{i≠j} g_i·g_j / Σ||g_i||²: 0 in the orthogonal limit."""
-    return m_coherence(norm_sq_of_sum, sum_of_norm_sq, m) - 1
+def self_removed_m_coherence(norm_sq_of_sum, sum_of_norm_sq, m=None):
+    r"""m-coherence − 1 = Σ_{i≠j} g_i·g_j / Σ||g_i||²: 0 in the orthogonal limit.
+
+    Examples
+    --------
+    >>> float(self_removed_m_coherence(2.0, 2.0, 2))
+    0.0
+    """
+    return _self_removed_m_coherence(norm_sq_of_sum, sum_of_norm_sq)
+
+
+def pairwise_alpha(mean_cross, mean_sq):
+    r"""alpha in its pairwise form, E_{v≠v'}[v·v'] / E[v·v], from the two means.
+
+    .. math:: \alpha = \frac{\mathbb{E}_{v, v'}[v \cdot v']}{\mathbb{E}[v \cdot v]}
+
+    for independent draws v, v' (the second form of alpha in the paper; theory's
+    ``PAPER_FORMS``). Over a sample, averaging the cross products over pairs i ≠ j makes it an
+    unbiased estimate of the population's ||E g||²; within one group of m examples it equals
+    (m-coherence − 1)/(m − 1).
+
+    Parameters
+    ----------
+    mean_cross : array_like
+        Mean of v_i·v_j over the pairs i ≠ j (or over the pairs of two groups).
+    mean_sq : array_like
+        Mean of ||v_i||² over the same examples.
+
+    Returns
+    -------
+    array_like
+        NaN where ``mean_sq`` is not positive.
+
+    Examples
+    --------
+    >>> float(pairwise_alpha(0.5, 2.0))
+    0.25
+    """
+    return _pairwise_alpha(mean_cross, mean_sq)
+
+
+def gram_diagonal(gram, dim: str = "example"):
+    """The diagonal M_ii of a Gram block (…, dim, dim_), as (…, dim): ||g_i||² for a Gram.
+
+    Parameters
+    ----------
+    gram : xarray.DataArray
+        Pairwise values with dims ``dim`` and ``dim + "_"`` (a Gram g_i·g_j, cosines, block sums
+        over groups), lazy or not.
+    dim : str
+        The first of the two square dimensions.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> g = xr.DataArray([[1.0, 2.0], [2.0, 5.0]], dims=("example", "example_"))
+    >>> gram_diagonal(g).values.tolist()
+    [1.0, 5.0]
+    """
+    return _gram_diagonal(gram, dim)
+
+
+def gram_moments(gram, weights=None):
+    r"""``(norm_sq_of_sum, sum_of_norm_sq, m)`` of the examples of a Gram block.
+
+    With 0/1 (or count) weights w over the examples, ||Σ_i w_i g_i||² = wᵀ G w,
+    Σ_i w_i ||g_i||² = w · diag G and m = Σ_i w_i: the arguments of :func:`alpha` and
+    :func:`m_coherence`.
+
+    Parameters
+    ----------
+    gram : xarray.DataArray
+        g_i·g_j with dims (…, example, example_).
+    weights : xarray.DataArray, optional
+        (…, example) weights, e.g. (permutation, example) group masks of permutation nulls (each
+        world is contracted with the Gram at once); default all examples (m an int).
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> g = xr.DataArray([[1.0, 0.0], [0.0, 1.0]], dims=("example", "example_"))
+    >>> float(m_coherence(*gram_moments(g)))   # orthogonal
+    1.0
+    """
+    return _gram_moments(gram, weights)
+
+
+def estimated_moments(vectors, weights, inner):
+    r"""``(norm_sq_of_sum, sum_of_norm_sq, m)`` estimated from per-example estimate vectors.
+
+    ``vectors`` are the stored sampled coordinates (``grad_coords``) or random projections
+    (``grad_proj``) x_i of each g_i; inner products of the x_i stand in for those of the g_i:
+    ||Σ_i w_i g_i||² ≈ ⟨Σ w_i x_i, Σ w_i x_i⟩ and Σ w_i ||g_i||² ≈ Σ w_i ⟨x_i, x_i⟩, with no
+    rescaling (the quantities here are ratios, in which a common scale cancels).
+
+    Parameters
+    ----------
+    vectors : xarray.DataArray
+        (…, example, coord) or (…, example, layer, proj) float64.
+    weights : xarray.DataArray
+        (example) 0/1 mask of the examples of the sample.
+    inner : callable
+        ``inner(a, b)``: per-layer inner product over the vector dimension
+        (:func:`analysis.sources.layer_inner` for a run's layout).
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> x = xr.DataArray([[1.0, 0.0], [0.0, 1.0]], dims=("example", "proj"))
+    >>> inner = lambda a, b: (a * b).sum("proj")
+    >>> nss, sns, m = estimated_moments(x, xr.DataArray([1.0, 1.0], dims="example"), inner)
+    >>> float(alpha(nss, sns, m))
+    0.5
+    """
+    return _estimated_moments(vectors, weights, inner)
+
+
+def estimated_gram(vectors, dim: str, layers=None):
+    r"""Gram block x_i·x_j (…, example, example_) estimated from per-example estimate vectors.
+
+    Parameters
+    ----------
+    vectors : xarray.DataArray
+        Sampled coordinates (…, example, coord) or projections (…, example, layer, proj).
+    dim : str
+        The vector dimension summed over: ``"coord"`` or ``"proj"``.
+    layers : xarray.DataArray, optional
+        (coord, layer) one-hot of the layer of each coordinate: one Gram per layer, on a new
+        ``layer`` dimension. Projections are already per layer.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> x = xr.DataArray([[1.0, 2.0], [3.0, 4.0]], dims=("example", "proj"))
+    >>> estimated_gram(x, "proj").values.tolist()
+    [[5.0, 11.0], [11.0, 25.0]]
+    """
+    return _estimated_gram(vectors, dim, layers)
 
 
 def coherence(moments, *, source: str = "exact"):

@@ -49,12 +49,6 @@ def off_diagonal(n: int) -> xr.DataArray:
     return xr.DataArray(1.0 - np.eye(n), dims=("example", "example_"))
 
 
-def diagonal(matrix: xr.DataArray) -> xr.DataArray:
-    """The diagonal M_ii of an (…, example, example_) matrix, as (…, example)."""
-    eye = xr.DataArray(np.eye(matrix.sizes["example"]), dims=("example", "example_"))
-    return (matrix * eye).sum("example_", skipna=False)
-
-
 def block_sums(matrix: xr.DataArray, groups: xr.DataArray, *, pairs_only: bool = True) -> xr.DataArray:
     """Σ_{i∈a, j∈b} M_ij for every pair of groups: (…, group, group_).
 

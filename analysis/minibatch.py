@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from analysis.groups import diagonal
+from analysis.coherence import alpha, gram_moments, pairwise_alpha
 from gradstore.errors import GradstoreError
 
 
@@ -58,9 +58,7 @@ def minibatch_coherence(gram: xr.DataArray, sizes=(1, 10, 100), *, n_batches: in
     if n_batches < 2:
         raise GradstoreError(f"n_batches must be at least 2, got {n_batches}")
     m = gram.sizes["example"]
-    total = gram.sum(("example", "example_"), skipna=False)
-    sq = diagonal(gram).sum("example", skipna=False)
-    alpha = total / (m * sq).where(sq > 0)
+    per_example = alpha(*gram_moments(gram))
     measured = []
     for j, k in enumerate(sizes):
         w = xr.DataArray(batch_counts(m, k, n_batches, seed=seed + j, replace=replace), dims=("batch", "example"))
@@ -70,10 +68,10 @@ def minibatch_coherence(gram: xr.DataArray, sizes=(1, 10, 100), *, n_batches: in
         everything = xr.dot(wg.sum("batch", skipna=False), c, dim="example_", optimize=True)
         mean_sq = diag.sum("batch", skipna=False) / n_batches
         cross = (everything - diag.sum("batch", skipna=False)) / (n_batches * (n_batches - 1))
-        measured.append(cross / mean_sq.where(mean_sq > 0))
+        measured.append(pairwise_alpha(cross, mean_sq))  # E_{b≠b'}[h_b·h_b'] / E||h_b||²
     size = xr.DataArray(list(sizes), dims="batch_size", name="batch_size")
     return xr.Dataset({
-        "alpha": alpha,
-        "alpha_k_predicted": predicted_alpha_k(alpha, size),
+        "alpha": per_example,
+        "alpha_k_predicted": predicted_alpha_k(per_example, size),
         "alpha_k_measured": xr.concat(measured, "batch_size"),
     }).assign_coords(batch_size=list(sizes))

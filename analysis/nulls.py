@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import xarray as xr
 
+from analysis.coherence import gram_moments, m_coherence
 from gradstore.errors import GradstoreError
 
 ALTERNATIVES = ("two-sided", "greater", "less")
@@ -99,13 +100,8 @@ def coherence_gap(gram: xr.DataArray) -> Callable[[xr.DataArray], xr.DataArray]:
     ||Σ_{i∈A} g_i||² = mask^T G mask for every world at once: (permutation, example) masks
     contract with the (…, example, example_) gram.
     """
-    eye = xr.DataArray(np.eye(gram.sizes["example"]), dims=("example", "example_"))
-    sq = (gram * eye).sum("example_", skipna=False)
-
     def coherence_of(mask):
-        quad = xr.dot(xr.dot(mask, gram, dim="example"), mask.rename(example="example_"), dim="example_", optimize=True)
-        norms = xr.dot(mask, sq, dim="example", optimize=True)
-        return quad / norms.where(norms > 0)
+        return m_coherence(*gram_moments(gram, mask))
 
     return lambda mask: coherence_of(mask) - coherence_of(1 - mask)
 

@@ -16,14 +16,15 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from analysis.groups import block_sums, diagonal, off_diagonal, onehot, pair_counts
+from analysis.coherence import gram_diagonal, m_coherence, pairwise_alpha
+from analysis.groups import block_sums, off_diagonal, onehot, pair_counts
 
 CONFUSION_STATS = ("min_cosine", "median_cosine", "p05_cosine", "fraction_negative")
 
 
 def cosines(gram: xr.DataArray) -> xr.DataArray:
     """cos(g_i, g_j) = g_i·g_j / (||g_i|| ||g_j||); NaN where a gradient is zero."""
-    norm = np.sqrt(diagonal(gram))
+    norm = np.sqrt(gram_diagonal(gram))
     denom = norm * norm.rename(example="example_")
     return gram / denom.where(denom > 0)
 
@@ -126,18 +127,13 @@ def group_coherence(gram: xr.DataArray, labels, *, dim: str = "group") -> xr.Dat
     """
     groups = onehot(labels, dim=dim, example=gram.example.values)
     blocks = block_sums(gram, groups, pairs_only=False)
-    sq = xr.dot(diagonal(gram), groups, dim="example", optimize=True)
-    within = xr.Dataset({"m_coherence": _diag(blocks, dim) / sq.where(sq > 0)})
+    sq = xr.dot(gram_diagonal(gram), groups, dim="example", optimize=True)
+    within = xr.Dataset({"m_coherence": m_coherence(gram_diagonal(blocks, dim), sq)})
     counts = pair_counts(groups)
     m = groups.sum("example")
     cross = block_sums(gram, groups, pairs_only=True) / counts.where(counts > 0)
     mean_sq = (sq + sq.rename({dim: dim + "_"})) / (m + m.rename({dim: dim + "_"}))
     # within a group the mean ||g||² is sq/m, which the line above also gives (2 sq / 2 m)
-    within["pairwise_alpha"] = cross / mean_sq.where(mean_sq > 0)
+    within["pairwise_alpha"] = pairwise_alpha(cross, mean_sq)
     within["m"] = m
     return within.transpose(..., dim, dim + "_")
-
-
-def _diag(blocks: xr.DataArray, dim: str) -> xr.DataArray:
-    eye = xr.DataArray(np.eye(blocks.sizes[dim]), dims=(dim, dim + "_"))
-    return (blocks * eye).sum(dim + "_", skipna=False)

@@ -68,10 +68,7 @@ def check_not_empty(ds: xr.Dataset, name: str) -> None:
 
 def pairwise_source(ds: xr.Dataset) -> str | None:
     """Best source of pairwise products: exact ``gram``, else ``grad_coords``, else ``grad_proj``."""
-    for source, name in (("exact", "gram"), ("coords", "grad_coords"), ("proj", "grad_proj")):
-        if name in ds.variables:
-            return source
-    return None
+    return sources.best_source(ds, "gram")
 
 
 def check_metrics(metrics) -> tuple[str, ...]:
@@ -79,15 +76,13 @@ def check_metrics(metrics) -> tuple[str, ...]:
 
     Raises
     ------
-    StoreError
-        Naming the unknown ones (kept for callers that catch it).
     AnalysisError
-        If no metric is asked for: there would be nothing to compute.
+        Naming the unknown ones, or if no metric is asked for (there would be nothing to compute).
     """
     metrics = list(metrics)
     unknown = [str(m) for m in metrics if m not in METRICS]
     if unknown:
-        raise StoreError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+        raise AnalysisError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     if not metrics:
         raise AnalysisError(f"no metric asked for, so there is nothing to compute; choose from {', '.join(METRICS)}")
     return tuple(dict.fromkeys(metrics))
@@ -183,8 +178,7 @@ def _tag(part: xr.Dataset, source: str) -> xr.Dataset:
 
 
 def _coherence(ds: xr.Dataset) -> xr.Dataset:
-    found = [s for s, n in (("exact", "norm_sq_of_sum"), ("coords", "grad_coords"), ("proj", "grad_proj"))
-             if n in ds.variables]
+    found = sources.available_sources(ds, "norm_sq_of_sum")
     if not found:
         raise StoreError("coherence needs the stored moments, grad_coords or grad_proj; none is in this run")
     per_source = [coherence(sources.layer_moments(ds, s), source=s) for s in found]
@@ -195,8 +189,7 @@ def _coherence(ds: xr.Dataset) -> xr.Dataset:
 
 
 def _loss_split(ds, index, n_permutations, seed) -> xr.Dataset:
-    source = next((s for s, n in (("exact", "dot_with_sum"), ("coords", "grad_coords"), ("proj", "grad_proj"))
-                   if n in ds.variables), None)
+    source = sources.best_source(ds, "dot_with_sum")
     if source is None:
         raise StoreError("the loss split needs dot_with_sum, grad_coords or grad_proj; none is in this run")
     d = sources.layer_dot_with_sum(ds, source).isel(example=index)

@@ -16,17 +16,36 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from gradstore.errors import StoreError
+from analysis.coherence import estimated_gram, estimated_moments
+from gradstore.errors import AnalysisError, StoreError
 
 #: name of the whole model on the ``layer`` dimension of results (not a valid module name)
 MODEL = "(model)"
+#: the sources, in order of preference: exact first, then the estimates from coordinates, then projections
 SOURCES = ("exact", "coords", "proj")
+#: the stored variable each estimating source reads
+ESTIMATE_VARIABLES = {"coords": "grad_coords", "proj": "grad_proj"}
 
 
 def check_source(source: str) -> None:
-    """Raise :class:`StoreError` unless ``source`` is one of :data:`SOURCES`."""
+    """Raise :class:`AnalysisError` unless ``source`` is one of :data:`SOURCES`."""
     if source not in SOURCES:
-        raise StoreError(f"unknown source {source!r}; use one of {', '.join(SOURCES)}")
+        raise AnalysisError(f"unknown source {source!r}; use one of {', '.join(SOURCES)}")
+
+
+def available_sources(ds: xr.Dataset, exact: str) -> list[str]:
+    """The sources ``ds`` can give a quantity from, in the order of :data:`SOURCES`.
+
+    ``exact`` is the stored variable of the exact source (``"gram"``, ``"norm_sq_of_sum"``,
+    ``"dot_with_sum"``); the estimating sources need their :data:`ESTIMATE_VARIABLES`.
+    """
+    variables = {"exact": exact, **ESTIMATE_VARIABLES}
+    return [source for source in SOURCES if variables[source] in ds.variables]
+
+
+def best_source(ds: xr.Dataset, exact: str) -> str | None:
+    """The preferred source of a quantity (first of :func:`available_sources`), or None if none."""
+    return next(iter(available_sources(ds, exact)), None)
 
 
 def require(ds: xr.Dataset, names, why: str) -> None:
@@ -68,7 +87,7 @@ def _coord_onehot(ds: xr.Dataset) -> xr.DataArray:
 
 def vectors(ds: xr.Dataset, source: str) -> xr.DataArray:
     """Per-example gradient estimates: ``grad_coords`` (step, example, coord) or ``grad_proj``."""
-    name = {"coords": "grad_coords", "proj": "grad_proj"}[source]
+    name = ESTIMATE_VARIABLES[source]
     require(ds, [name], f"source {source!r}")
     return ds[name].astype(np.float64)
 
@@ -117,14 +136,9 @@ def layer_gram(ds: xr.Dataset, source: str = "exact", *, examples=None) -> xr.Da
         require(ds, ["gram"], "pairwise metrics from the exact gram")
         gram = ds["gram"].astype(np.float64)
     elif source == "proj":
-        x = vectors(ds, "proj")
-        gram = xr.dot(x, x.rename(example="example_"), dim="proj", optimize=True)
+        gram = estimated_gram(vectors(ds, "proj"), "proj")
     else:
-        x = vectors(ds, "coords")
-        onehot = _coord_onehot(ds)
-        parts = [xr.dot(x * onehot.sel(layer=name), x.rename(example="example_"), dim="coord", optimize=True)
-                 for name in onehot.layer.values]
-        gram = xr.concat(parts, "layer").assign_coords(layer=onehot.layer.values)
+        gram = estimated_gram(vectors(ds, "coords"), "coord", layers=_coord_onehot(ds))
     if "example_" not in gram.coords:
         gram = gram.assign_coords(example_=ds.example.values)
     return with_model(gram.transpose("step", "layer", "example", "example_"))
@@ -177,12 +191,12 @@ def layer_moments(ds: xr.Dataset, source: str = "exact") -> xr.Dataset:
         x = vectors(ds, source)
         parts = []
         for split in ("train", "test"):
-            mask = split_mask(ds, split)
-            total = xr.dot(x, mask.astype(np.float64), dim="example", optimize=True)
+            norm_sq_of_sum, sum_of_norm_sq, m = estimated_moments(
+                x, split_mask(ds, split).astype(np.float64), lambda a, b: layer_inner(a, b, ds, source))
             parts.append(xr.Dataset({
-                "m": xr.zeros_like(ds.step, dtype=np.float64) + float(mask.sum()),
-                "norm_sq_of_sum": layer_inner(total, total, ds, source),
-                "sum_of_norm_sq": xr.dot(layer_inner(x, x, ds, source), mask.astype(np.float64), dim="example"),
+                "m": xr.zeros_like(ds.step, dtype=np.float64) + m,
+                "norm_sq_of_sum": norm_sq_of_sum,
+                "sum_of_norm_sq": sum_of_norm_sq,
             }))
         out = xr.concat(parts, "sample").assign_coords(sample=["tracked_train", "tracked_test"])
         out["m"] = out["m"].broadcast_like(out["norm_sq_of_sum"])

@@ -10,7 +10,7 @@ import xarray as xr
 from analysis import sources
 from analysis.coherence import alpha, coherence, gradient_diversity, m_coherence, self_removed_m_coherence
 from analysis.synthetic import synthetic_run
-from gradstore.errors import StoreError
+from gradstore.errors import AnalysisError, StoreError
 
 
 def _moments(g):
@@ -100,11 +100,11 @@ def test_projection_estimate_is_close_for_many_projections():
     np.testing.assert_allclose(est, exact, rtol=0.1)
 
 
-def test_missing_variables_and_unknown_source_are_store_errors():
+def test_missing_variables_are_store_errors_and_an_unknown_source_an_analysis_error():
     ds = synthetic_run(n_steps=2, gram=False, proj=False)
     with pytest.raises(StoreError, match="gram"):
         sources.layer_gram(ds, "exact")
     with pytest.raises(StoreError, match="grad_proj"):
         sources.layer_moments(ds, "proj")
-    with pytest.raises(StoreError, match="unknown source"):
+    with pytest.raises(AnalysisError, match="unknown source"):
         sources.layer_moments(ds, "bogus")
