@@ -13,13 +13,11 @@ early, corrupt ones late (the ``correct`` history).
 
 from __future__ import annotations
 
-import json
-
 import dask.array as da
 import numpy as np
 import xarray as xr
 
-SAMPLES = ("tracked_train", "tracked_test", "moments_train")
+from gradstore.store import SAMPLES
 
 
 def _layer_sizes(layers, n_coords):
@@ -158,8 +156,8 @@ def synthetic_run(
     ds["lr"] = ("step", np.full(n_steps, 0.1))
     ds["nonfinite"] = ("step", np.zeros(n_steps, bool))
     ds.attrs.update(gradstore_schema=1, gradstore_version="synthetic", projection_seed=seed,
-                    config=json.dumps({"synthetic": True, "seed": seed}), seeds=json.dumps({"seed": seed}),
-                    model=json.dumps({"layers": list(layers)}))
+                    config={"synthetic": True, "seed": seed}, seeds={"seed": seed},
+                    model={"layers": list(layers)})  # dicts, as a real run's store attributes
     return ds
 
 
@@ -189,7 +187,7 @@ def write_synthetic_store(path, ds: xr.Dataset | None = None, **kwargs) -> str:
         n_proj=ds.sizes.get("proj", 0) if "grad_proj" in ds else 0,
         projection_seed=int(ds.attrs.get("projection_seed", 0)), gram="gram" in ds,
     )
-    writer = create_run(str(path), layout, config=json.loads(ds.attrs["config"]), resume=False)
+    writer = create_run(str(path), layout, config=dict(ds.attrs["config"]), resume=False)
     optional = [n for n in ("grad_coords", "grad_proj", "gram") if n in ds]
     names = ["loss", "correct", "sq_norm", "dot_with_sum", "m", "norm_sq_of_sum", "sum_of_norm_sq", *optional]
     with writer:
