@@ -292,18 +292,26 @@ def _real_vs_random(model_name: str, results) -> Claim | None:
         bool(2 * higher > ok.sum()) if ok.any() else None)
 
 
-def _starts_high(model_name: str, rows) -> Claim | None:
-    own = [r for r in rows if r["model"] == model_name and "train_peak" in r]
-    if not own:
+def _curve(results, model_name: str, noise: float) -> dict | None:
+    res = results.get((model_name, noise))
+    if res is None:
         return None
-    spe = own[0]["steps_per_epoch"]
-    parts = [f"{r['noise']:.0%}: step 0 {r['train_initial']:.3g}, peak {r['train_peak']:.3g} at step "
-             f"{r['train_peak_step']}, last {r['train_final']:.3g}" for r in own]
-    ok = all(r["train_peak_step"] <= spe and r["train_final"] < r["train_peak"] for r in own)
-    return Claim(
-        f"{model_name}: coherence starts high and falls as training proceeds", "Making Coherence… §5",
-        f"whole-model m-coherence on the tracked training sample ({'; '.join(parts)}); supported if at every noise "
-        f"level the peak lies in the first epoch (≤ step {spe}) and the last value is below it", ok)
+    return {"noise": noise, "steps": res["step"].values,
+            "values": res["m_coherence"].sel(sample="tracked_train", layer=MODEL_LAYER).values}
+
+
+def _rises(model_name: str, config, results) -> list[Claim]:
+    """The paper's claim: coherence starts low and rises, quickly with real labels and slowly with
+    random ones (which peak late): :func:`~pipelines.experiments.verdicts.rises_claim` and
+    :func:`~pipelines.experiments.verdicts.rises_faster_claim`."""
+    from pipelines.experiments.verdicts import rises_claim, rises_faster_claim
+
+    curves = [c for c in (_curve(results, model_name, p) for p in config["noise_levels"]) if c is not None]
+    if not curves:
+        return []
+    out = [rises_claim(model_name, curves)]
+    faster = rises_faster_claim(model_name, _curve(results, model_name, 0.0), _curve(results, model_name, 1.0))
+    return out + ([faster] if faster is not None else [])
 
 
 def build_report(config, ctx: Context, rows, results, mnist) -> Report:
@@ -322,7 +330,7 @@ def build_report(config, ctx: Context, rows, results, mnist) -> Report:
     )
     report = Report("Coherence evolution (Making Coherence Out of Nothing At All)", intro)
     for model_name in config["models"]:
-        for claim in (_real_vs_random(model_name, results), _starts_high(model_name, rows)):
+        for claim in (_real_vs_random(model_name, results), *_rises(model_name, config, results)):
             if claim is not None:
                 report.claims.append(claim)
     header = ["model", "noise", "train acc", "test acc", "train m", "train m-coh step 0", "train peak", "peak step",
