@@ -33,9 +33,6 @@ from pipelines.experiments.common import (
     write_csv,
 )
 
-#: a fixed margin, chosen before any run, for "keeps test accuracy"
-TEST_ACC_TOLERANCE = 0.02
-
 
 def expected_train_accuracy(test_acc: float, proper_acc: float, n_classes: int = 10) -> float:
     """Train accuracy (on noisy labels) of a model that is as accurate on training inputs as on test."""
@@ -198,15 +195,6 @@ def build_report(config, ctx: Context, rows, source: str) -> Report:
             f"overfit {measured}",
             verdict_less([(by[(p, hi)]["overfit"], by[(p, lo)]["overfit"],
                            math.hypot(by[(p, hi)]["overfit_se"], by[(p, lo)]["overfit_se"])) for p in noisy])))
-    kept = [p for p in config["noise_levels"] if p < 1]
-    if lo != hi and kept:
-        measured = "; ".join(f"{p:.0%}: c={lo} {by[(p, lo)]['test_acc']:.3f} vs c={hi} {by[(p, hi)]['test_acc']:.3f}"
-                             for p in kept)
-        report.claims.append(Claim(
-            f"Winsorization keeps test accuracy (c = {hi} within {TEST_ACC_TOLERANCE} of c = {lo} or better, "
-            "noise < 100%)", "§3, Fig. 4",
-            f"test accuracy {measured}",
-            all(by[(p, hi)]["test_acc"] >= by[(p, lo)]["test_acc"] - TEST_ACC_TOLERANCE for p in kept)))
     header = ["noise", "c", "proper acc", "train acc", "pristine acc", "corrupt acc", "test acc",
               "expected train acc", "overfit", "± SE", "train − test"]
     report.tables.append(("Final accuracies per condition", header, [
@@ -224,7 +212,8 @@ def build_report(config, ctx: Context, rows, source: str) -> Report:
         "conservative for models scored on the same examples): supported beyond +2 SE, not supported beyond −2 SE, "
         "undecided in between.",
         "Per-example gradients for winsorization come from gradstore.capture (exact, one pass); c = 0 is plain SGD.",
-        f"The test-accuracy margin {TEST_ACC_TOLERANCE} was fixed before running, not fitted to results.",
+        "No claim about test accuracy is tested: §3 does not say winsorization keeps test accuracy; it notes that "
+        "with large c the accuracies can peak and then fall during training (see the curves figure).",
         "Per-condition histories are in noise-*/c-*/history.csv; all final numbers in results.csv.",
     ]
     report.tables.append(coherence_table(rows, "c", "c"))
