@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from analysis import plots
-from gradstore.errors import RunFolderError, StoreError
+from gradstore.errors import AnalysisError, RunFolderError
 
 #: CSV table name for each set of dimensions (variables with a ``permutation`` dim stay in Zarr only)
 TABLES = {
@@ -35,7 +35,7 @@ def prepare_out(out) -> Path:
     """Check that ``out`` is new or an empty directory (results never overwrite anything)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise StoreError(f"output directory {str(out)!r} already exists and is not empty; "
+        raise AnalysisError(f"output directory {str(out)!r} already exists and is not empty; "
                          "choose another --out or remove it")
     return out
 
@@ -111,9 +111,9 @@ def _new_sibling(out: Path, kind: str) -> Path:
 def _check_replaceable(out: Path) -> None:
     """Refuse to replace ``out`` unless it is missing, empty, or an earlier analysis."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise StoreError(f"{out} is a file, where the analysis folder goes; move it away or choose another --out")
+        raise AnalysisError(f"{out} is a file, where the analysis folder goes; move it away or choose another --out")
     if out.is_dir() and any(out.iterdir()) and not (out / "results.zarr").is_dir():
-        raise StoreError(f"{out} holds files that are not an analysis (no results.zarr); move them away "
+        raise AnalysisError(f"{out} holds files that are not an analysis (no results.zarr); move them away "
                          "or choose another --out")
 
 
@@ -144,14 +144,14 @@ def _into_place(partial: Path, out: Path, *, replace: bool) -> None:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             if not replace:
-                raise StoreError(f"output directory {str(out)!r} was written by another process meanwhile; "
+                raise AnalysisError(f"output directory {str(out)!r} was written by another process meanwhile; "
                                  "choose another --out or remove it") from None
             continue  # another process put its analysis in place between our two renames: set it aside too
         finally:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         return
-    raise StoreError(f"could not put the analysis into {out}: other processes keep writing it; "
+    raise AnalysisError(f"could not put the analysis into {out}: other processes keep writing it; "
                      "run one at a time")
 
 

@@ -247,10 +247,10 @@ def test_errors_stay_on_one_line_whatever_the_user_typed(tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
-def test_store_errors_from_the_library_still_subclass_gradstore_error():
+def test_analysis_errors_from_the_library_are_analysis_errors():
     from analysis.report import check_metrics
 
-    with pytest.raises(StoreError, match="vibes"):
+    with pytest.raises(AnalysisError, match="vibes"):
         check_metrics(["coherence", "vibes"])
     with pytest.raises(AnalysisError, match="nothing to compute"):
         check_metrics([])
