@@ -69,7 +69,7 @@ def check_common(out, n_rows):
     report = (out / "report.md").read_text()
     assert "## Claims tested" in report
     claim_rows = [line for line in report.splitlines() if line.startswith("| ") and line.endswith(
-        ("| supported |", "| **not supported** |", "| undecided |"))]
+        ("| supported |", "| **not supported** |", "| inconclusive |"))]
     assert claim_rows, "the report states at least one claim with a verdict"
     for fig in ("accuracy_curves.png",):
         assert (out / fig).read_bytes()[:8] == PNG

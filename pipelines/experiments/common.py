@@ -434,7 +434,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def write(self, path: Path) -> Path:
-        verdict = {True: "supported", False: "**not supported**", None: "undecided"}
+        verdict = {True: "supported", False: "**not supported**", None: "inconclusive"}
         lines = [f"# {self.title}", "", self.intro, ""]
         if self.claims:
             lines += ["## Claims tested", "", "| claim | paper | measured | verdict |", "|---|---|---|---|"]
