@@ -151,13 +151,17 @@ def fitted_first_claim(levels: Sequence[dict], *, alpha: float = ALPHA) -> Claim
         parts.append(f"{lv['noise']:.0%}: median first-learned step pristine {med(tp)} vs corrupt {med(tc)} "
                      f"(learned by the end: {learned_p:.3f} vs {learned_c:.3f}), one-sided Mann–Whitney p "
                      f"(pristine earlier) = {_p(g)}, (later) = {_p(l_)}")
-    verdict = directional(earlier, later, alpha=alpha)
     note = (f"supported if p (earlier) < {alpha} at every level, not supported if p (later) < {alpha} after Holm; "
             "times are the evaluated steps at which each training example is first classified as its label")
+    return _per_level_claim(statement, where, parts, directional(earlier, later, alpha=alpha), note, reasons)
+
+
+
+def _per_level_claim(statement: str, where: str, parts: list[str], verdict, note: str, reasons: list[str]) -> Claim:
+    """A claim tested at every noise level: what was measured per level, then the rule and what left it open."""
     if reasons:
         note += "; inconclusive: " + "; ".join(reasons)
     return Claim(statement, where, "; ".join(parts) + f" [{note}]", verdict)
-
 
 def window_weights(steps, window: int = EARLY_WINDOW) -> np.ndarray:
     """Weight of each captured step in the sum over every step 0..``window``: the number of training
@@ -217,12 +221,9 @@ def cumulative_split_claim(levels: Sequence[dict], *, window: int = EARLY_WINDOW
         parts.append(f"{lv['noise']:.0%}: R_p = {rp:.3g}, R_c = {rc:.3g} over steps 0–{window} "
                      f"({'every step captured' if exact else f'captured steps {captured}, gap-weighted'}), "
                      f"one-sided permutation p (greater) = {_p(g)}, (less) = {_p(l_)}")
-    verdict = directional(greater, less, alpha=alpha)
     note = (f"supported if p (greater) < {alpha} at every level, not supported if p (less) < {alpha} after Holm; "
             "the window is the paper's, fixed before the run")
-    if reasons:
-        note += "; inconclusive: " + "; ".join(reasons)
-    return Claim(statement, where, "; ".join(parts) + f" [{note}]", verdict)
+    return _per_level_claim(statement, where, parts, directional(greater, less, alpha=alpha), note, reasons)
 
 
 # --------------------------------------------------------- Making Coherence Out of Nothing At All §5
