@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
 import zarr.errors
+from zarr.core.sync import sync
 
 from gradstore.errors import StoreError
+from gradstore.store import _location
+from gradstore.store._integrity import Problem, damage_message, expected_chunks
 from gradstore.store.schema import COMMITTED, SCHEMA_VERSION, RunLayout, array_specs, static_shape
 
 #: root attribute present while a run is being created (removed when creation completes)
@@ -67,8 +72,6 @@ def _array(group: zarr.Group, key: str, name: str) -> zarr.Array:
 
 
 def _values(group, key, name):
-    from gradstore.store._integrity import damage_message, expected_chunks
-
     try:
         arr = _array(group, key, name)
         absent = [c for c in expected_chunks(key, arr.shape, arr.chunks) if not _has(group.store, c)]
@@ -82,14 +85,10 @@ def _values(group, key, name):
 
 
 def _has(store, key: str) -> bool:
-    from zarr.core.sync import sync
-
     return bool(sync(store.exists(key)))
 
 
-def _static_missing(key: str, chunk: str):
-    from gradstore.store._integrity import Problem
-
+def _static_missing(key: str, chunk: str) -> Problem:
     return Problem(key, chunk, None, None, "chunk missing (would read as fill values)")
 
 
@@ -172,10 +171,6 @@ class Committed:
 def open_committed(target, storage_options: dict | None = None) -> Committed:
     """Open ``target`` for reading: the commit record, the layout and every array, checked against
     the schema and against the arrays' own metadata (no data read but the static arrays)."""
-    import os
-
-    from gradstore.store import _location
-
     if not isinstance(target, (str, os.PathLike, zarr.abc.store.Store)):
         raise StoreError(f"a run store is a path or URL (str or path), got {type(target).__name__}")
     name = _location.describe(target)
@@ -197,13 +192,16 @@ def own_metadata(store, layout: RunLayout, committed: int, name: str) -> None:
     check_arrays(group, layout, committed, name, uncommitted=None)
 
 
-def check_steps(arrays: dict[str, zarr.Array], attrs: dict, committed: int, name: str) -> np.ndarray:
-    """The committed ``step`` values, checked: strictly increasing and ending at ``last_step``."""
-    try:
-        steps = np.asarray(arrays["step"][:committed])
-    except Exception as exc:  # codec/IO errors of zarr have no common base class
-        raise StoreError(f"{name!r} is damaged: cannot read array 'step' ({_short(exc)}); run "
-                         f"`gradstore inspect --verify` on it") from None
+def check_steps(arrays: dict[str, zarr.Array], attrs: dict, committed: int, name: str,
+                steps: np.ndarray | None = None) -> np.ndarray:
+    """The committed ``step`` values (read unless given), checked: strictly increasing and ending at
+    ``last_step``."""
+    if steps is None:
+        try:
+            steps = np.asarray(arrays["step"][:committed])
+        except Exception as exc:  # codec/IO errors of zarr have no common base class
+            raise StoreError(f"{name!r} is damaged: cannot read array 'step' ({_short(exc)}); run "
+                             f"`gradstore inspect --verify` on it") from None
     last = attrs.get("last_step")
     if committed and (np.any(np.diff(steps) <= 0)):
         bad = int(np.flatnonzero(np.diff(steps) <= 0)[0]) + 1
@@ -215,17 +213,13 @@ def check_steps(arrays: dict[str, zarr.Array], attrs: dict, committed: int, name
     return steps
 
 
-def missing_chunks(store, layout: RunLayout, arrays: dict[str, zarr.Array], committed: int,
-                   steps: np.ndarray | None = None) -> list:
-    """Every chunk (shard) the committed steps and the static arrays need but the store lacks.
+def missing_chunks(store, layout: RunLayout, arrays: dict[str, zarr.Array], committed: int) -> list[Problem]:
+    """Every chunk (shard) the committed steps and the static arrays need but the store lacks
+    (steps named by position; :func:`with_step_numbers` adds their numbers).
 
     Zarr reads a missing chunk as fill values; a run store writes every chunk it covers (even one
     of fill values), so a missing one is damage.
     """
-    from zarr.core.sync import sync
-
-    from gradstore.store._integrity import Problem, expected_chunks
-
     async def keys(prefix):
         return {k async for k in store.list_prefix(prefix)}
 
@@ -238,9 +232,8 @@ def missing_chunks(store, layout: RunLayout, arrays: dict[str, zarr.Array], comm
             if chunk not in have:
                 if spec.per_step:
                     first = int(chunk.split("/")[2]) * grid[0]
-                    for index in range(first, min(first + grid[0], committed)):
-                        step = int(steps[index]) if steps is not None and key != "step" else None
-                        problems.append(Problem(key, chunk, index, step, "chunk missing (would read as fill values)"))
+                    problems += [Problem(key, chunk, index, None, "chunk missing (would read as fill values)")
+                                 for index in range(first, min(first + grid[0], committed))]
                 else:
                     problems.append(_static_missing(key, chunk))
     return problems
@@ -258,9 +251,16 @@ def located_problems(store, layout: RunLayout, arrays: dict[str, zarr.Array], co
             steps = None
         if steps is not None and np.any(np.diff(steps) <= 0):  # fill values: not step numbers
             steps = None
-        if problems and steps is not None:
-            problems = missing_chunks(store, layout, arrays, committed, steps)
-    return problems, steps
+    return with_step_numbers(problems, steps), steps
+
+
+def with_step_numbers(problems: list[Problem], steps: np.ndarray | None) -> list[Problem]:
+    """``problems`` with the training step number of each damaged position (``steps``: the committed
+    ``step`` values, or None when they cannot be trusted)."""
+    if steps is None:
+        return problems
+    return [dataclasses.replace(p, step=int(steps[p.index])) if p.index is not None and p.array != "step" else p
+            for p in problems]
 
 
 def _short(exc: BaseException) -> str:

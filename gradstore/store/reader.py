@@ -56,17 +56,20 @@ def open_run(target, *, storage_options: dict | None = None, skip_steps=()) -> x
     run = open_committed(target, storage_options)
     name, attrs, layout, committed, arrays = run.name, run.attrs, run.layout, run.committed, run.arrays
     skip = {int(i) for i in skip_steps}
-    problems = [p for p in located_problems(run.store, layout, arrays, committed)[0] if p.index not in skip]
+    problems, steps = located_problems(run.store, layout, arrays, committed)
+    problems = [p for p in problems if p.index not in skip]
     if problems:
         raise StoreError(damage_message(name, problems))
-    steps = check_steps(arrays, attrs, committed, name)
+    steps = check_steps(arrays, attrs, committed, name, steps)
     specs = array_specs(layout)
     coords, data_vars = {}, {}
     for key, arr in arrays.items():
         spec = specs[key]
         if key in _INTERNAL_ARRAYS:
             continue
-        if spec.per_step:
+        if key == "step":
+            data = steps
+        elif spec.per_step:
             chunks = tuple(min(c, max(n, 1)) for c, n in zip(spec.shards or spec.chunks, arr.shape))
             data = da.from_zarr(arr, chunks=chunks, inline_array=True)[:committed]
         else:

@@ -66,32 +66,27 @@ def _step_chunk(key: str, spec, index: int) -> str:
     return chunk_key(key, (index // grid[0],) + (0,) * (len(grid) - 1))
 
 
-def _digests(arrays, committed: int, problems: list, steps) -> np.ndarray | None:
+def _read_digests(arrays, spec, start: int, stop: int, steps) -> tuple[np.ndarray | None, list[Problem]]:
+    """Rows ``start:stop`` of ``step_crc32c``, or None and a problem for each step when unreadable."""
     try:
-        return np.asarray(arrays[DIGEST][:committed])
+        return np.asarray(arrays[DIGEST][start:stop]), []
     except Exception as exc:  # codec/IO errors of zarr have no common base class
-        spec_rows = arrays[DIGEST].chunks[0]
-        for index in range(committed):
-            problems.append(Problem(DIGEST, chunk_key(DIGEST, (index // spec_rows, 0)), index,
-                                    _step_at(steps, index), f"unreadable ({_short(exc)})"))
-        return None
+        return None, [Problem(DIGEST, _step_chunk(DIGEST, spec, i), i, _step_at(steps, i), f"unreadable ({_short(exc)})")
+                      for i in range(start, stop)]
 
 
 def _step_at(steps, index):
     return int(steps[index]) if steps is not None and index < len(steps) else None
 
 
-def check_step(arrays: dict[str, zarr.Array], layout: RunLayout, attrs: dict, index: int, steps=None) -> list[Problem]:
+def check_step(arrays: dict[str, zarr.Array], layout: RunLayout, index: int, steps=None) -> list[Problem]:
     """Problems of the committed step at position ``index`` (read back and digested)."""
-    problems: list[Problem] = []
     specs = array_specs(layout)
-    try:
-        digest = np.asarray(arrays[DIGEST][index])
-    except Exception as exc:
-        return [Problem(DIGEST, _step_chunk(DIGEST, specs[DIGEST], index), index, _step_at(steps, index),
-                        f"unreadable ({_short(exc)})")]
+    digests, problems = _read_digests(arrays, specs[DIGEST], index, index + 1, steps)
+    if digests is None:
+        return problems
     for j, key in enumerate(digested_arrays(layout)):
-        problems += _check_rows(key, specs[key], arrays[key], index, index + 1, digest[None, j], steps)
+        problems += _check_rows(key, specs[key], arrays[key], index, index + 1, digests[:, j], steps)
     return problems
 
 
@@ -136,7 +131,7 @@ def verify_run(target, *, storage_options: dict | None = None, progress=None) ->
     result = Verification(name, committed, list(found), checksums=layout.checksums)
     _check_values(result, arrays, layout, attrs, steps, progress)
     if result.ok:  # values intact: then the commit record must be consistent too
-        check_steps(arrays, attrs, committed, name)
+        check_steps(arrays, attrs, committed, name, steps)
     return result
 
 
@@ -153,18 +148,19 @@ def _check_values(result: Verification, arrays, layout: RunLayout, attrs: dict, 
     for key, spec in specs.items():
         if spec.per_step or (key, None) in missing:
             continue
+        chunk = chunk_key(key, (0,) * len(spec.dims))  # static arrays are one chunk
         try:
             value = arrays[key][...]
         except Exception as exc:
-            result.problems.append(Problem(key, chunk_key(key, (0,) * len(spec.dims)), None, None,
-                                           f"unreadable ({_short(exc)})"))
+            result.problems.append(Problem(key, chunk, None, None, f"unreadable ({_short(exc)})"))
             continue
         if crc32_of(value, spec.dtype) != recorded.get(key):
-            result.problems.append(Problem(key, chunk_key(key, (0,) * len(spec.dims)), None, None,
+            result.problems.append(Problem(key, chunk, None, None,
                                            "values differ from those written (CRC32C digest mismatch)"))
     if (DIGEST, 0) in missing or committed == 0:
         return
-    digests = _digests(arrays, committed, result.problems, steps)
+    digests, unreadable = _read_digests(arrays, specs[DIGEST], 0, committed, steps)
+    result.problems += unreadable
     if digests is None:
         return
     keys = digested_arrays(layout)

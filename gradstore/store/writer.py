@@ -37,9 +37,11 @@ from gradstore.errors import StoreError
 from gradstore.store import _location
 from gradstore.store._integrity import DIGEST, DIGESTED, crc32_of, damage_message
 from gradstore.store._lock import WriterLock, holder
-from gradstore.store._root import CREATING, check_arrays, check_steps, layout_from_store, missing_chunks, open_root
+from gradstore.store._root import (CREATING, check_arrays, check_steps, layout_from_store, missing_chunks, open_root,
+                                   with_step_numbers)
 from gradstore.store.schema import (AUX_COORDS, COMMITTED, SAMPLES, SCHEMA_VERSION, RunLayout, array_specs,
                                     digested_arrays, every_array_name, static_shape)
+from gradstore.store.verify import check_step
 
 #: arrays checked for NaN/inf to set the per-step ``nonfinite`` flag
 _GRADIENT_STATS = ("m", "norm_sq_of_sum", "sum_of_norm_sq", "sq_norm", "dot_with_sum",
@@ -370,24 +372,29 @@ def _remove_owned(store, name: str) -> None:
     async def entries():
         return [k async for k in store.list_dir("")]
 
-    owned = every_array_name() | {"zarr.json"}
+    arrays = every_array_name()
     found = sync(entries())
-    foreign = sorted(k for k in found if k not in owned and not k.endswith(".partial"))
+    foreign = sorted(k for k in found if k not in arrays and k != "zarr.json" and not k.endswith(".partial"))
     if foreign:
         raise StoreError(f"{name!r} holds entries that are not part of a gradstore run ({', '.join(foreign[:5])}); "
                          f"nothing was deleted: move them away or write to another path")
-    _put(store, "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {CREATING: True}})
+    _mark_creating(store)
     for key in found:
-        if key in every_array_name():
+        if key in arrays:
             sync(store.delete_dir(key))
         elif key.endswith(".partial"):
             sync(store.delete(key))
 
 
+def _mark_creating(store) -> None:
+    """Make the root a run being created (no steps): what an interrupted creation or removal leaves."""
+    _put(store, "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {CREATING: True}})
+
+
 def _create(store, layout: RunLayout, name: str, *, config, seeds, code, lock) -> RunWriter:
     config = _json_attr("config", config or {})
     seeds = _json_attr("seeds", seeds or {})
-    _put(store, "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {CREATING: True}})
+    _mark_creating(store)
     group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
     compressors = _compressors(layout.compression, layout.checksums)
     specs = array_specs(layout)
@@ -446,22 +453,17 @@ def _resume(store, path: Path | None, layout: RunLayout, name: str, lock) -> Run
     committed = attrs[COMMITTED]
     arrays = check_arrays(group, stored, committed, name, uncommitted=1)
     steps = check_steps(arrays, attrs, committed, name)
-    problems = missing_chunks(store, stored, arrays, committed, steps)
+    problems = with_step_numbers(missing_chunks(store, stored, arrays, committed), steps)
+    if not problems and committed and stored.checksums:  # the last committed step, read back
+        problems = check_step(arrays, stored, committed - 1, steps)
     if problems:
         raise StoreError(damage_message(name, problems, skip_hint=False) + "; nothing was changed")
-    if committed and stored.checksums:
-        from gradstore.store.verify import check_step
-
-        problems = check_step(arrays, stored, attrs, committed - 1, steps)
-        if problems:
-            raise StoreError(damage_message(name, problems, skip_hint=False) + "; nothing was changed")
     if path is not None:
         _location.remove_partial_files(path)
     for key, spec in array_specs(stored).items():
         arr = arrays[key]
         if spec.per_step and arr.shape[0] != committed:  # the one uncommitted step
             arr.resize((committed,) + tuple(arr.shape[1:]))
-    group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
     return RunWriter(store, group, stored, name, attrs, lock)
 
 
