@@ -132,7 +132,8 @@ def _batch_size(inputs, targets) -> int:
     return m
 
 
-def _require_trainable(model: nn.Module, pl: Plan) -> None:
+def require_trainable(model: nn.Module, pl: Plan) -> None:
+    """Refuse, in one line, a model whose plan has no trainable parameter (nothing to capture)."""
     if not pl.params:
         raise CaptureError(
             f"the model ({type(model).__name__}) has no trainable parameters (requires_grad=True); unfreeze "
@@ -196,17 +197,19 @@ def _check_losses(losses, m: int) -> None:
         )
 
 
-def _call_model(model: nn.Module, inputs, pl: Plan, name: str = "inputs"):
-    """``model(inputs)`` (a tuple is unpacked); a refused input becomes a one-line CaptureError."""
+def call_model(model: nn.Module, inputs, pl: Plan, name: str = "inputs", *, described=None):
+    """``model(inputs)`` (a tuple is unpacked); a refused input becomes a one-line CaptureError
+    naming ``name`` and describing ``described`` (default ``inputs``; e.g. the whole argument when
+    ``inputs`` is a slice of it)."""
     try:
         return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
     except _CALL_ERRORS as err:
         if isinstance(err, (GradstoreError, torch.OutOfMemoryError)):
             raise
-        raise _input_error(name, inputs, pl, err) from err
+        raise _input_error(name, inputs if described is None else described, pl, err) from err
 
 
-def _call_loss(loss_fn, outputs, targets, m: int, name: str = "targets"):
+def call_loss(loss_fn, outputs, targets, m: int, name: str = "targets"):
     """``loss_fn(outputs, targets)``, checked; refused targets become a one-line CaptureError."""
     try:
         losses = loss_fn(outputs, targets)
@@ -325,7 +328,7 @@ def capture(
     """
     m = _batch_size(inputs, targets)
     pl = plan(model)
-    _require_trainable(model, pl)
+    require_trainable(model, pl)
     coords = _check_coords(coords, pl)
     dot_with = _check_dot_with(dot_with, pl)
     if isinstance(projection, int):
@@ -337,8 +340,8 @@ def capture(
         # accounts for (its owner's rule or the fallback), or capture refuses here (gradstore.capture.uses)
         fallback = {path for path, module in pl.modules.items() if lookup_rule(type(module)) is None}
         with UseCheck(model, pl.params, pl.owner, fallback) if CHECK_USES else nullcontext():
-            outputs = _call_model(model, inputs, pl)
-            losses = _call_loss(loss_fn, outputs, targets, m)
+            outputs = call_model(model, inputs, pl)
+            losses = call_loss(loss_fn, outputs, targets, m)
         result = CaptureResult(m, losses.detach(), _detach(outputs), pl.layer_of)
         by_module: dict[str, list[str]] = {}
         for name in names:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradstore.capture.engine import _require_trainable, capture, plan
+from gradstore.capture.engine import require_trainable, capture, plan
 from gradstore.errors import CaptureError
 
 _BY = ("param", "layer", "model")
@@ -121,7 +121,7 @@ def coherence_moments(model, loss_fn, inputs, targets, chunk_size: int = 1024) -
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise CaptureError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     m = _example_count(inputs, targets)
-    _require_trainable(model, plan(model))
+    require_trainable(model, plan(model))
     device = next((p.device for p in model.parameters()), None)
     sum_grad: dict = {}
     sum_sq_norm: dict = {}

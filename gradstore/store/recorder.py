@@ -12,10 +12,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from gradstore.errors import CaptureError, GradstoreError, StoreError
+from gradstore.errors import CaptureError, StoreError
 from gradstore.store.schedule import Schedule
 from gradstore.store.schema import SAMPLES, RunLayout
-from gradstore.store.writer import create_run
+from gradstore.store.writer import check_step_number, create_run
 
 _METRICS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc")
 
@@ -171,19 +171,14 @@ def _probe(model, plan_, loss_fn, inputs, autocast: str | None):
     """
     import torch
 
-    from gradstore.capture.engine import _CALL_ERRORS, _input_error
+    from gradstore.capture.engine import call_model
     from gradstore.capture.state import preserved_run
 
     device = next(model.parameters()).device
     x = inputs[:2].to(device)
     with preserved_run(model), torch.enable_grad(), autocast_forward(model, autocast):
         model.eval()
-        try:
-            outputs = model(x)
-        except _CALL_ERRORS as err:
-            if isinstance(err, (GradstoreError, torch.OutOfMemoryError)):
-                raise
-            raise _input_error("train_inputs", inputs, plan_, err) from err
+        outputs = call_model(model, x, plan_, "train_inputs", described=inputs)
     if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
         shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
         raise CaptureError(f"the model returns {shape} for train_inputs; the Recorder needs class scores "
@@ -195,10 +190,10 @@ def _check_loss(loss_fn, outputs, targets) -> None:
     """loss_fn on the probe's outputs: per-example losses that carry a gradient (see capture)."""
     import torch
 
-    from gradstore.capture.engine import _call_loss
+    from gradstore.capture.engine import call_loss
 
     with torch.enable_grad():
-        _call_loss(loss_fn, outputs, targets[:len(outputs)].to(outputs.device), len(outputs), "train_targets")
+        call_loss(loss_fn, outputs, targets[:len(outputs)].to(outputs.device), len(outputs), "train_targets")
 
 
 class Recorder:
@@ -271,7 +266,7 @@ class Recorder:
                  overwrite: bool = False, resume: bool = True, storage_options: dict | None = None,
                  background: bool = True, autocast: str | None = None):
         from gradstore.capture import Projection, plan
-        from gradstore.capture.engine import _require_trainable
+        from gradstore.capture.engine import require_trainable
 
         if autocast not in (None, "bfloat16", "float16"):
             raise StoreError(f"autocast must be None, 'bfloat16' or 'float16', got {autocast!r}")
@@ -279,7 +274,7 @@ class Recorder:
         self.schedule = schedule if schedule is not None else Schedule.every(100)
         self.loss_fn = loss_fn or _cross_entropy
         pl = plan(model)
-        _require_trainable(model, pl)
+        require_trainable(model, pl)
         layer_of = pl.layer_of
         layers = tuple(dict.fromkeys(layer_of[name] for name in pl.params))
         params = tuple((name, tuple(p.shape), layer_of[name]) for name, p in pl.params.items())
@@ -373,9 +368,7 @@ class Recorder:
     def record(self, step: int, model, *, lr=math.nan, train_loss=math.nan, train_acc=math.nan,
                test_loss=math.nan, test_acc=math.nan) -> None:
         """Capture the tracked sample now and append it as ``step`` (regardless of the schedule)."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise StoreError(f"step must be an integer >= 0 (the training step number), got {step!r}")
-        step = int(step)
+        step = check_step_number(step)  # before the capture, not after it
         last = self._last_step()
         if last is not None and step <= last:
             raise StoreError(f"step {step} is not after the last recorded step {last}; steps must increase")

@@ -85,6 +85,13 @@ def _json_attr(name: str, value):
         raise StoreError(f"{name} must be JSON-serialisable (dicts, lists, str, finite numbers): {exc}") from exc
 
 
+def check_step_number(step) -> int:
+    """``step`` as an int: a training step number is an integer >= 0 (not a bool, float or string)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise StoreError(f"step must be an integer >= 0 (the training step number), got {step!r}")
+    return int(step)
+
+
 def _metadata_document(arr: zarr.Array) -> dict:
     """The JSON document of an array's ``zarr.json`` (as zarr itself encodes it)."""
     return json.loads(arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
@@ -156,9 +163,7 @@ class RunWriter:
         """
         if self._store is None:
             raise StoreError(f"the writer of {self.name!r} is closed; open the run again to append")
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise StoreError(f"step must be an integer >= 0 (the training step number), got {step!r}")
-        step = int(step)
+        step = check_step_number(step)
         if self.last_step is not None and step <= self.last_step:
             raise StoreError(f"step {step} is not after the last committed step {self.last_step} of "
                              f"{self.name!r}; steps must increase")
