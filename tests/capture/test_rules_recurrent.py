@@ -1,0 +1,145 @@
+"""nn.RNN / nn.LSTM / nn.GRU rule, called directly, against a per-example loop of single-example
+backward passes in float64 (vmap cannot run the fused recurrent kernels).
+
+The rule is called as the engine calls it for a module with a structured output: ``inputs`` the
+positional arguments (detached), ``grad_output`` one gradient per tensor leaf of the output in
+``torch.utils._pytree.tree_flatten`` order (None where no gradient reached that leaf).
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rules_harness import check_factors, loop_grads
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils._pytree import tree_flatten
+
+from gradstore.capture.registry import lookup_rule
+from gradstore.errors import CaptureError
+
+KINDS = {"RNN": nn.RNN, "LSTM": nn.LSTM, "GRU": nn.GRU}
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_detached(v) for v in value)
+    return value
+
+
+def _loss(module, out, targets, lengths, batch_first, use_hidden):
+    """Per-example losses: squared error of the padded output on valid steps (+ of h_n, c_n)."""
+    seq, hidden = out
+    if lengths is not None:
+        seq = pad_packed_sequence(seq, batch_first=True)[0]
+    elif not batch_first:
+        seq = seq.transpose(0, 1)
+    losses = ((seq - targets[0][:, : seq.shape[1]]) ** 2).flatten(1).sum(1)
+    if use_hidden:
+        for state, target in zip(hidden if isinstance(hidden, tuple) else (hidden,), targets[1:]):
+            losses = losses + (torch.sin(state).transpose(0, 1) * target).flatten(1).sum(1)
+    return losses
+
+
+def _run(module, x, hx, lengths, batch_first):
+    if lengths is not None:
+        x = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+    return (module(x) if hx is None else module(x, hx)), x
+
+
+def check_recurrent(kind, *, m=3, steps=4, i=3, hidden=4, layers=1, bidirectional=False, batch_first=False,
+                    with_h0=False, bias=True, packed=False, proj=0, use_hidden=True, nonlinearity="tanh", seed=0):
+    torch.manual_seed(seed)
+    kwargs = {"bias": bias, "batch_first": batch_first, "bidirectional": bidirectional, "num_layers": layers}
+    if kind == "LSTM" and proj:
+        kwargs["proj_size"] = proj
+    if kind == "RNN":
+        kwargs["nonlinearity"] = nonlinearity
+    module = KINDS[kind](i, hidden, **kwargs).double().eval()
+    dirs = 2 if bidirectional else 1
+    state = proj or hidden
+    xb = torch.randn(m, steps, i, dtype=torch.float64)  # batch-major copy for the oracle
+    x = xb if batch_first else xb.transpose(0, 1)
+    lengths = torch.randint(1, steps + 1, (m,)) if packed else None
+    if packed:
+        lengths[0] = steps
+    hx = None
+    if with_h0:
+        h0 = torch.randn(layers * dirs, m, state, dtype=torch.float64)
+        hx = (h0, torch.randn(layers * dirs, m, hidden, dtype=torch.float64)) if kind == "LSTM" else h0
+    targets = [torch.randn(m, steps, dirs * state, dtype=torch.float64),
+               torch.randn(m, layers * dirs, state, dtype=torch.float64)]
+    if kind == "LSTM":
+        targets.append(torch.randn(m, layers * dirs, hidden, dtype=torch.float64))
+
+    out, packed_x = _run(module, x, hx, lengths, batch_first)
+    loss = _loss(module, out, targets, lengths, batch_first, use_hidden).sum()
+    leaves, _ = tree_flatten(out)
+    grads = torch.autograd.grad(loss, [v for v in leaves if v.requires_grad], allow_unused=True)
+    grads = iter(grads)
+    grad_output = tuple(next(grads) if v.requires_grad else None for v in leaves)
+    inputs = (_detached(packed_x),) if hx is None else (_detached(packed_x), _detached(hx))
+    factors = lookup_rule(type(module))(module, inputs, grad_output)
+
+    def one(j):
+        length = steps if lengths is None else int(lengths[j])
+        xj = xb[j:j + 1, :length]
+        xj = xj if batch_first else xj.transpose(0, 1)
+        hj = None
+        if hx is not None:
+            hj = (hx[0][:, j:j + 1], hx[1][:, j:j + 1]) if kind == "LSTM" else hx[:, j:j + 1]
+        outj = module(xj) if hj is None else module(xj, hj)
+        return _loss(module, outj, [t[j:j + 1] for t in targets], None, batch_first, use_hidden).sum()
+
+    params = dict(module.named_parameters())
+    ref = loop_grads(params, one, m)
+    check_factors(factors, ref, rtol=1e-6, seed=seed)
+    return factors
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(sorted(KINDS)), m=st.integers(1, 3), steps=st.integers(1, 4), layers=st.integers(1, 2),
+       bidirectional=st.booleans(), batch_first=st.booleans(), with_h0=st.booleans(), bias=st.booleans(),
+       packed=st.booleans(), use_hidden=st.booleans(), seed=st.integers(0, 3))
+def test_recurrent_shapes(kind, m, steps, layers, bidirectional, batch_first, with_h0, bias, packed, use_hidden, seed):
+    check_recurrent(kind, m=m, steps=steps, layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                    with_h0=with_h0, bias=bias, packed=packed, use_hidden=use_hidden, seed=seed)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_recurrent_two_layers_bidirectional_packed(kind):
+    factors = check_recurrent(kind, m=4, steps=5, layers=2, bidirectional=True, with_h0=True, packed=True)
+    assert "weight_hh_l1_reverse" in factors
+
+
+def test_rnn_relu():
+    check_recurrent("RNN", layers=2, bidirectional=True, nonlinearity="relu", with_h0=True)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_lstm_proj_size(packed):
+    factors = check_recurrent("LSTM", m=3, steps=4, hidden=5, proj=2, layers=2, bidirectional=True, with_h0=True,
+                              packed=packed, batch_first=True)
+    assert factors["weight_hr_l1_reverse"].materialize().shape == (3, 2, 5)
+
+
+def test_only_the_output_reaches_the_loss():
+    check_recurrent("LSTM", m=2, steps=3, use_hidden=False)
+
+
+def test_dropout_in_training_mode_is_refused():
+    module = nn.GRU(3, 4, num_layers=2, dropout=0.5).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    out, h = module(x)
+    with pytest.raises(CaptureError, match="eval mode"):
+        lookup_rule(nn.GRU)(module, (x,), (torch.ones_like(out), None))
+
+
+def test_unbatched_input_is_refused():
+    module = nn.RNN(3, 4).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    out, h = module(x)
+    with pytest.raises(CaptureError, match="batched"):
+        lookup_rule(nn.RNN)(module, (x,), (torch.ones_like(out), None))
