@@ -98,13 +98,13 @@ def _weights(module, k, suffix):
 
 def _cell(module, kind, xp, h, c, w_hh, b_hh, w_hr, record):
     """One step of the recurrence from the input pre-activation ``xp`` (n, G); returns (h, c)."""
-    gh = torch.addmm(b_hh, h, w_hh.T) if b_hh is not None else h @ w_hh.T
+    if kind != "GRU":  # b_hh is folded into xp: z = xp + h W_hh^T, one addmm
+        z = torch.addmm(xp, h, w_hh.T)
+    else:
+        gh = torch.addmm(b_hh, h, w_hh.T) if b_hh is not None else h @ w_hh.T
     if kind == "LSTM":
-        z = xp + gh
-        hidden = w_hh.shape[0] // 4
-        s = torch.sigmoid(z)
-        i, f, o = s[:, :hidden], s[:, hidden:2 * hidden], s[:, 3 * hidden:]
-        g = torch.tanh(z[:, 2 * hidden:3 * hidden])
+        i, f, _, o = torch.sigmoid(z).chunk(4, 1)  # chunks, not slices: one backward node each
+        g = torch.tanh(z.chunk(4, 1)[2])
         c = f * c + i * g
         out = o * torch.tanh(c)
         if w_hr is not None:
@@ -113,13 +113,12 @@ def _cell(module, kind, xp, h, c, w_hh, b_hh, w_hr, record):
             record["proj"].append(out)
         return out, c
     if kind == "GRU":
-        hidden = w_hh.shape[0] // 3
-        rz = torch.sigmoid(xp[:, :2 * hidden] + gh[:, :2 * hidden])
-        r, z = rz[:, :hidden], rz[:, hidden:]
+        xr, xz, xn = xp.chunk(3, 1)
+        hr, hz, hn = gh.chunk(3, 1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
         record["reset"].append(r.detach())
-        cand = torch.tanh(xp[:, 2 * hidden:] + r * gh[:, 2 * hidden:])
+        cand = torch.tanh(xn + r * hn)
         return cand + z * (h - cand), None
-    z = xp + gh
     return (torch.tanh(z) if module.nonlinearity == "tanh" else torch.relu(z)), None
 
 
@@ -127,16 +126,17 @@ def _direction(module, kind, x, h, c, mask, weights, reverse):
     """Run one layer in one direction over time-major ``x`` (T, n, i); returns outputs, states, record."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
     xp = x @ w_ih.T
-    if b_ih is not None:
-        xp = xp + b_ih
+    if b_ih is not None:  # RNN and LSTM add both biases before any nonlinearity: fold b_hh in here
+        xp = xp + (b_ih if kind == "GRU" else b_ih + b_hh)
     if not xp.requires_grad:
         xp.requires_grad_(True)  # a leaf: the gradient w.r.t. it is dz
     record = {"h_prev": [], "cell_out": [], "proj": [], "reset": []}
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
     outputs = [None] * x.shape[0]
+    per_step = xp.unbind(0)  # one backward node for all steps (indexing xp[t] would zero-fill T times)
     for t in steps:
         record["h_prev"].append(h.detach())
-        h_new, c_new = _cell(module, kind, xp[t], h, c, w_hh, b_hh, w_hr, record)
+        h_new, c_new = _cell(module, kind, per_step[t], h, c, w_hh, b_hh, w_hr, record)
         if mask is not None:  # past an example's length its state stays as it was
             keep = mask[t][:, None]
             h_new = torch.where(keep, h_new, h)
