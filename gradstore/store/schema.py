@@ -29,8 +29,21 @@ STEP_BLOCK = 64
 #: target size in bytes of an inner chunk of the large per-step arrays
 INNER_CHUNK_BYTES = 1 << 20
 
+#: most bytes of one chunk of the per-example arrays (loss, correct, sq_norm, dot_with_sum): fewer
+#: than STEP_BLOCK steps per chunk when the examples x layers of one step are large (m = 50,000)
+PER_EXAMPLE_CHUNK_BYTES = 16 << 20
+
 STORAGE_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("zstd", "blosc", "none")
+
+#: what a run's ``task`` root attribute may say (``docs/store-format.md``, "Tasks"); absent: classification
+TASK_NAMES = ("classification", "sequence", "regression", "custom")
+
+#: what ``correct`` (step, example) holds: a bool, or a fraction in [0, 1] (float64); None: no ``correct``
+CORRECT_KINDS = ("bool", "fraction")
+
+#: how gradients are measured (root attribute ``measurement``): the capture's mode, BatchNorm priming
+DEFAULT_MEASUREMENT = {"mode": "eval", "bn_priming": None}
 
 #: static coordinates attached to ``example`` and ``coord`` (listed in the root ``coordinates`` attr)
 AUX_COORDS = ("true_label", "train_label", "corrupt", "split", "coord_layer", "coord_param", "coord_index")
@@ -97,6 +110,15 @@ class RunLayout:
         Store a CRC32C checksum with every chunk and a CRC32C digest of every step's values, so
         damage is detected (``docs/store-format.md``, "Integrity"). False only to measure what they
         cost (``gradstore bench store``): such a store cannot tell damaged values from good ones.
+    task : str, default "classification"
+        What the outputs mean (one of :data:`TASK_NAMES`); stored as the root attribute ``task``.
+    correct : {"bool", "fraction"} or None, default "bool"
+        What ``correct`` holds per example (None: the run stores no ``correct``).
+    task_options : dict
+        JSON options of the task (root attribute ``task_options``).
+    measurement : dict or None
+        How gradients are measured, ``{"mode": "eval" | "train", "bn_priming": ...}`` (root
+        attribute ``measurement``); None only for a store written before it was recorded.
     """
 
     layers: tuple[str, ...]
@@ -114,6 +136,10 @@ class RunLayout:
     dtype: str = "float32"
     compression: str = "zstd"
     checksums: bool = True
+    task: str = "classification"
+    correct: str | None = "bool"
+    task_options: dict = field(default_factory=dict)
+    measurement: dict | None = field(default_factory=lambda: dict(DEFAULT_MEASUREMENT))
 
     def __post_init__(self):
         ids = np.asarray(self.example_ids)
@@ -150,6 +176,10 @@ class RunLayout:
             raise StoreError(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
         if self.compression not in COMPRESSIONS:
             raise StoreError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+        if self.task not in TASK_NAMES:
+            raise StoreError(f"task must be one of {TASK_NAMES}, got {self.task!r}")
+        if self.correct is not None and self.correct not in CORRECT_KINDS:
+            raise StoreError(f"correct must be one of {CORRECT_KINDS} or None, got {self.correct!r}")
 
     @property
     def n_example(self) -> int:
@@ -171,6 +201,11 @@ class RunLayout:
         return {"dtype": self.dtype, "compression": self.compression, "n_train": self.n_train,
                 "n_proj": self.n_proj, "gram": self.gram, "checksums": self.checksums}
 
+    def task_attrs(self) -> dict:
+        """The root attributes that say what the run measures: ``task``, ``task_options``, ``measurement``."""
+        return {"task": self.task, "task_options": dict(self.task_options),
+                "measurement": dict(self.measurement if self.measurement is not None else DEFAULT_MEASUREMENT)}
+
     def replace(self, **changes) -> RunLayout:
         return dataclasses.replace(self, **changes)
 
@@ -178,6 +213,11 @@ class RunLayout:
 def _rows(row_bytes: int, n_rows: int) -> int:
     """Rows per inner chunk so that one inner chunk is about ``INNER_CHUNK_BYTES``."""
     return int(max(1, min(n_rows, INNER_CHUNK_BYTES // max(1, row_bytes))))
+
+
+def _steps(step_bytes: int) -> int:
+    """Steps per chunk of a per-example array: ``STEP_BLOCK``, fewer if that passes ``PER_EXAMPLE_CHUNK_BYTES``."""
+    return int(max(1, min(STEP_BLOCK, PER_EXAMPLE_CHUNK_BYTES // max(1, step_bytes))))
 
 
 def _padded(rows: int, n: int) -> int:
@@ -188,7 +228,8 @@ def _padded(rows: int, n: int) -> int:
 def array_specs(layout: RunLayout) -> dict[str, ArraySpec]:
     """Every array of a run with this layout, by name.
 
-    Static arrays are one chunk. Small per-step arrays hold ``STEP_BLOCK`` steps per chunk. The
+    Static arrays are one chunk. Small per-step arrays hold ``STEP_BLOCK`` steps per chunk (the
+    per-example ones fewer when that would pass ``PER_EXAMPLE_CHUNK_BYTES``). The
     large arrays (``grad_coords``, ``grad_proj``, ``gram``) hold one step per shard, written whole.
     """
     n, nl, ns = max(layout.n_example, 1), len(layout.layers), len(SAMPLES)
@@ -208,10 +249,13 @@ def array_specs(layout: RunLayout) -> dict[str, ArraySpec]:
     specs.append(ArraySpec("nonfinite", ("step",), "bool", (STEP_BLOCK,)))
     for name in ("m", "norm_sq_of_sum", "sum_of_norm_sq"):
         specs.append(ArraySpec(name, ("step", "sample", "layer"), "float64", (STEP_BLOCK, ns, nl)))
-    specs.append(ArraySpec("loss", ("step", "example"), "float64", (STEP_BLOCK, n)))
-    specs.append(ArraySpec("correct", ("step", "example"), "bool", (STEP_BLOCK, n)))
+    specs.append(ArraySpec("loss", ("step", "example"), "float64", (_steps(n * 8), n)))
+    if layout.correct == "bool":
+        specs.append(ArraySpec("correct", ("step", "example"), "bool", (_steps(n), n)))
+    elif layout.correct == "fraction":
+        specs.append(ArraySpec("correct", ("step", "example"), "float64", (_steps(n * 8), n)))
     for name in ("sq_norm", "dot_with_sum"):
-        specs.append(ArraySpec(name, ("step", "example", "layer"), "float64", (STEP_BLOCK, n, nl)))
+        specs.append(ArraySpec(name, ("step", "example", "layer"), "float64", (_steps(n * nl * 8), n, nl)))
     item = np.dtype(layout.dtype).itemsize
     r_coord, r_proj, r_gram = _rows(nc * item, n), _rows(nl * k * item, n), _rows(n * 8, n)
     if layout.n_coord:
