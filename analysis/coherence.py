@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from analysis.registry import metric
+
 
 def _quiet_divide(numerator, denominator):
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -365,4 +367,39 @@ def coherence(moments, *, source: str = "exact"):
     for name in out.data_vars:
         out[name].attrs["source"] = source
     out.attrs["source"] = source
+    return out
+
+
+# --- the registered metric ------------------------------------------------------------------
+
+def _coherence_plots(results, folder):
+    import numpy as np
+
+    from analysis import plots
+
+    files = []
+    if "m_coherence" not in results or "source" not in results.dims:
+        return files
+    for sample in results.sample.values:
+        for source in results.source.values:
+            if np.isfinite(results.m_coherence.sel(source=source, sample=sample)).any():
+                path = folder / f"m_coherence_{sample}_{source}.png"
+                plots.coherence_plot(results, path, sample=str(sample), source=str(source))
+                files.append(path)
+    return files
+
+
+@metric("coherence", inputs=("moments",), tables={"coherence": ("source", "step", "sample", "layer")},
+        plot=_coherence_plots)
+def coherence_metric(ctx):
+    """alpha, m-coherence, gradient diversity per (source, step, sample, layer): exact and every estimate."""
+    import xarray as xr
+
+    from analysis import sources
+
+    found = sources.available_sources(ctx.ds, "norm_sq_of_sum")
+    per_source = [coherence(sources.layer_moments(ctx.ds, s), source=s) for s in found]
+    out = xr.concat(per_source, "source", join="outer", combine_attrs="drop").assign_coords(source=found)
+    for name in out.data_vars:
+        out[name].attrs["source"] = "see the source dimension: exact = stored moments, else an estimate"
     return out

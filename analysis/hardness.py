@@ -12,6 +12,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.pairwise import group_coherence, stiffness
+from analysis.registry import metric
 from gradstore.errors import GradstoreError
 
 RULES = ("learned", "snapshot")
@@ -84,3 +85,42 @@ def easy_hard(gram: xr.DataArray, easy) -> xr.Dataset:
     out["sign_stiffness"] = stiff["sign_stiffness_class"]
     out["cosine_stiffness"] = stiff["cosine_stiffness_class"]
     return out
+
+
+def _plot(results, folder):
+    from analysis import plots
+
+    if "easy_hard_m_coherence" not in results:
+        return []
+    path = folder / "easy_hard.png"
+    plots.easy_hard_plot(results, path)
+    return [path]
+
+
+@metric("easy_hard", inputs=("gram",), needs=("correct",),
+        tables={"easy_hard": ("step", "layer", "group"), "easy_hard_pairs": ("step", "layer", "group", "group_"),
+                "easy_hard_gap": ("step", "layer"), "easy_hard_sizes": ("group",), "examples": ("example",)},
+        plot=_plot)
+def easy_hard_metric(ctx) -> xr.Dataset:
+    """Coherence and stiffness within and across easy and hard examples, with the gap's permutation null."""
+    from analysis import nulls
+
+    index = ctx.pair_index
+    gram = ctx.gram()
+    correct = ctx.ds["correct"].isel(example=index)
+    easy = easy_mask(correct, at=ctx.snapshot).values
+    out = easy_hard(gram, easy)
+    out = out.rename({name: "easy_hard_" + name for name in out.data_vars})
+    out["learned_step"] = learned_step(correct)
+    out["easy"] = ("example", easy)
+    out.attrs["snapshot"] = int(ctx.snapshot if ctx.snapshot is not None
+                                else correct.step.values[correct.sizes["step"] // 2])
+    if ctx.n_permutations and 0 < easy.sum() < easy.size:
+        test = nulls.permutation_test(nulls.coherence_gap(gram), easy, n_permutations=ctx.n_permutations,
+                                      seed=ctx.seed)
+        out["easy_hard_gap"] = test["observed"]
+        out["easy_hard_gap_null"] = test["null"]
+        out["easy_hard_gap_null_low"] = test["null_low"]
+        out["easy_hard_gap_null_high"] = test["null_high"]
+        out["easy_hard_gap_p_value"] = test["p_value"]
+    return ctx.tag(out)

@@ -13,6 +13,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.coherence import alpha, gram_moments, pairwise_alpha
+from analysis.registry import metric
 from gradstore.errors import GradstoreError
 
 
@@ -75,3 +76,13 @@ def minibatch_coherence(gram: xr.DataArray, sizes=(1, 10, 100), *, n_batches: in
         "alpha_k_predicted": predicted_alpha_k(per_example, size),
         "alpha_k_measured": xr.concat(measured, "batch_size"),
     }).assign_coords(batch_size=list(sizes))
+
+
+@metric("minibatch", inputs=("gram",),
+        tables={"minibatch_alpha": ("step", "layer"), "minibatch": ("batch_size", "step", "layer")})
+def minibatch_metric(ctx) -> xr.Dataset:
+    """Per-example alpha and minibatch alpha_k, predicted (Corollary 3.1) and measured from seeded draws."""
+    n = ctx.pair_index.size
+    sizes = [k for k in ctx.batch_sizes if k <= n] or [1]
+    # "alpha" is coherence's (source, step, sample, layer) output: this one is over the pair sample
+    return ctx.tag(minibatch_coherence(ctx.gram(), sizes, seed=ctx.seed).rename(alpha="minibatch_alpha"))

@@ -17,14 +17,63 @@ from analysis.coherence import gram_moments, m_coherence
 from gradstore.errors import GradstoreError
 
 ALTERNATIVES = ("two-sided", "greater", "less")
+#: null worlds per block: block b is drawn from ``default_rng([seed, b])``, so a world's mask does
+#: not depend on how many worlds are asked for, nor on chunking
+PERMUTATION_BLOCK = 128
+#: masks larger than this many bytes stay lazy (generated block by block where they are used)
+EAGER_MASK_BYTES = 32 << 20
+
+
+def _mask_block(values: np.ndarray, seed: int, block: int, size: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, block])
+    return rng.permuted(np.broadcast_to(values, (size, values.size)), axis=1)
 
 
 def permuted_masks(mask, n_permutations: int = 1000, *, seed: int = 0) -> xr.DataArray:
-    """(permutation, example) float 0/1 matrix: ``n_permutations`` seeded shuffles of ``mask``."""
+    """(permutation, example) float 0/1 matrix: ``n_permutations`` seeded shuffles of ``mask``.
+
+    Generated in blocks of :data:`PERMUTATION_BLOCK` worlds; a mask over more than
+    :data:`EAGER_MASK_BYTES` is a lazy dask array whose blocks are drawn where they are used, so
+    1000 worlds over 50,000 examples never sit in memory (or in a task graph) at once.
+    """
     values = np.asarray(mask.values if isinstance(mask, xr.DataArray) else mask).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    shuffled = rng.permuted(np.broadcast_to(values, (n_permutations, values.size)), axis=1)
-    return xr.DataArray(shuffled, dims=("permutation", "example"))
+    sizes = [min(PERMUTATION_BLOCK, n_permutations - s) for s in range(0, n_permutations, PERMUTATION_BLOCK)]
+    if 8 * n_permutations * values.size <= EAGER_MASK_BYTES:
+        data = np.concatenate([_mask_block(values, seed, b, k) for b, k in enumerate(sizes)]) if sizes \
+            else np.zeros((0, values.size))
+    else:
+        import dask
+        import dask.array as da
+
+        block = dask.delayed(_mask_block, pure=True)
+        data = da.concatenate([da.from_delayed(block(values, seed, b, k), (k, values.size), np.float64)
+                               for b, k in enumerate(sizes)])
+    return xr.DataArray(data, dims=("permutation", "example"))
+
+
+def summarize(observed: xr.DataArray, null: xr.DataArray, *, alternative: str = "two-sided",
+              band: tuple[float, float] = (0.025, 0.975)) -> xr.Dataset:
+    """``null_mean``, ``null_low``, ``null_high`` and ``p_value`` of ``observed`` against ``null``.
+
+    ``null`` has a ``permutation`` dimension (the null worlds); every other dimension is matched
+    element-wise with ``observed``, so a batch of steps can be summarized on its own. p-values as
+    in :func:`permutation_test`.
+    """
+    if alternative not in ALTERNATIVES:
+        raise GradstoreError(f"unknown alternative {alternative!r}; use one of {', '.join(ALTERNATIVES)}")
+    n_permutations = null.sizes["permutation"]
+    if null.chunks:
+        null = null.chunk({"permutation": -1})
+    greater = (1 + (null >= observed).sum("permutation")) / (n_permutations + 1)
+    less = (1 + (null <= observed).sum("permutation")) / (n_permutations + 1)
+    p = {"greater": greater, "less": less, "two-sided": np.minimum(1.0, 2 * np.minimum(greater, less))}
+    low, high = null.quantile(list(band), dim="permutation", skipna=False).transpose("quantile", ...)
+    return xr.Dataset({
+        "null_mean": null.mean("permutation", skipna=False),
+        "null_low": low.drop_vars("quantile"),
+        "null_high": high.drop_vars("quantile"),
+        "p_value": p[alternative].where(observed.notnull()),
+    })
 
 
 def permutation_test(
@@ -68,20 +117,11 @@ def permutation_test(
     values = np.asarray(mask.values if isinstance(mask, xr.DataArray) else mask).astype(np.float64)
     observed = statistic(xr.DataArray(values[None, :], dims=("permutation", "example"))).isel(permutation=0)
     null = statistic(permuted_masks(values, n_permutations, seed=seed))
-    if null.chunks:
-        null = null.chunk({"permutation": -1})
-    greater = (1 + (null >= observed).sum("permutation")) / (n_permutations + 1)
-    less = (1 + (null <= observed).sum("permutation")) / (n_permutations + 1)
-    p = {"greater": greater, "less": less, "two-sided": np.minimum(1.0, 2 * np.minimum(greater, less))}
-    low, high = null.quantile(list(band), dim="permutation", skipna=False).transpose("quantile", ...)
-    return xr.Dataset({
-        "observed": observed.drop_vars("permutation", errors="ignore"),
-        "null": null,
-        "null_mean": null.mean("permutation", skipna=False),
-        "null_low": low.drop_vars("quantile"),
-        "null_high": high.drop_vars("quantile"),
-        "p_value": p[alternative].where(observed.notnull()),
-    }, attrs={"n_permutations": n_permutations, "seed": seed, "alternative": alternative})
+    observed = observed.drop_vars("permutation", errors="ignore")
+    out = summarize(observed, null, alternative=alternative, band=band)
+    out["observed"], out["null"] = observed, null
+    out.attrs = {"n_permutations": n_permutations, "seed": seed, "alternative": alternative}
+    return out[["observed", "null", "null_mean", "null_low", "null_high", "p_value"]]
 
 
 def mean_difference(values: xr.DataArray) -> Callable[[xr.DataArray], xr.DataArray]:

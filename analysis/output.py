@@ -13,23 +13,10 @@ import shutil
 import secrets
 from pathlib import Path
 
-import numpy as np
 import xarray as xr
 
-from analysis import plots
+from analysis import registry
 from gradstore.errors import AnalysisError, RunFolderError
-
-#: CSV table name for each set of dimensions (variables with a ``permutation`` dim stay in Zarr only)
-TABLES = {
-    frozenset({"source", "step", "sample", "layer"}): "coherence",
-    frozenset({"step", "layer"}): "per_step",
-    frozenset({"step", "layer", "class", "class_"}): "stiffness_class",
-    frozenset({"step", "layer", "group"}): "easy_hard",
-    frozenset({"step", "layer", "group", "group_"}): "easy_hard_pairs",
-    frozenset({"batch_size", "step", "layer"}): "minibatch",
-    frozenset({"example"}): "examples",
-}
-
 
 def prepare_out(out) -> Path:
     """Check that ``out`` is new or an empty directory (results never overwrite anything)."""
@@ -55,7 +42,8 @@ def write_results(results: xr.Dataset, out, *, replace: bool = False) -> list[Pa
     Returns
     -------
     list of pathlib.Path
-        ``results.zarr``, one CSV per table of :data:`TABLES` present, and the PNG plots.
+        ``results.zarr``, one CSV per table the metrics declare (:func:`analysis.registry.metric`),
+        and the PNG plots the metrics declare.
     """
     out = Path(out)
     if replace:
@@ -87,14 +75,37 @@ def _write_into(results: xr.Dataset, out: Path) -> list[Path]:
         if results[name].dtype.kind == "U":
             results[name] = results[name].astype(object)
     results.to_zarr(written[0], mode="w-", consolidated=False)
-    for dims, name in TABLES.items():
-        names = [v for v in results.data_vars if frozenset(results[v].dims) == dims]
-        if names:
-            table = results[names].to_dataframe()
-            table.to_csv(out / f"{name}.csv")
-            written.append(out / f"{name}.csv")
+    for name, names in tables(results).items():
+        results[names].to_dataframe().to_csv(out / f"{name}.csv")
+        written.append(out / f"{name}.csv")
     written += _plots(results, out)
     return written
+
+
+def _metrics_of(results: xr.Dataset) -> dict:
+    """metric name -> its variables of ``results`` (from each variable's ``metric`` attribute)."""
+    found: dict = {}
+    for v in results.data_vars:
+        name = results[v].attrs.get("metric")
+        if name in registry.REGISTRY:
+            found.setdefault(name, []).append(v)
+    return found
+
+
+def tables(results: xr.Dataset) -> dict:
+    """CSV table name -> the variables that go into it, from each metric's declared tables.
+
+    Variables with a ``permutation`` dimension, and scalars, stay in Zarr only; a metric's output
+    whose dimensions none of its tables declares is an :class:`AnalysisError`.
+    """
+    out: dict = {}
+    for name, names in _metrics_of(results).items():
+        metric = registry.get(name)
+        for v in names:
+            table = registry.table_of(metric, results[v].dims)
+            if table is not None:
+                out.setdefault(table, []).append(v)
+    return out
 
 
 def _new_sibling(out: Path, kind: str) -> Path:
@@ -156,24 +167,10 @@ def _into_place(partial: Path, out: Path, *, replace: bool) -> None:
 
 
 def _plots(results: xr.Dataset, out: Path) -> list[Path]:
+    """Every metric's declared plot of ``results``."""
     files = []
-    if "m_coherence" in results and "source" in results.dims:
-        for sample in results.sample.values:
-            for source in results.source.values:
-                if np.isfinite(results.m_coherence.sel(source=source, sample=sample)).any():
-                    path = out / f"m_coherence_{sample}_{source}.png"
-                    plots.coherence_plot(results, path, sample=str(sample), source=str(source))
-                    files.append(path)
-    if "f_p" in results:
-        files.append(out / "loss_split.png")
-        plots.loss_split_plot(results, files[-1])
-    for name in ("sign_stiffness_class", "cosine_stiffness_class"):
-        if name in results:
-            for label, step in (("first", results.step.values[0]), ("last", results.step.values[-1])):
-                files.append(out / f"{name}_{label}.png")
-                plots.matrix_plot(results[name].sel(step=step, layer="(model)"), files[-1],
-                                  title=f"{name.replace('_class', '')} at step {step}")
-    if "easy_hard_m_coherence" in results:
-        files.append(out / "easy_hard.png")
-        plots.easy_hard_plot(results, files[-1])
+    for name in _metrics_of(results):
+        plot = registry.get(name).plot
+        if plot is not None:
+            files += [Path(f) for f in plot(results, out)]
     return files

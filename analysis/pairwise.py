@@ -18,6 +18,7 @@ import xarray as xr
 
 from analysis.coherence import gram_diagonal, m_coherence, pairwise_alpha
 from analysis.groups import block_sums, off_diagonal, onehot, pair_counts
+from analysis.registry import metric
 
 CONFUSION_STATS = ("min_cosine", "median_cosine", "p05_cosine", "fraction_negative")
 
@@ -29,7 +30,24 @@ def cosines(gram: xr.DataArray) -> xr.DataArray:
     return gram / denom.where(denom > 0)
 
 
-def stiffness(gram: xr.DataArray, *, labels=None) -> xr.Dataset:
+def pair_mean_se(matrix: xr.DataArray) -> xr.DataArray:
+    """Jackknife standard error (over examples) of the mean of a symmetric matrix over pairs i ≠ j.
+
+    With T = Σ_{i≠j} M_ij and r_k = Σ_{j≠k} M_kj, leaving example k out gives the mean
+    θ_(k) = (T − 2 r_k) / ((n − 1)(n − 2)); the jackknife variance is (n − 1)/n Σ_k (θ_(k) − θ̄)².
+    The sampling error of a mean over the pairs of a random sample of examples (a U-statistic).
+    """
+    n = matrix.sizes["example"]
+    if n < 3:
+        return xr.full_like(matrix.isel(example=0, example_=0, drop=True), np.nan, dtype=np.float64)
+    pairs = matrix * off_diagonal(n)
+    rows = pairs.sum("example_", skipna=False)
+    total = rows.sum("example", skipna=False)
+    theta = (total - 2 * rows) / ((n - 1) * (n - 2))
+    return np.sqrt((n - 1) / n * ((theta - theta.mean("example")) ** 2).sum("example", skipna=False))
+
+
+def stiffness(gram: xr.DataArray, *, labels=None, se: bool = False) -> xr.Dataset:
     """Sign and cosine stiffness over pairs z ≠ z', overall and class by class.
 
     Parameters
@@ -45,7 +63,9 @@ def stiffness(gram: xr.DataArray, *, labels=None) -> xr.Dataset:
     xarray.Dataset
         ``sign_stiffness`` = mean of sign(g_i·g_j) and ``cosine_stiffness`` = mean of
         cos(g_i, g_j) over i ≠ j; with ``labels`` also ``sign_stiffness_class`` and
-        ``cosine_stiffness_class`` with dims (…, class, class_).
+        ``cosine_stiffness_class`` with dims (…, class, class_); with ``se`` also
+        ``sign_stiffness_se`` and ``cosine_stiffness_se`` (:func:`pair_mean_se`: the sampling error
+        when the examples are a random sample of a larger set).
 
     Notes
     -----
@@ -61,6 +81,9 @@ def stiffness(gram: xr.DataArray, *, labels=None) -> xr.Dataset:
         "sign_stiffness": (signs * pairs).sum(("example", "example_"), skipna=False) / count,
         "cosine_stiffness": (cos * pairs).sum(("example", "example_"), skipna=False) / count,
     })
+    if se:
+        out["sign_stiffness_se"] = pair_mean_se(signs)
+        out["cosine_stiffness_se"] = pair_mean_se(cos)
     if labels is not None:
         groups = onehot(labels, dim="class", example=gram.example.values)
         counts = pair_counts(groups)
@@ -77,12 +100,20 @@ def _confusion_numpy(cos: np.ndarray) -> np.ndarray:
     iu = np.triu_indices(n, 1)
     values = cos[..., iu[0], iu[1]]
     if values.shape[-1] == 0:
-        return np.full(cos.shape[:-2] + (4,), np.nan)
+        return np.full(cos.shape[:-2] + (5,), np.nan)
     q05, median = np.quantile(values, [0.05, 0.5], axis=-1)
-    return np.stack([values.min(-1), median, q05, (values < 0).mean(-1)], axis=-1)
+    negative = (values < 0).mean(-1)
+    if n < 3:
+        se = np.full(negative.shape, np.nan)
+    else:  # jackknife over examples of the fraction of negative pairs (as pair_mean_se)
+        below = (cos < 0) & ~np.eye(n, dtype=bool)
+        rows = below.sum(-1)
+        theta = (rows.sum(-1, keepdims=True) - 2 * rows) / ((n - 1) * (n - 2))
+        se = np.sqrt((n - 1) / n * ((theta - theta.mean(-1, keepdims=True)) ** 2).sum(-1))
+    return np.stack([values.min(-1), median, q05, negative, se], axis=-1)
 
 
-def confusion(gram: xr.DataArray) -> xr.Dataset:
+def confusion(gram: xr.DataArray, *, se: bool = False) -> xr.Dataset:
     """Gradient confusion: the distribution of pairwise cosines over pairs i < j.
 
     Returns
@@ -90,7 +121,10 @@ def confusion(gram: xr.DataArray) -> xr.Dataset:
     xarray.Dataset
         ``min_cosine`` (the confusion bound: g_i·g_j ≥ −η with η = −min cosine after
         normalization), ``median_cosine``, ``p05_cosine`` (5th percentile) and
-        ``fraction_negative`` (share of pairs with negative cosine), over the leading dims.
+        ``fraction_negative`` (share of pairs with negative cosine), over the leading dims; with
+        ``se`` also ``fraction_negative_se``, its jackknife standard error over examples (the
+        sampling error when the examples are a random sample; the minimum and quantiles are then
+        those of the sampled pairs).
 
     Notes
     -----
@@ -100,9 +134,10 @@ def confusion(gram: xr.DataArray) -> xr.Dataset:
     cos = cosines(gram).chunk({"example": -1, "example_": -1}) if gram.chunks else cosines(gram)
     stats = xr.apply_ufunc(
         _confusion_numpy, cos, input_core_dims=[["example", "example_"]], output_core_dims=[["statistic"]],
-        dask="parallelized", output_dtypes=[np.float64], dask_gufunc_kwargs={"output_sizes": {"statistic": 4}},
+        dask="parallelized", output_dtypes=[np.float64], dask_gufunc_kwargs={"output_sizes": {"statistic": 5}},
     )
-    return xr.Dataset({name: stats.isel(statistic=k) for k, name in enumerate(CONFUSION_STATS)})
+    names = CONFUSION_STATS + (("fraction_negative_se",) if se else ())
+    return xr.Dataset({name: stats.isel(statistic=k) for k, name in enumerate(names)})
 
 
 def group_coherence(gram: xr.DataArray, labels, *, dim: str = "group") -> xr.Dataset:
@@ -137,3 +172,41 @@ def group_coherence(gram: xr.DataArray, labels, *, dim: str = "group") -> xr.Dat
     within["pairwise_alpha"] = pairwise_alpha(cross, mean_sq)
     within["m"] = m
     return within.transpose(..., dim, dim + "_")
+
+
+# --- the registered metrics -----------------------------------------------------------------
+
+def _stiffness_plots(results, folder):
+    from analysis import plots
+
+    files = []
+    for name in ("sign_stiffness_class", "cosine_stiffness_class"):
+        if name in results:
+            for label, step in (("first", results.step.values[0]), ("last", results.step.values[-1])):
+                files.append(folder / f"{name}_{label}.png")
+                plots.matrix_plot(results[name].sel(step=step, layer="(model)"), files[-1],
+                                  title=f"{name.replace('_class', '')} at step {step}")
+    return files
+
+
+@metric("stiffness", inputs=("gram",),
+        tables={"stiffness": ("step", "layer"), "stiffness_class": ("step", "layer", "class", "class_")},
+        plot=_stiffness_plots)
+def stiffness_metric(ctx) -> xr.Dataset:
+    """Sign and cosine stiffness over pairs, and class by class on a store with classes (Fort et al.)."""
+    from analysis import sources
+    from analysis.registry import has_classes
+
+    labels = None
+    if has_classes(ctx.ds):
+        labels = sources.static(ctx.ds, "true_label")[ctx.pair_index]
+    else:
+        ctx.note("stiffness: the store has no classes (task is not classification or no true_label); "
+                 "the class-by-class matrices are left out, the overall stiffness is computed")
+    return ctx.tag(stiffness(ctx.gram(), labels=labels, se=ctx.sampled))
+
+
+@metric("confusion", inputs=("gram",), tables={"confusion": ("step", "layer")})
+def confusion_metric(ctx) -> xr.Dataset:
+    """Gradient confusion: minimum, median, 5th percentile and negative share of pairwise cosines."""
+    return ctx.tag(confusion(ctx.gram(), se=ctx.sampled))

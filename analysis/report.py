@@ -1,21 +1,27 @@
-"""Every metric of a run in one lazy results Dataset; opening stores; writing results.
+"""The analysis driver: open a store, dispatch the registered metrics, compute them.
 
-:func:`analyze` builds the whole computation lazily (only small static metadata and the ``correct``
-history for easy/hard groups are read eagerly); the caller computes it with any Dask scheduler.
+The metrics themselves live in their modules and declare their inputs, needs, tables and plots
+with :func:`analysis.registry.metric`; this module only opens stores (:func:`open_store`), checks
+the request against the registry and the store (:func:`prepare`), and computes: lazily as one
+Dataset (:func:`analyze`, for any Dask scheduler) or a few steps at a time with bounded memory
+(:meth:`Plan.compute`, what ``gradstore analyze`` runs).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import xarray as xr
 
-from analysis import hardness, losssplit, minibatch, nulls, pairwise, sources
-from analysis.coherence import coherence
+from analysis import coherence, hardness, losssplit, minibatch, pairwise, registry, sources
+from analysis.context import MAX_PAIR_EXAMPLES, Context
 from gradstore.errors import AnalysisError, StoreError
 
-METRICS = ("coherence", "stiffness", "confusion", "loss_split", "easy_hard", "minibatch")
+#: the modules of the built-in metrics, imported in the default order of the analysis (each registers its own)
+METRIC_MODULES = (coherence, pairwise, losssplit, hardness, minibatch)
+#: the registered metric names, in order (always current: a metric registered later appears)
+METRICS = registry.Names()
 
 
 def open_store(path, *, verify: bool = False, skip_damaged: bool = False, progress=None) -> xr.Dataset:
@@ -80,7 +86,7 @@ def check_metrics(metrics) -> tuple[str, ...]:
         Naming the unknown ones, or if no metric is asked for (there would be nothing to compute).
     """
     metrics = list(metrics)
-    unknown = [str(m) for m in metrics if m not in METRICS]
+    unknown = [str(m) for m in metrics if m not in registry.REGISTRY]
     if unknown:
         raise AnalysisError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     if not metrics:
@@ -88,33 +94,189 @@ def check_metrics(metrics) -> tuple[str, ...]:
     return tuple(dict.fromkeys(metrics))
 
 
-def _with_prefix(ds: xr.Dataset, prefix: str) -> xr.Dataset:
-    return ds.rename({name: prefix + name for name in ds.data_vars})
+def _missing_inputs(ds: xr.Dataset, metric: registry.Metric) -> list[str]:
+    missing = []
+    for name in metric.inputs:
+        exact = registry.INPUTS[name]
+        if name in registry.ESTIMABLE:
+            if not sources.available_sources(ds, exact):
+                missing.append(f"{exact} (or grad_coords/grad_proj)")
+        elif exact not in ds.variables:
+            missing.append(exact)
+    return missing
 
 
-def _null_vars(test: xr.Dataset, name: str) -> xr.Dataset:
-    return xr.Dataset({
-        f"{name}_null": test["null"],
-        f"{name}_null_low": test["null_low"],
-        f"{name}_null_high": test["null_high"],
-        f"{name}_p_value": test["p_value"],
-    })
+@dataclass
+class Plan:
+    """The checked request: each metric's lazy raw output, ready to compute.
+
+    Attributes
+    ----------
+    raw : dict of str to xarray.Dataset
+        Each metric's lazy output (before its ``finish``, if it has one).
+    attrs : dict
+        The results' attributes (metrics, options, ``notes`` on what was skipped or sampled).
+    """
+
+    raw: dict
+    attrs: dict = field(default_factory=dict)
+
+    def _finish(self, name: str, part: xr.Dataset, state=None):
+        metric = registry.get(name)
+        if metric.finish is None:
+            return part, None
+        out, state = metric.finish(part, state)
+        for var in out.data_vars:
+            source = next((part[v].attrs["source"] for v in part.data_vars if "source" in part[v].attrs), None)
+            if source is not None:
+                out[var].attrs.setdefault("source", source)
+        return out, state
+
+    def _merge(self, parts: dict) -> xr.Dataset:
+        seen = {}
+        for name, part in parts.items():
+            for var in part.data_vars:
+                if var in seen:
+                    raise AnalysisError(f"metrics {seen[var]!r} and {name!r} both output {var!r}; rename one")
+                seen[var] = name
+                part[var].attrs["metric"] = name
+                registry.table_of(registry.get(name), part[var].dims)  # refuses an undeclared table
+        out = xr.merge(list(parts.values()), compat="override", join="outer", combine_attrs="override") \
+            if parts else xr.Dataset()
+        out.attrs = dict(self.attrs)
+        return out
+
+    def lazy(self) -> xr.Dataset:
+        """Every metric's results as one lazy Dataset (finished lazily)."""
+        return self._merge({name: self._finish(name, part)[0] for name, part in self.raw.items()})
+
+    def compute(self, *, steps_per_batch: int = 8, compute=None, progress=None,
+                null_distributions: bool = True) -> xr.Dataset:
+        """Compute the results a few steps at a time: peak memory bounded by a batch, not by the run.
+
+        Each batch of steps is computed (one Dask compute of every metric's raw per-step output),
+        then finished in step order (cumulative quantities carry their running sums from batch to
+        batch, so they are exact); static outputs are computed once.
+
+        Parameters
+        ----------
+        steps_per_batch : int
+            Steps per compute.
+        compute : callable, optional
+            Turns a lazy Dataset into a computed one (default ``Dataset.compute``: the current
+            Dask scheduler, e.g. a ``distributed.Client`` that is open).
+        progress : callable, optional
+            Wraps the iterable of batches (e.g. ``tqdm``).
+        null_distributions : bool
+            Keep the null distributions (``*_null``, permutation × step × layer: they grow with the
+            run); False keeps only their bands and p-values (what the CSV tables hold).
+        """
+        compute = compute or (lambda obj: obj.compute())
+        raw = xr.merge([part.rename({v: f"{name}\0{v}" for v in part.data_vars}) for name, part in self.raw.items()],
+                       compat="override", join="outer", combine_attrs="drop") if self.raw else xr.Dataset()
+        per_step = [v for v in raw.data_vars if "step" in raw[v].dims]
+        static = compute(raw.drop_vars(per_step).drop_dims("step", errors="ignore"))
+        n_steps = raw.sizes.get("step", 0)
+        states = {name: None for name in self.raw}
+        batches = {name: [] for name in self.raw}
+        starts = range(0, n_steps, max(1, steps_per_batch)) if per_step else range(0)
+        for start in (progress(starts) if progress else starts):
+            batch = compute(raw[per_step].isel(step=slice(start, start + steps_per_batch))).merge(static, join="exact")
+            for name in self.raw:
+                part = self._of(batch, name)
+                out, states[name] = self._finish(name, part, states[name])
+                if not null_distributions:
+                    out = out.drop_vars([v for v in out.data_vars if "permutation" in out[v].dims and "step" in out[v].dims])
+                batches[name].append(out)
+        parts = {}
+        for name in self.raw:
+            if batches[name]:
+                first = batches[name][0]
+                stepped = [v for v in first.data_vars if "step" in first[v].dims]
+                joined = xr.concat([b[stepped] for b in batches[name]], "step", data_vars="all",
+                                   combine_attrs="override")
+                parts[name] = joined.merge(first.drop_vars(stepped).drop_dims("step", errors="ignore"),
+                                           combine_attrs="override", join="exact")
+            else:
+                parts[name], _ = self._finish(name, self._of(static, name))
+        out = self._merge(parts)
+        template = self.lazy()  # graph only: the dimension order of every variable
+        out = xr.Dataset({v: out[v].transpose(*template[v].dims) for v in out.data_vars}, attrs=out.attrs)
+        if not null_distributions:
+            out.attrs["null_distributions"] = "left out (bands and p-values kept)"
+        return out
+
+    def _of(self, data: xr.Dataset, name: str) -> xr.Dataset:
+        prefix = f"{name}\0"
+        names = [v for v in data.data_vars if v.startswith(prefix)]
+        part = data[names].rename({v: v[len(prefix):] for v in names})
+        for v in part.data_vars:
+            part[v].attrs = dict(self.raw[name][v].attrs)
+        part.attrs = dict(self.raw[name].attrs)
+        return part
 
 
-def analyze(ds: xr.Dataset, *, metrics=METRICS, n_permutations: int = 1000, seed: int = 0,
-            snapshot=None, batch_sizes=(1, 10, 100), pair_source: str | None = None) -> xr.Dataset:
+def prepare(ds: xr.Dataset, *, metrics=None, n_permutations: int = 1000, seed: int = 0, snapshot=None,
+            batch_sizes=(1, 10, 100), pair_source: str | None = None,
+            max_pair_examples: int = MAX_PAIR_EXAMPLES) -> Plan:
+    """Check the request against the registry and the store; build every metric lazily.
+
+    Parameters are those of :func:`analyze`. A metric whose :data:`~analysis.registry.NEEDS` the
+    store lacks (e.g. classes on a sequence or regression store) is skipped, with a note in
+    ``attrs["notes"]`` and its name in ``attrs["skipped_metrics"]``.
+
+    Raises
+    ------
+    AnalysisError
+        For an unknown metric or source.
+    StoreError
+        If a requested metric's inputs are not in the store (naming them).
+    """
+    metrics = check_metrics(METRICS if metrics is None else metrics)
+    if pair_source is None:
+        pair_source = pairwise_source(ds)
+    else:
+        sources.check_source(pair_source)
+    ctx = Context(ds, n_permutations=n_permutations, seed=seed, snapshot=snapshot, batch_sizes=tuple(batch_sizes),
+                  pair_source=pair_source, max_pair_examples=max_pair_examples)
+    missing = {name: _missing_inputs(ds, registry.get(name)) for name in metrics}
+    missing = {name: m for name, m in missing.items() if m}
+    if missing:
+        what = "; ".join(f"{name} needs {', '.join(m)}" for name, m in missing.items())
+        raise StoreError(f"{what}, which this run did not store; drop those metrics or capture them")
+    raw, skipped = {}, []
+    for name in metrics:
+        metric = registry.get(name)
+        lacking = [need for need in metric.needs if not registry.has(ds, need)]
+        if lacking:
+            skipped.append(name)
+            ctx.note(f"{name}: skipped, the store has no {' and no '.join(lacking)} "
+                     f"(task {ds.attrs.get('task', 'classification')!r})")
+            continue
+        raw[name] = metric.compute(ctx)
+    attrs = dict(metrics=[m for m in metrics if m not in skipped], n_permutations=n_permutations, seed=seed,
+                 pairwise_source=pair_source or "none", skipped_metrics=skipped, notes=list(ctx.notes))
+    if ctx.sampled and any(registry.get(m).inputs and "gram" in registry.get(m).inputs for m in raw):
+        attrs["pair_sample"] = int(ctx.pair_index.size)
+    return Plan(raw, attrs)
+
+
+def analyze(ds: xr.Dataset, *, metrics=None, n_permutations: int = 1000, seed: int = 0,
+            snapshot=None, batch_sizes=(1, 10, 100), pair_source: str | None = None,
+            max_pair_examples: int = MAX_PAIR_EXAMPLES) -> xr.Dataset:
     """All requested metrics of a run as one lazy Dataset.
 
     Parameters
     ----------
     ds : xarray.Dataset
-        A run (:func:`open_store`, ``gradstore.open_run`` or :func:`analysis.synthetic.synthetic_run`).
-    metrics : sequence of str
-        Any of :data:`METRICS`.
+        A run (:func:`open_store`, ``gradstore.open_run``, ``xarray.open_zarr`` or
+        :func:`analysis.synthetic.synthetic_run`).
+    metrics : sequence of str, optional
+        Any of :data:`METRICS` (default: all of them).
     n_permutations : int
         Null worlds per permutation test (0: no nulls).
     seed : int
-        Seed of the permutations and minibatch draws.
+        Seed of the permutations, the minibatch draws and the pair sample.
     snapshot : int, optional
         Step number splitting easy from hard (default: the middle captured step).
     batch_sizes : sequence of int
@@ -122,6 +284,9 @@ def analyze(ds: xr.Dataset, *, metrics=METRICS, n_permutations: int = 1000, seed
     pair_source : {"exact", "coords", "proj"}, optional
         Where pairwise products come from (default: the exact ``gram`` if stored, else
         ``grad_coords``, else ``grad_proj``).
+    max_pair_examples : int
+        Pairwise metrics over more training examples than this use a seeded sample of this many
+        (exact over the sampled pairs, with ``*_se`` jackknife standard errors).
 
     Returns
     -------
@@ -129,7 +294,8 @@ def analyze(ds: xr.Dataset, *, metrics=METRICS, n_permutations: int = 1000, seed
         Coherence (dims source, step, sample, layer); stiffness, confusion, loss split and
         minibatch per (step, layer); easy/hard per (step, layer, group[, group_]); null
         distributions on ``permutation``. Pairwise metrics carry the ``source`` they used in
-        their attributes. The layer ``(model)`` is the whole model.
+        their attributes. The layer ``(model)`` is the whole model. ``attrs["notes"]`` says what
+        was skipped (a store without classes) or sampled.
 
     Notes
     -----
@@ -138,85 +304,8 @@ def analyze(ds: xr.Dataset, *, metrics=METRICS, n_permutations: int = 1000, seed
     Permutation tests are two-sided. The easy/hard null contracts every null world with the gram
     (cost ~ permutations × examples² per step and layer).
     """
-    metrics = check_metrics(metrics)
-    parts = []
-    train = sources.split_mask(ds, "train").values
-    index = np.flatnonzero(train)
-    if "coherence" in metrics:
-        parts.append(_coherence(ds))
-    if pair_source is None:
-        pair_source = pairwise_source(ds)
-    else:
-        sources.check_source(pair_source)
-    needs_gram = {"stiffness", "confusion", "easy_hard", "minibatch"} & set(metrics)
-    if needs_gram and pair_source is None:
-        raise StoreError("stiffness, confusion, easy/hard and minibatch need gram, grad_coords or grad_proj, "
-                         "which this run did not store; drop those metrics or capture one of them")
-    gram = sources.layer_gram(ds, pair_source, examples=index) if needs_gram else None
-    if "stiffness" in metrics:
-        labels = sources.static(ds, "true_label")[index] if "true_label" in ds.variables else None
-        parts.append(_tag(pairwise.stiffness(gram, labels=labels), pair_source))
-    if "confusion" in metrics:
-        parts.append(_tag(pairwise.confusion(gram), pair_source))
-    if "loss_split" in metrics:
-        parts.append(_loss_split(ds, index, n_permutations, seed))
-    if "easy_hard" in metrics:
-        parts.append(_tag(_easy_hard(ds, gram, index, n_permutations, seed, snapshot), pair_source))
-    if "minibatch" in metrics:
-        sizes = [k for k in batch_sizes if k <= index.size] or [1]
-        parts.append(_tag(minibatch.minibatch_coherence(gram, sizes, seed=seed), pair_source))
-    out = xr.merge(parts, compat="override", join="outer", combine_attrs="override")
-    out.attrs = dict(metrics=list(metrics), n_permutations=n_permutations, seed=seed,
-                     pairwise_source=pair_source or "none")
-    return out
-
-
-def _tag(part: xr.Dataset, source: str) -> xr.Dataset:
-    for name in part.data_vars:
-        part[name].attrs["source"] = source
-    return part
-
-
-def _coherence(ds: xr.Dataset) -> xr.Dataset:
-    found = sources.available_sources(ds, "norm_sq_of_sum")
-    if not found:
-        raise StoreError("coherence needs the stored moments, grad_coords or grad_proj; none is in this run")
-    per_source = [coherence(sources.layer_moments(ds, s), source=s) for s in found]
-    out = xr.concat(per_source, "source", join="outer", combine_attrs="drop").assign_coords(source=found)
-    for name in out.data_vars:
-        out[name].attrs["source"] = "see the source dimension: exact = stored moments, else an estimate"
-    return out
-
-
-def _loss_split(ds, index, n_permutations, seed) -> xr.Dataset:
-    source = sources.best_source(ds, "dot_with_sum")
-    if source is None:
-        raise StoreError("the loss split needs dot_with_sum, grad_coords or grad_proj; none is in this run")
-    d = sources.layer_dot_with_sum(ds, source).isel(example=index)
-    corrupt = sources.static(ds, "corrupt")[index].astype(bool)
-    out = losssplit.loss_split(d, corrupt).drop_vars(["n_p", "n_c"])
-    out["n_pristine"], out["n_corrupt"] = int((~corrupt).sum()), int(corrupt.sum())
-    if n_permutations and 0 < corrupt.sum() < corrupt.size:
-        for name, mask, stat in (("f_p", ~corrupt, losssplit.share), ("f_c", corrupt, losssplit.share),
-                                 ("r_p", ~corrupt, losssplit.cumulative), ("r_c", corrupt, losssplit.cumulative)):
-            test = nulls.permutation_test(lambda m, stat=stat: stat(d, m), mask,
-                                          n_permutations=n_permutations, seed=seed)
-            out = out.merge(_null_vars(test, name))
-    return _tag(out, source)
-
-
-def _easy_hard(ds, gram, index, n_permutations, seed, snapshot) -> xr.Dataset:
-    correct = ds["correct"].isel(example=index)
-    easy = hardness.easy_mask(correct, at=snapshot).values
-    out = _with_prefix(hardness.easy_hard(gram, easy), "easy_hard_")
-    out["learned_step"] = hardness.learned_step(correct)
-    out["easy"] = ("example", easy)
-    out.attrs["snapshot"] = int(snapshot if snapshot is not None else correct.step.values[correct.sizes["step"] // 2])
-    if n_permutations and 0 < easy.sum() < easy.size:
-        test = nulls.permutation_test(nulls.coherence_gap(gram), easy, n_permutations=n_permutations, seed=seed)
-        out["easy_hard_gap"] = test["observed"]
-        out = out.merge(_null_vars(test, "easy_hard_gap"))
-    return out
+    return prepare(ds, metrics=metrics, n_permutations=n_permutations, seed=seed, snapshot=snapshot,
+                   batch_sizes=batch_sizes, pair_source=pair_source, max_pair_examples=max_pair_examples).lazy()
 
 
 def compute_by_steps(lazy: xr.Dataset, *, steps_per_batch: int = 4, compute=None, progress=None) -> xr.Dataset:

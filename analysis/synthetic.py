@@ -196,3 +196,49 @@ def write_synthetic_store(path, ds: xr.Dataset | None = None, **kwargs) -> str:
             writer.append_step(int(step), lr=float(ds.lr.values[k]),
                                **{n: values[n].transpose(*ds[n].dims[1:]).values for n in names})
     return str(path)
+
+
+def write_per_example_store(path, *, n_steps: int, n_examples: int = 50_000, n_layers: int = 60,
+                            corrupt_fraction: float = 0.25, seed: int = 0, progress=None) -> str:
+    """A run store at the papers' shape holding per-example arrays only (no coordinates, projections, gram).
+
+    Every step is drawn from ``default_rng((seed, step))`` and written with the store writer: per
+    example and layer ``sq_norm`` > 0 and ``dot_with_sum`` = ``sq_norm`` × a coefficient (pristine
+    examples more aligned with the sum early on), with the coherence moments of the tracked
+    training sample consistent with them (Σ_i d_i = ||Σ_i g_i||², Σ_i ||g_i||²), ``loss`` and
+    ``correct``. Memory is one step (n_examples × n_layers).
+
+    Returns
+    -------
+    str
+        The store path.
+    """
+    from gradstore.store import RunLayout, create_run
+
+    layers = tuple(f"layer{k:02d}" for k in range(n_layers))
+    rng = np.random.default_rng([seed, 0xBE5])
+    labels = rng.integers(0, 10, n_examples)
+    corrupt = rng.random(n_examples) < corrupt_fraction
+    train_label = np.where(corrupt, (labels + rng.integers(1, 10, n_examples)) % 10, labels)
+    layout = RunLayout(layers=layers, params=tuple((f"{name}.weight", (1,), name) for name in layers),
+                       example_ids=np.arange(n_examples, dtype=np.int64), n_train=n_examples,
+                       true_label=labels, train_label=train_label)
+    writer = create_run(str(path), layout, config={"synthetic": True, "seed": seed, "shape": "per-example"},
+                        seeds={"seed": seed}, resume=False)
+    zero = np.zeros(n_layers)
+    steps = range(n_steps)
+    with writer:
+        for t in (progress(steps) if progress else steps):
+            r = np.random.default_rng([seed, t])
+            sq = r.gamma(2.0, 1.0, (n_examples, n_layers))
+            early = np.exp(-3.0 * t / max(n_steps, 1))
+            coef = np.where(corrupt[:, None], 0.2 * early, 1.0 * early + 0.1) * 1e-3 + 1e-4 * r.standard_normal(sq.shape)
+            dot = sq * coef
+            moments = np.stack([dot.sum(0), zero, dot.sum(0)])  # no tracked test examples: empty sums
+            norms = np.stack([sq.sum(0), zero, sq.sum(0)])
+            count = np.stack([np.full(n_layers, float(n_examples)), np.zeros(n_layers), np.full(n_layers, float(n_examples))])
+            learned = r.random(n_examples) < np.where(corrupt, 0.1, 0.9) * (1 - early)
+            writer.append_step(10 * t, loss=np.where(learned, 0.1, 2.3) + r.random(n_examples), correct=learned,
+                               sq_norm=sq, dot_with_sum=dot, m=count, norm_sq_of_sum=moments, sum_of_norm_sq=norms,
+                               lr=0.1)
+    return str(path)

@@ -1,171 +1,227 @@
-"""``gradstore bench analysis``: out-of-core scaling and permutation-null speed of the analysis.
+"""``gradstore bench analysis``: the analysis out of core, at the papers' shape.
 
-Cases (each timed in its own process, which reports its wall time and peak resident memory):
+Synthetic run stores of ``examples`` tracked examples × ``layers`` layers holding per-example
+arrays only (``loss``, ``correct``, ``sq_norm``, ``dot_with_sum`` and the moments; no coordinates,
+projections or Gram blocks), written with the store writer
+(:func:`analysis.synthetic.write_per_example_store`) at 1×, 4× and 16× ``base_steps`` steps, one
+at a time (each deleted before the next is written). On each:
 
-* ``scale-Nx``: synthetic run stores (written with the store writer) of N × ``base_steps`` steps,
-  ``examples`` tracked examples, ``coords`` coordinates and exact Gram blocks; the analysis
-  (coherence exact + estimated, stiffness, confusion, loss split with ``nulls`` permutations) is
-  computed from disk with the threaded scheduler, 8 steps per compute
-  (:func:`analysis.report.compute_by_steps`, as ``gradstore analyze`` does). Wall time should grow linearly, peak memory not.
-* ``nulls-exact``: ``nulls`` permutations of the pristine/corrupt split of f_p over the stored
-  per-example ``dot_with_sum`` of ``null_steps`` steps × ``examples`` examples (in memory).
-* ``nulls-coords``: the same from ``grad_coords`` (``null_coords`` coordinates, held in memory):
-  per-example d_i = g_i·g estimated from the coordinates, then the nulls.
+* ``threads``: coherence and the pristine/corrupt loss split with ``nulls`` permutation nulls,
+  computed from disk by :meth:`analysis.report.Plan.compute` (``steps_per_batch`` steps per
+  compute) with the threaded scheduler, in a process of its own;
+* ``cluster``: the same through ``gradstore analyze STORE --scheduler ADDRESS`` (which first
+  verifies every chunk of the store) on a 2-process ``distributed.LocalCluster`` with
+  ``worker_memory`` per worker, one thread each.
+
+The resident memory of every process (the analysing process, and each worker) is sampled every
+0.2 s with psutil; its peak is reported, as are worker restarts (a worker's pid changing) and the
+bytes each worker spilled to disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import shutil
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
-SCALE_METRICS = ("coherence", "stiffness", "confusion", "loss_split")
+METRICS = ("coherence", "loss_split")
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+class RssSampler:
+    """Peak resident memory of a set of processes (and their children), sampled in a thread."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peaks, self.names = interval, {}, {}
+        self._roots: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def watch(self, pid: int, name: str, children: bool = False) -> None:
+        self._roots[pid] = (name, children)
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            for pid, (name, children) in list(self._roots.items()):
+                try:
+                    proc = psutil.Process(pid)
+                    procs = [(pid, name, proc)]
+                    if children:
+                        procs += [(c.pid, f"{name}/child{c.pid}", c) for c in proc.children(recursive=True)]
+                    for p_pid, p_name, p in procs:
+                        rss = p.memory_info().rss / 2**20
+                        if rss > self.peaks.get(p_pid, 0):
+                            self.peaks[p_pid], self.names[p_pid] = rss, p_name
+                except psutil.Error:
+                    continue
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, name: str) -> float:
+        return max((v for k, v in self.peaks.items() if self.names[k] == name), default=float("nan"))
 
 
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def _disk_gb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e9
 
 
-def _rss_now_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20  # resident pages
-
-
-def _disk_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
-
-
-def case_scale(store: str, nulls: int) -> dict:
+def case_threads(store: str, nulls: int, steps_per_batch: int) -> dict:
+    """One analysis with the threaded scheduler (run in its own process by :func:`run`)."""
     import dask
 
-    from analysis.report import analyze, compute_by_steps, open_store
+    from analysis.report import open_store, prepare
 
-    before = _peak_rss_mb()
-    t0, c0 = time.perf_counter(), _cpu_s()
+    t0 = time.perf_counter()
     ds = open_store(store)
     with dask.config.set(scheduler="threads"):
-        result = compute_by_steps(analyze(ds, metrics=SCALE_METRICS, n_permutations=nulls), steps_per_batch=8)
+        plan = prepare(ds, metrics=METRICS, n_permutations=nulls)
+        results = plan.compute(steps_per_batch=steps_per_batch, null_distributions=False)
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "cpu_s": _cpu_s() - c0, "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": before,
-            "steps": ds.sizes["step"], "f_p_last": float(result.f_p.isel(step=-1).sel(layer="(model)"))}
+    return {"wall_s": wall, "steps": int(ds.sizes["step"]),
+            "f_p_last": float(results.f_p.isel(step=-1).sel(layer="(model)")),
+            "r_p_p_last": float(results.r_p_p_value.isel(step=-1).sel(layer="(model)"))}
 
 
-def case_nulls(source: str, steps: int, examples: int, coords: int, nulls: int) -> dict:
-    import numpy as np
-
-    from analysis import losssplit, nulls as nulls_mod, sources
-    from analysis.synthetic import synthetic_run
-
-    # the exact case only needs dot_with_sum: generate it from a few coordinates
-    ds = synthetic_run(n_steps=steps, n_train=examples, n_test=0, n_coords=coords if source == "coords" else 16,
-                       gram=False, proj=False, step_chunk=10)
-    ds = ds[["grad_coords", "dot_with_sum", "corrupt", "split", "coord_layer"]]
-    if source == "coords":
-        ds["grad_coords"] = ds["grad_coords"].persist()
-        d = sources.layer_dot_with_sum(ds, "coords")
-    else:
-        ds["dot_with_sum"] = ds["dot_with_sum"].persist()
-        d = sources.layer_dot_with_sum(ds, "exact")
-    pristine = ~np.asarray(ds.corrupt.values, bool)
-    rss_input = _rss_now_mb()
-    t0 = time.perf_counter()
-    d = d.persist(scheduler="threads")  # the per-example reduction: d_i = g_i·g per layer
-    reduce_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    test = nulls_mod.permutation_test(lambda m: losssplit.share(d, m), pristine, n_permutations=nulls,
-                                      seed=0).compute(scheduler="threads")
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "reduce_s": reduce_s, "peak_rss_mb": _peak_rss_mb(), "rss_with_input_mb": rss_input,
-            "rss_after_mb": _rss_now_mb(), "null_size": int(test.null.size),
-            "input_mb": (ds.grad_coords.nbytes if source == "coords" else ds.dot_with_sum.nbytes) / 1e6}
+def _threads(store: Path, nulls: int, steps_per_batch: int) -> dict:
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.bench.analysis", "threads", str(store), str(nulls),
+                             str(steps_per_batch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with RssSampler() as rss:
+        rss.watch(proc.pid, "main")
+        out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"threaded analysis of {store} failed:\n{err[-3000:]}")
+    row = json.loads(out.strip().splitlines()[-1])
+    row["peak_rss_mb"] = {"main": rss.peak("main")}
+    return row
 
 
-def _child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-m", "pipelines.bench.analysis", *args], capture_output=True,
-                         text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark case {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _worker_state(dask_worker=None):
+    data = dask_worker.data
+    spilled = getattr(data, "spilled_total", None)
+    return {"pid": os.getpid(), "spilled_bytes": int(getattr(spilled, "disk_write_bytes", 0) if spilled else 0)}
 
 
-def run(*, examples: int, coords: int, base_steps: int, factors=(1, 4, 8), nulls: int = 1000,
-        null_steps: int = 100, null_coords: int = 4096, workdir: str | None = None, echo=print) -> dict:
-    """Write the synthetic stores, time every case in a subprocess; return the rows.
+def _cluster(store: Path, out: Path, nulls: int, steps_per_batch: int, worker_memory: str) -> dict:
+    from distributed import Client, LocalCluster
 
-    ``workdir`` (an existing folder) holds the temporary stores; :class:`GradstoreError` if it is missing.
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=worker_memory,
+                      dashboard_address=":0", silence_logs=50) as cluster, Client(cluster) as client:
+        before = client.run(_worker_state)
+        cmd = [sys.executable, "-c", "from pipelines.cli import main; main()", "analyze", str(store), "--out", str(out), "--scheduler",
+               cluster.scheduler_address, "--metrics", ",".join(METRICS), "--nulls", str(nulls),
+               "--steps-per-batch", str(steps_per_batch), "--no-null-distributions"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with RssSampler() as rss:
+            rss.watch(proc.pid, "main")
+            for k, state in enumerate(before.values()):
+                rss.watch(state["pid"], f"worker{k}")
+            stdout, stderr = proc.communicate()
+        wall = time.perf_counter() - t0
+        after = client.run(_worker_state)
+    if proc.returncode != 0:
+        raise RuntimeError(f"gradstore analyze --scheduler on {store} failed:\n{stderr[-3000:]}")
+    restarts = len({s["pid"] for s in before.values()} ^ {s["pid"] for s in after.values()}) // 2
+    dashboard = next((line for line in stderr.splitlines() if "dashboard" in line), "")
+    return {"wall_s": wall, "peak_rss_mb": {name: rss.peak(name) for name in ("main", "worker0", "worker1")},
+            "restarts": restarts, "spilled_mb": sum(s["spilled_bytes"] for s in after.values()) / 2**20,
+            "dashboard_line": dashboard.strip(), "stdout": stdout.strip().splitlines()[-1:]}
+
+
+def run(*, examples: int = 50_000, layers: int = 60, base_steps: int = 28, factors=(1, 4, 16), nulls: int = 1000,
+        steps_per_batch: int = 8, worker_memory: str = "1.5GB", workdir: str | None = None, cases=("threads", "cluster"),
+        echo=print) -> list[dict]:
+    """Write each store, analyse it in every case, delete it; return one row per store.
+
+    ``workdir`` (an existing folder) holds the store while it is measured; :class:`GradstoreError`
+    if it is missing or has less free space than the largest store needs (with a margin).
     """
-    from analysis.synthetic import write_synthetic_store
+    from analysis.synthetic import write_per_example_store
     from gradstore.errors import GradstoreError
 
-    if workdir is not None and not Path(workdir).is_dir():
-        raise GradstoreError(f"--workdir {workdir} is not an existing folder; create it or choose another")
-    rows: dict = {"scale": [], "nulls": []}
-    with tempfile.TemporaryDirectory(prefix="gradstore-bench-analysis-", dir=workdir) as tmp:
-        for factor in factors:
-            path = Path(tmp) / f"run-{factor}x"
+    work = Path(workdir) if workdir is not None else Path.cwd()
+    if not work.is_dir():
+        raise GradstoreError(f"--workdir {work} is not an existing folder; create it or choose another")
+    need_gb = max(factors) * base_steps * examples * layers * 16 * 1.1 / 1e9  # two float64 arrays, +10%
+    free_gb = shutil.disk_usage(work).free / 1e9
+    if need_gb > free_gb - 5:
+        raise GradstoreError(f"the {max(factors)}x store needs about {need_gb:.0f} GB but {work} has {free_gb:.0f} GB "
+                             "free (keeping 5 GB spare); lower --base-steps or choose another --workdir")
+    rows = []
+    for factor in factors:
+        store = work / f"bench-analysis-{factor}x.gradstore"
+        out = work / f"bench-analysis-{factor}x.analysis"
+        try:
             t0 = time.perf_counter()
-            write_synthetic_store(path, n_steps=factor * base_steps, n_train=examples, n_test=0, n_coords=coords,
-                                  proj=False, step_chunk=1)
-            size = _disk_mb(path)
-            echo(f"  wrote {factor}x store: {size:.0f} MB in {time.perf_counter() - t0:.0f} s")
-            row = _child(["scale", str(path), str(nulls)])
-            row.update(factor=factor, store_mb=size)
-            rows["scale"].append(row)
-            echo(f"  scale {factor}x: {row['wall_s']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB")
-            import shutil
-
-            shutil.rmtree(path)
-    for source in ("exact", "coords"):
-        row = _child(["nulls", source, str(null_steps), str(examples), str(null_coords), str(nulls)])
-        row.update(source=source)
-        rows["nulls"].append(row)
-        echo(f"  nulls {source}: {row['wall_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB")
+            write_per_example_store(store, n_steps=factor * base_steps, n_examples=examples, n_layers=layers)
+            row = {"factor": factor, "steps": factor * base_steps, "store_gb": _disk_gb(store),
+                   "write_s": time.perf_counter() - t0}
+            echo(f"  wrote {factor}x store: {row['store_gb']:.1f} GB in {row['write_s']:.0f} s")
+            if "threads" in cases:
+                row["threads"] = _threads(store, nulls, steps_per_batch)
+                echo(f"  {factor}x threads: {row['threads']['wall_s']:.0f} s, peak RSS "
+                     f"{row['threads']['peak_rss_mb']['main']:.0f} MB")
+            if "cluster" in cases:
+                row["cluster"] = _cluster(store, out, nulls, steps_per_batch, worker_memory)
+                c = row["cluster"]
+                echo(f"  {factor}x cluster: {c['wall_s']:.0f} s, peak RSS " +
+                     ", ".join(f"{k} {v:.0f} MB" for k, v in c["peak_rss_mb"].items()) +
+                     f", restarts {c['restarts']}, spilled {c['spilled_mb']:.0f} MB")
+            rows.append(row)
+            echo("  " + json.dumps(row))
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
     return rows
 
 
-def markdown(rows: dict, *, examples: int, coords: int, base_steps: int, nulls: int, null_steps: int,
-             null_coords: int) -> str:
-    lines = [f"Out-of-core scaling ({examples} examples, {coords} coords, exact Gram blocks, "
-             f"metrics {', '.join(SCALE_METRICS)}, {nulls} permutations; threaded scheduler, 8 steps per batch):", "",
-             "| store | steps | size on disk (MB) | wall (s) | CPU (s) | CPU s / step | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows["scale"]:
-        lines.append(f"| {r['factor']}x | {r['steps']} | {r['store_mb']:.0f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
-                     f"{r['cpu_s'] / r['steps']:.2f} | {r['peak_rss_mb']:.0f} |")
-    lines += ["", f"{nulls} permutation nulls of the pristine/corrupt split (f_p), {null_steps} steps × "
-              f"{examples} examples (input held in memory):", "",
-              "| input | input size (MB) | d_i from input (s) | nulls + p-values + bands (s) | "
-              "RSS with input loaded (MB) | RSS after (MB) |",
-              "|---|---|---|---|---|---|"]
-    for r in rows["nulls"]:
-        what = "per-example dot_with_sum (exact)" if r["source"] == "exact" else f"grad_coords ({null_coords} coords)"
-        lines.append(f"| {what} | {r['input_mb']:.0f} | {r['reduce_s']:.2f} | {r['wall_s']:.2f} | "
-                     f"{r['rss_with_input_mb']:.0f} | "
-                     f"{r['rss_after_mb']:.0f} |")
+def markdown(rows: list[dict], *, examples: int, layers: int, nulls: int, steps_per_batch: int,
+             worker_memory: str) -> str:
+    lines = [f"Per-example stores of {examples} examples × {layers} layers (loss, correct, sq_norm, dot_with_sum, "
+             f"moments), metrics {', '.join(METRICS)} with {nulls} permutation nulls of the pristine/corrupt split, "
+             f"{steps_per_batch} steps per compute. threads: `Plan.compute`, threaded scheduler; cluster: "
+             f"`gradstore analyze --scheduler` (verification included) on a 2-process LocalCluster, "
+             f"{worker_memory} per worker:", "",
+             "| store | steps | size (GB) | write (s) | threads wall (s) | threads s/step | threads peak RSS (MB) | "
+             "cluster wall (s) | cluster s/step | peak RSS main / worker 0 / worker 1 (MB) | restarts | spilled (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, c = r.get("threads"), r.get("cluster")
+        cells = [f"{r['factor']}x", str(r["steps"]), f"{r['store_gb']:.1f}", f"{r['write_s']:.0f}"]
+        cells += [f"{t['wall_s']:.0f}", f"{t['wall_s'] / r['steps']:.2f}", f"{t['peak_rss_mb']['main']:.0f}"] if t \
+            else ["", "", ""]
+        if c:
+            p = c["peak_rss_mb"]
+            cells += [f"{c['wall_s']:.0f}", f"{c['wall_s'] / r['steps']:.2f}",
+                      f"{p['main']:.0f} / {p['worker0']:.0f} / {p['worker1']:.0f}", str(c["restarts"]),
+                      f"{c['spilled_mb']:.0f}"]
+        else:
+            cells += ["", "", "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="one analysis benchmark case (run by gradstore bench analysis)")
-    parser.add_argument("case", choices=["scale", "nulls"])
+    parser.add_argument("case", choices=["threads"])
     parser.add_argument("args", nargs="+")
     ns = parser.parse_args(argv)
-    if ns.case == "scale":
-        row = case_scale(ns.args[0], int(ns.args[1]))
-    else:
-        source, steps, examples, coords, nulls = ns.args
-        row = case_nulls(source, int(steps), int(examples), int(coords), int(nulls))
-    print(json.dumps(row))
+    store, nulls, spb = ns.args
+    print(json.dumps(case_threads(store, int(nulls), int(spb))))
 
 
 if __name__ == "__main__":

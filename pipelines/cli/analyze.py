@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
 
 import click
 
+from analysis.context import MAX_PAIR_EXAMPLES
 from analysis.report import METRICS
 from gradstore.errors import AnalysisError
 from pipelines.cli.options import NonEmptyPath, SchedulerAddress, check_out
@@ -22,8 +22,8 @@ CONNECT_TIMEOUT = 5
 @click.argument("store")
 @click.option("--out", type=NonEmptyPath(path_type=Path), default=None,
               help="New directory for results.zarr, CSV tables and PNG plots [default: STORE.analysis].")
-@click.option("--metrics", default=",".join(METRICS), show_default=True,
-              help=f"Comma-separated metrics to compute, from: {', '.join(METRICS)}.")
+@click.option("--metrics", default=None,
+              help=f"Comma-separated metrics to compute, from the registered ones: {', '.join(METRICS)} [default: all].")
 @click.option("--nulls", type=click.IntRange(0, MAX_NULLS), default=1000, show_default=True,
               help="Permutations per permutation test (0: no nulls).")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
@@ -38,17 +38,26 @@ CONNECT_TIMEOUT = 5
               help="Steps computed together; peak memory grows with it, not with the run's length.")
 @click.option("--skip-damaged", is_flag=True,
               help="Leave out the steps that fail verification (named in the output) instead of refusing the store.")
+@click.option("--pair-examples", type=click.IntRange(min=2), default=MAX_PAIR_EXAMPLES, show_default=True,
+              help="Most training examples in pairwise metrics; more are a seeded sample (with standard errors).")
+@click.option("--null-distributions/--no-null-distributions", default=True, show_default=True,
+              help="Keep every null world per step in results.zarr (they grow with the run; bands and "
+                   "p-values are kept either way).")
+@click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True,
+              help="Retries of a failed task on a --scheduler cluster (a lost worker).")
 def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, snapshot: int | None,
-            pairwise_source: str | None, scheduler: str | None, steps_per_batch: int, skip_damaged: bool) -> None:
-    """Compute coherence, stiffness, confusion, loss split, easy/hard and minibatch metrics of STORE.
+            pairwise_source: str | None, scheduler: str | None, steps_per_batch: int, skip_damaged: bool,
+            pair_examples: int, null_distributions: bool, retries: int) -> None:
+    """Compute the registered metrics of STORE (default: all of them).
 
     STORE is verified first (every committed value read back against its checksum and digest); a
     damaged store is refused with one line naming the array, chunk and step, unless --skip-damaged.
+    Metrics a store cannot have (class-based ones on a store without classes) are skipped with a note.
     """
     from analysis.output import prepare_out, write_results
-    from analysis.report import analyze as build, check_metrics, open_store
+    from analysis.report import check_metrics, open_store, prepare
 
-    chosen = check_metrics([m.strip() for m in metrics.split(",") if m.strip()])
+    chosen = check_metrics(METRICS if metrics is None else [m.strip() for m in metrics.split(",") if m.strip()])
     out = out if out is not None else _default_out(store)
     check_out(out)
     out = prepare_out(out)
@@ -58,12 +67,13 @@ def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, s
         click.echo(f"{store}: leaving out {len(skipped)} damaged step(s): {', '.join(map(str, skipped[:10]))}"
                    + (" ..." if len(skipped) > 10 else ""), err=True)
     check_null_memory(nulls, ds.sizes["example"])
-    lazy = build(ds, metrics=chosen, n_permutations=nulls, seed=seed, snapshot=snapshot,
-                 pair_source=pairwise_source)
-    with connect(scheduler) if scheduler else contextlib.nullcontext():  # while open, compute runs there
-        click.echo(f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
-                   f"{ds.sizes['layer']} layers; computing {', '.join(chosen)}", err=True)
-        results = _compute(lazy, None, steps_per_batch)
+    plan = prepare(ds, metrics=chosen, n_permutations=nulls, seed=seed, snapshot=snapshot,
+                   pair_source=pairwise_source, max_pair_examples=pair_examples)
+    for note in plan.attrs["notes"]:
+        click.echo(f"{store}: {note}", err=True)
+    click.echo(f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
+               f"{ds.sizes['layer']} layers; computing {', '.join(plan.attrs['metrics'])}", err=True)
+    results = _compute(plan, scheduler, steps_per_batch, null_distributions=null_distributions, retries=retries)
     if skipped:
         results.attrs["skipped_steps"] = list(skipped)
     files = write_results(results, out)
@@ -84,19 +94,24 @@ def _default_out(store: str) -> Path:
     return path.with_name(path.name + ".analysis")
 
 
-def _compute(lazy, scheduler: str | None, steps_per_batch: int = 8):
-    """Compute ``lazy`` in step batches (bounded memory) with a progress bar, locally or on a cluster."""
+def _compute(plan, scheduler: str | None, steps_per_batch: int = 8, *, null_distributions: bool = True,
+             retries: int = 2):
+    """Compute ``plan`` (:func:`analysis.report.prepare`) in step batches (bounded memory) with a
+    progress bar, locally or on the cluster of ``scheduler`` (its dashboard link printed, failed
+    tasks retried ``retries`` times)."""
     from tqdm import tqdm
-
-    from analysis.report import compute_by_steps
 
     def bar(batches):
         return tqdm(batches, desc=f"steps ({steps_per_batch} per batch)", unit="batch", file=sys.stderr)
 
     if scheduler is None:
-        return compute_by_steps(lazy, steps_per_batch=steps_per_batch, progress=bar)
-    with connect(scheduler):  # the default scheduler while open: every .compute() runs on the cluster
-        return compute_by_steps(lazy, steps_per_batch=steps_per_batch, progress=bar)
+        return plan.compute(steps_per_batch=steps_per_batch, progress=bar, null_distributions=null_distributions)
+    with connect(scheduler) as client:  # the default scheduler while open: every .compute() runs on the cluster
+        workers = client.scheduler_info().get("workers", {})
+        click.echo(f"Dask cluster at {scheduler}: {len(workers)} workers; dashboard {client.dashboard_link}",
+                   err=True)
+        return plan.compute(steps_per_batch=steps_per_batch, progress=bar, null_distributions=null_distributions,
+                            compute=lambda obj: obj.compute(retries=retries))
 
 
 def connect(address: str, timeout: float = CONNECT_TIMEOUT):

@@ -68,28 +68,35 @@ def store(examples: int, coords: int, steps: int, repeats: int, data_dir: str | 
 
 
 @bench.command("analysis")
-@click.option("--examples", type=click.IntRange(min=4), default=1000, show_default=True, help="Tracked examples.")
-@click.option("--coords", type=click.IntRange(min=2), default=1024, show_default=True,
-              help="Coordinates per example in the scaling stores.")
-@click.option("--base-steps", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Steps of the 1x store (the others have 4x and 8x as many).")
-@click.option("--nulls", type=click.IntRange(min=1), default=1000, show_default=True, help="Permutations.")
-@click.option("--null-steps", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Steps of the permutation-null case.")
-@click.option("--null-coords", type=click.IntRange(min=2), default=4096, show_default=True,
-              help="Coordinates of the permutation-null case from grad_coords.")
+@click.option("--examples", type=click.IntRange(min=4), default=50_000, show_default=True, help="Tracked examples.")
+@click.option("--layers", type=click.IntRange(min=1), default=60, show_default=True, help="Layers.")
+@click.option("--base-steps", type=click.IntRange(min=1), default=28, show_default=True,
+              help="Steps of the 1x store (the others have 4x and 16x as many; 16 x 28 steps is ~20 GB).")
+@click.option("--factors", default="1,4,16", show_default=True, help="Comma-separated step multiples.")
+@click.option("--nulls", type=click.IntRange(min=0), default=1000, show_default=True, help="Permutations.")
+@click.option("--steps-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Steps per compute.")
+@click.option("--worker-memory", default="1.5GB", show_default=True, help="Memory limit of each cluster worker.")
+@click.option("--cases", default="threads,cluster", show_default=True, help="Comma-separated: threads, cluster.")
 @click.option("--workdir", type=NonEmptyPath(exists=True, file_okay=False), default=None,
-              help="Existing folder where the temporary stores go [default: the system temporary folder].")
-def analysis(examples: int, coords: int, base_steps: int, nulls: int, null_steps: int, null_coords: int,
-             workdir: str | None) -> None:
-    """Analysis wall time and peak memory on 1x/4x/8x stores; permutation-null speed."""
+              help="Existing folder where each store goes while measured [default: the working directory].")
+def analysis(examples: int, layers: int, base_steps: int, factors: str, nulls: int, steps_per_batch: int,
+             worker_memory: str, cases: str, workdir: str | None) -> None:
+    """Analysis wall time and peak memory of every process on 1x/4x/16x per-example stores (out of core)."""
     from pipelines.bench.analysis import markdown, run
 
     if workdir is not None:
         check_out(workdir, "--workdir")
-    kw = dict(examples=examples, coords=coords, base_steps=base_steps, nulls=nulls, null_steps=null_steps,
-              null_coords=null_coords)
-    click.echo(f"gradstore bench analysis: {kw}")
-    rows = run(**kw, workdir=workdir, echo=click.echo)
+    try:
+        steps = tuple(int(f) for f in factors.split(",") if f.strip())
+    except ValueError:
+        raise click.BadParameter(f"{factors!r} is not a comma-separated list of integers", param_hint="--factors")
+    chosen = tuple(c.strip() for c in cases.split(",") if c.strip())
+    if not steps or not chosen or set(chosen) - {"threads", "cluster"}:
+        raise click.BadParameter("give at least one factor and cases from threads, cluster", param_hint="--cases")
+    kw = dict(examples=examples, layers=layers, nulls=nulls, steps_per_batch=steps_per_batch,
+              worker_memory=worker_memory)
+    click.echo(f"gradstore bench analysis: {kw}, base_steps={base_steps}, factors={steps}, cases={chosen}")
+    rows = run(**kw, base_steps=base_steps, factors=steps, cases=chosen, workdir=workdir, echo=click.echo)
     click.echo("")
     click.echo(markdown(rows, **kw))

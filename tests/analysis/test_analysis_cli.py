@@ -20,7 +20,7 @@ def test_analyze_writes_results_tables_and_plots(store, tmp_path, capsys):
     out = tmp_path / "out"
     main(["analyze", store, "--out", str(out), "--nulls", "20", "--seed", "3"])
     assert "wrote" in capsys.readouterr().out
-    for name in ("coherence.csv", "per_step.csv", "stiffness_class.csv", "easy_hard.csv", "minibatch.csv",
+    for name in ("coherence.csv", "stiffness.csv", "confusion.csv", "loss_split.csv", "stiffness_class.csv", "easy_hard.csv", "minibatch.csv",
                  "loss_split.png", "easy_hard.png", "m_coherence_tracked_train_exact.png"):
         assert (out / name).stat().st_size > 0, name
     results = xr.open_zarr(out / "results.zarr", consolidated=False)
