@@ -1,4 +1,5 @@
-"""Conv1d / Conv2d rule vs the vmap(grad) oracle: strides, dilation, groups, padding modes."""
+"""Conv1d/2d/3d and ConvTranspose1d/2d/3d rules vs the vmap(grad) oracle: strides, dilation, groups,
+padding modes, output_padding."""
 
 from contextlib import contextmanager
 
@@ -90,3 +91,68 @@ def test_dense_form_in_blocks_of_examples(dims, dense_by, monkeypatch):
     monkeypatch.setattr(conv_rules, "DENSE_BLOCK_ELEMENTS", 2 * per_example)
     with conv_form("dense", dense_by):
         check_all(model, sq_loss, x, y, rtol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 3), groups=st.sampled_from([1, 2]), k=st.integers(1, 2), stride=st.integers(1, 2),
+       dilation=st.integers(1, 2), padding=st.sampled_from([0, 1]), mode=st.sampled_from(["zeros", "reflect", "circular"]),
+       bias=st.booleans(), form=st.sampled_from(["outer", "dense", "auto"]), dense_by=st.sampled_from(["matmul", "conv"]))
+def test_conv3d(m, groups, k, stride, dilation, padding, mode, bias, form, dense_by):
+    conv = nn.Conv3d(2 * groups, 2 * groups, k, stride=stride, dilation=dilation, padding=padding,
+                     padding_mode=mode, groups=groups, bias=bias)
+    torch.manual_seed(m + k)
+    model = nn.Sequential(conv).double()
+    x = torch.randn(m, 2 * groups, 4, 3, 5, dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    with conv_form(form, dense_by):
+        check_all(model, sq_loss, x, y, rtol=1e-6)
+
+
+def test_conv3d_anisotropic_kernel_stride_dilation():
+    torch.manual_seed(3)
+    conv = nn.Conv3d(4, 6, (1, 2, 3), stride=(2, 1, 2), dilation=(1, 2, 1), padding=(0, 1, 1), groups=2)
+    model = nn.Sequential(conv).double()
+    x = torch.randn(3, 4, 5, 4, 6, dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    for form in ("outer", "dense"):
+        with conv_form(form, "matmul"):
+            check_all(model, sq_loss, x, y, rtol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 3), groups=st.sampled_from([1, 2]), k=st.integers(1, 3), stride=st.integers(1, 3),
+       dilation=st.integers(1, 2), padding=st.integers(0, 2), extra=st.integers(0, 2), bias=st.booleans(),
+       dims=st.sampled_from([1, 2, 3]), form=st.sampled_from(["outer", "dense", "auto"]),
+       dense_by=st.sampled_from(["matmul", "conv"]))
+def test_conv_transpose(m, groups, k, stride, dilation, padding, extra, bias, dims, form, dense_by):
+    output_padding = min(extra, max(stride, dilation) - 1)  # torch: smaller than stride or dilation
+    padding = min(padding, (stride + dilation * (k - 1)) // 2)  # torch: the output must not be empty (min size 2)
+    cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+    conv = cls(2 * groups, 3 * groups, k, stride=stride, padding=padding, output_padding=output_padding,
+               dilation=dilation, groups=groups, bias=bias)
+    torch.manual_seed(m + k + dims)
+    model = nn.Sequential(conv).double()
+    x = torch.randn(m, 2 * groups, *([3, 4, 2][:dims]), dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    with conv_form(form, dense_by):
+        check_all(model, sq_loss, x, y, rtol=1e-6)
+
+
+class UpTo(nn.Module):
+    """A transposed convolution called with output_size (an output one larger than the default)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.up(x, output_size=(2 * x.shape[2], 2 * x.shape[3]))
+
+
+def test_conv_transpose_output_size():
+    torch.manual_seed(4)
+    model = UpTo().double()
+    x = torch.randn(3, 3, 4, 5, dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    assert y.shape[2:] == (8, 10)
+    check_all(model, sq_loss, x, y, rtol=1e-6)

@@ -1,13 +1,16 @@
-"""nn.Embedding rule vs the vmap(grad) oracle (repeated indices, padding_idx)."""
+"""nn.Embedding rule vs the vmap(grad) oracle (repeated indices, padding_idx); nn.EmbeddingBag rule
+(sum/mean/max, offsets, per_sample_weights) vs a per-example loop, and through capture."""
 
 import pytest
 import torch
 from capture_harness import check_all, sq_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rules_harness import check_factors
 from torch import nn
 
 from gradstore.capture import capture
+from gradstore.capture.registry import lookup_rule
 from gradstore.errors import CaptureError
 
 
@@ -35,3 +38,77 @@ def test_scale_grad_by_freq_is_rejected():
     model = nn.Sequential(nn.Embedding(4, 2, scale_grad_by_freq=True))
     with pytest.raises(CaptureError, match="scale_grad_by_freq"):
         capture(model, sq_loss, torch.randint(0, 4, (3, 2)), torch.randn(3, 2, 2))
+
+
+# ---- nn.EmbeddingBag: one bag an example ------------------------------------------------------
+
+
+def _bag_case(mode, m, vocab, dim, padding, offsets, weighted, seed):
+    """A bag module, its positional inputs and per-bag index lists (the oracle's single-bag inputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    bag = nn.EmbeddingBag(vocab, dim, mode=mode, padding_idx=0 if padding else None).double()
+    with torch.no_grad():
+        bag.weight.copy_(torch.randn(vocab, dim, generator=gen, dtype=torch.float64))
+    if offsets:
+        lengths = torch.randint(0, 4, (m,), generator=gen)
+        flat = torch.randint(0, vocab, (int(lengths.sum()),), generator=gen)
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+        bags = [flat[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())]
+        inputs = [flat, starts]
+    else:
+        idx = torch.randint(0, vocab, (m, 3), generator=gen)
+        bags = list(idx)
+        inputs = [idx, None]
+    psw = None
+    if weighted:
+        psw = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64)
+        inputs.append(psw)
+    return bag, tuple(inputs), bags, psw
+
+
+def _bag_oracle(bag, bags, psw, targets):
+    """Per-example loop: bag j alone (2-d input of one row), squared-error loss against its target."""
+    position = 0
+    rows = []
+    for j, index in enumerate(bags):
+        weights = None if psw is None else psw.reshape(-1)[position:position + len(index)]
+        position += len(index)
+        offsets = torch.tensor([0, len(index)]) if bag.include_last_offset else torch.tensor([0])
+        out = bag(index, offsets, weights)  # one bag (possibly empty) as a 1-d input
+        loss = ((out - targets[j:j + 1]) ** 2).sum()
+        rows.append(torch.autograd.grad(loss, bag.weight)[0])
+    return torch.stack(rows)
+
+
+@settings(max_examples=30, deadline=None)
+@given(mode=st.sampled_from(["sum", "mean", "max"]), m=st.integers(1, 4), vocab=st.integers(2, 6), dim=st.integers(1, 3),
+       padding=st.booleans(), offsets=st.booleans(), weighted=st.booleans(), last=st.booleans(), seed=st.integers(0, 5))
+def test_embedding_bag(mode, m, vocab, dim, padding, offsets, weighted, last, seed):
+    weighted = weighted and mode == "sum"
+    bag, inputs, bags, psw = _bag_case(mode, m, vocab, dim, padding, offsets, weighted, seed)
+    if offsets and last:  # include_last_offset: offsets end with the total length
+        bag.include_last_offset = True
+        inputs = (inputs[0], torch.cat([inputs[1], torch.tensor([inputs[0].numel()])]), *inputs[2:])
+    targets = torch.randn(m, dim, dtype=torch.float64)
+    out = bag(*inputs)
+    b = torch.autograd.grad(((out - targets) ** 2).sum(), out)[0]
+    factors = lookup_rule(nn.EmbeddingBag)(bag, tuple(i for i in inputs), b)
+    check_factors(factors, {"weight": _bag_oracle(bag, bags, psw, targets)}, rtol=1e-6, seed=seed)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # the vmap oracle's, not capture's
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag_in_capture(mode):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.EmbeddingBag(6, 3, mode=mode, padding_idx=1), nn.Linear(3, 2)).double()
+    idx = torch.randint(0, 6, (4, 5))
+    check_all(model, sq_loss, idx, torch.randn(4, 2, dtype=torch.float64), rtol=1e-6)
+
+
+def test_embedding_bag_refusals():
+    bag = nn.EmbeddingBag(5, 2, max_norm=1.0)
+    with pytest.raises(CaptureError, match="max_norm"):
+        lookup_rule(nn.EmbeddingBag)(bag, (torch.zeros(2, 3, dtype=torch.long),), torch.zeros(2, 2))
+    bag = nn.EmbeddingBag(5, 2)
+    with pytest.raises(CaptureError, match="offsets passed positionally"):
+        lookup_rule(nn.EmbeddingBag)(bag, (torch.zeros(6, dtype=torch.long),), torch.zeros(2, 2))

@@ -85,3 +85,44 @@ def test_priming_matches_batch_means_and_is_undone():
     torch.testing.assert_close(model[1].running_mean, before)
     assert torch.equal(torch.get_rng_state(), rng)
     assert prime_batchnorm(model, batches) == 3 and not torch.equal(model[1].running_mean, before)
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 4), dims=st.sampled_from([1, 2, 3]), affine=st.booleans(), running=st.booleans(),
+       eval_stats=st.booleans())
+def test_instancenorm(m, dims, affine, running, eval_stats):
+    """Exact in every mode: per-example statistics, or (eval with tracked stats) the running ones."""
+    torch.manual_seed(m + dims)
+    cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims]
+    norm = cls(3, affine=True, track_running_stats=running)
+    norm.weight.data.normal_()
+    norm.bias.data.normal_()
+    if running:
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](2, 3, 1)
+    model = nn.Sequential(conv, norm).double()
+    x = torch.randn(m, 2, *([3] * dims), dtype=torch.float64)
+    res = check_all(model, sq_loss, x, torch.randn(m, 3, *([3] * dims), dtype=torch.float64), rtol=1e-6)
+    assert "1.weight" in res.sq_norms
+    if running:  # capture read the running statistics and left them as they were
+        assert norm.num_batches_tracked.item() == 0
+
+
+def test_instancenorm_without_affine_has_no_parameters():
+    model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.InstanceNorm1d(3)).double()
+    x = torch.randn(3, 2, 5, dtype=torch.float64)
+    check_all(model, sq_loss, x, torch.randn(3, 3, 5, dtype=torch.float64), rtol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 4), t=st.integers(1, 3), d=st.integers(2, 5), two_dims=st.booleans(),
+       eps=st.sampled_from([None, 1e-3]))
+def test_rmsnorm(m, t, d, two_dims, eps):
+    torch.manual_seed(m + t + d)
+    shape = (t, d) if two_dims else (d,)
+    norm = nn.RMSNorm(shape, eps=eps)
+    norm.weight.data.normal_()
+    model = nn.Sequential(nn.Linear(d, d), norm).double()
+    x = torch.randn(m, t, d, dtype=torch.float64)
+    check_all(model, sq_loss, x, torch.randn(m, t, d, dtype=torch.float64), rtol=1e-6)

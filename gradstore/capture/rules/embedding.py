@@ -1,12 +1,22 @@
-"""``nn.Embedding``: g_n[v, d] = sum_t [idx[n,t] = v] b[n,t,d].
+"""``nn.Embedding``: g_n[v, d] = sum_t [idx[n,t] = v] b[n,t,d]; ``nn.EmbeddingBag`` (one bag an example).
 
 Index letters: n = example, t = position (the index tensor's dims after the first, flattened),
 v = vocabulary row, d = embedding feature. The left side is a :class:`OneHot` of the indices, so
 inner products of two positions are index equalities and nothing of size v is formed.
+
+EmbeddingBag, bag n with output gradient b[n, d] (the example is the bag):
+
+* ``sum`` / ``mean``: g_n[v, d] = sum_t [idx[n,t] = v] w[n,t] b[n,d], with w the per-sample weight
+  (``sum``), 1/(count of non-padding entries) (``mean``) or 1, and 0 at ``padding_idx`` and past the
+  end of the bag (bags given by ``offsets`` are padded to the longest);
+* ``max``: g_n[v, d] = [j[n,d] = v] b[n,d], j the row that held the maximum of feature d (the index
+  torch's own backward uses, ties included): an Outer factor over t = d with the one-hot rows j and
+  the diagonal b[n,d]·e_d, zero for an empty bag.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from gradstore.capture.factors import OneHot, Outer
@@ -29,3 +39,75 @@ def embedding_rule(module: nn.Embedding, inputs, grad_output):
     if module.padding_idx is not None:
         b = b * (index != module.padding_idx)[..., None, None].to(b.dtype)
     return {"weight": Outer(OneHot(index, module.num_embeddings), b, tuple(module.weight.shape))}
+
+
+_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def _bags(module, inputs):
+    """(index (n, t), offsets or None, per-sample weights or None, bag mask (n, t)) for the bags."""
+    idx = inputs[0]
+    offsets = inputs[1] if len(inputs) > 1 else None
+    weights = inputs[2] if len(inputs) > 2 else None
+    if idx.dim() == 2:
+        if offsets is not None:
+            raise CaptureError("nn.EmbeddingBag with a 2-d input takes no offsets; pass offsets=None")
+        return idx, None, weights, torch.ones_like(idx, dtype=torch.bool)
+    if idx.dim() != 1 or offsets is None:
+        raise CaptureError(
+            f"nn.EmbeddingBag input of shape {tuple(idx.shape)} with offsets={'given' if offsets is not None else 'None'}: "
+            "capture needs a 2-d (bags, length) input or a 1-d input with offsets passed positionally, "
+            "bag(input, offsets[, per_sample_weights])"
+        )
+    ends = offsets[1:] if module.include_last_offset else torch.cat([offsets[1:], offsets.new_tensor([idx.numel()])])
+    starts = offsets[:-1] if module.include_last_offset else offsets
+    lengths = ends - starts
+    width = int(lengths.max()) if lengths.numel() else 0
+    pos = starts[:, None] + torch.arange(width, device=idx.device)
+    mask = torch.arange(width, device=idx.device)[None, :] < lengths[:, None]
+    pos = torch.where(mask, pos, torch.zeros_like(pos))
+    padded_weights = None if weights is None else torch.where(mask, weights[pos], torch.zeros_like(weights[pos]))
+    return torch.where(mask, idx[pos], torch.zeros_like(pos)), offsets, padded_weights, mask
+
+
+@register_rule(nn.EmbeddingBag)
+def embedding_bag_rule(module: nn.EmbeddingBag, inputs, grad_output):
+    """Factor of ``weight``: Outer(L = one_hot(idx), R = w · b) for sum/mean, over features for max."""
+    if module.scale_grad_by_freq:
+        raise CaptureError(
+            "nn.EmbeddingBag(scale_grad_by_freq=True) couples examples in a batch, so per-example "
+            "gradients are undefined; capture a model without it"
+        )
+    if module.max_norm is not None:
+        raise CaptureError(
+            "nn.EmbeddingBag(max_norm=...) rewrites the weight in place during the forward pass, which "
+            "capture must not do; renormalize outside the model or capture one without max_norm"
+        )
+    index, offsets, weights, mask = _bags(module, inputs)
+    shape = tuple(module.weight.shape)
+    b = grad_output  # (n, d)
+    if module.mode == "max":
+        # the rows that held each feature's maximum, as torch's own forward finds them
+        flat = inputs[0] if offsets is not None else inputs[0].reshape(-1)
+        bag_offsets = offsets if offsets is not None else torch.arange(0, flat.numel(), max(1, index.shape[1]),
+                                                                       device=flat.device)
+        if offsets is None and index.shape[1] == 0:
+            bag_offsets = torch.zeros(index.shape[0], dtype=torch.long, device=flat.device)
+        _, _, bag_size, rows = torch.embedding_bag(
+            module.weight.detach(), flat, bag_offsets, False, _BAG_MODES["max"], False, None,
+            module.include_last_offset, module.padding_idx,
+        )
+        filled = (bag_size > 0).to(b.dtype)[:, None]  # an empty bag's output is a constant 0
+        right = torch.diag_embed(b * filled).unsqueeze(2)  # (n, t = d, 1, d)
+        return {"weight": Outer(OneHot(rows.long(), module.num_embeddings), right, shape)}
+    w = mask.to(b.dtype)
+    if module.padding_idx is not None:
+        w = w * (index != module.padding_idx).to(b.dtype)
+    if weights is not None:
+        if module.mode != "sum":
+            raise CaptureError("nn.EmbeddingBag takes per_sample_weights only with mode='sum'")
+        w = w * weights.to(b.dtype)
+    if module.mode == "mean":
+        w = w / w.sum(1, keepdim=True).clamp(min=1)
+    right = (w[:, :, None] * b[:, None, :]).unsqueeze(2)  # (n, t, 1, d)
+    return {"weight": Outer(OneHot(index, module.num_embeddings), right, shape)}

@@ -1,10 +1,13 @@
-"""Normalization layers: BatchNorm (eval mode), LayerNorm, GroupNorm.
+"""Normalization layers: BatchNorm (eval mode), LayerNorm, GroupNorm, InstanceNorm, RMSNorm.
 
-Each is ``y = x̂ * weight + bias`` with x̂ computed without parameters, so with output gradient b:
+Each is ``y = x̂ * weight + bias`` with x̂ computed without parameters (RMSNorm has no bias), so
+with output gradient b:
 weight g_n[c] = sum_t x̂[n,c,t] b[n,c,t], bias g_n[c] = sum_t b[n,c,t] (Dense factors).
 Index letters: n = example, c = normalized feature or channel, t = every other position.
 BatchNorm is exact only in eval mode (running statistics): in training mode its output for one
-example depends on the whole batch and per-example gradients are undefined.
+example depends on the whole batch and per-example gradients are undefined. InstanceNorm is exact
+in every mode: it normalizes each example by its own statistics, or (eval mode with
+``track_running_stats=True``) by the running ones, never by the batch's.
 """
 
 from __future__ import annotations
@@ -70,3 +73,29 @@ def groupnorm_rule(module, inputs, grad_output):
     x = inputs[0]
     x_hat = F.group_norm(x, module.num_groups, None, None, module.eps)
     return _affine(module, x_hat, grad_output, tuple(range(2, x.dim())))
+
+
+@register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def instancenorm_rule(module, inputs, grad_output):
+    """x̂ = instance_norm(x): per example and channel over the spatial dims (t), or by running stats."""
+    x = inputs[0]
+    if x.dim() == module._get_no_batch_dim():
+        raise CaptureError(
+            f"{type(module).__name__} input of shape {tuple(x.shape)} has no example axis; "
+            "capture needs batched inputs (examples first)"
+        )
+    by_input = module.training or not module.track_running_stats
+    # running statistics are read, never updated, here (use_input_stats=True would update them)
+    mean, var = (None, None) if by_input else (module.running_mean, module.running_var)
+    x_hat = F.instance_norm(x, mean, var, None, None, use_input_stats=by_input, eps=module.eps)
+    return _affine(module, x_hat, grad_output, tuple(range(2, x.dim())))
+
+
+@register_rule(nn.RMSNorm)
+def rmsnorm_rule(module, inputs, grad_output):
+    """x̂ = x / sqrt(mean(x²) + eps) over the trailing ``normalized_shape`` dims; t = the leading dims."""
+    x = inputs[0]
+    n = x.shape[0]
+    x_hat = F.rms_norm(x, module.normalized_shape, None, module.eps)
+    shape = (n, -1, *module.normalized_shape)
+    return _affine(module, x_hat.reshape(shape), grad_output.reshape(shape), (1,))

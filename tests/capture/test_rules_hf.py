@@ -1,0 +1,28 @@
+"""Hugging Face transformers' Conv1D rule vs the vmap(grad) oracle (skipped without transformers)."""
+
+import pytest
+import torch
+from capture_harness import check_all, sq_loss
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+
+from gradstore.capture import lookup_rule  # noqa: E402
+from gradstore.capture.rules import hf  # noqa: E402
+
+
+def test_registered_for_conv1d():
+    assert lookup_rule(pytorch_utils.Conv1D) is hf.hf_conv1d_rule
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 4), t=st.integers(0, 3), nx=st.integers(1, 5), nf=st.integers(1, 5))
+def test_conv1d_shapes(m, t, nx, nf):
+    torch.manual_seed(m + t + nx)
+    conv = pytorch_utils.Conv1D(nf, nx)
+    conv.bias.data.normal_()
+    model = nn.Sequential(conv, nn.Tanh(), pytorch_utils.Conv1D(2, nf)).double()
+    x = torch.randn(m, *([t] if t else []), nx, dtype=torch.float64)
+    check_all(model, sq_loss, x, torch.randn(m, *([t] if t else []), 2, dtype=torch.float64), rtol=1e-6)
