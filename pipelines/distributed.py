@@ -2,14 +2,14 @@
 
 :func:`capture_workers` makes this process rank 0 of a gloo process group on this machine and
 spawns N-1 capture workers (``torch.multiprocessing``, spawn start method; each imports torch once).
-Inside the block, :func:`gradstore.store.distributed.make_recorder` returns a
-:class:`~gradstore.store.distributed.DistributedRecorder`, so every capture is sharded over the N
+Inside the block, :func:`gradstore.record.distributed.make_recorder` returns a
+:class:`~gradstore.record.distributed.DistributedRecorder`, so every capture is sharded over the N
 processes while training runs once, on rank 0 (see ``docs/scaling.md``).
 
 What other local users can reach: the rendezvous is a file store in a fresh folder only this user
 can open (mode 0700, removed afterwards), not a TCP port; gloo's own connections stay on the
 loopback interface; and every message that carries Python objects is authenticated with a random
-per-run secret (HMAC-SHA256, see :mod:`gradstore.store.distributed`) that reaches the workers
+per-run secret (HMAC-SHA256, see :mod:`gradstore.record.messages`) that reaches the workers
 through their spawn arguments, never the network.
 """
 
@@ -28,7 +28,7 @@ from gradstore.errors import GradstoreError
 def _init(rank: int, size: int, rendezvous: str, key: bytes) -> None:
     import torch.distributed as dist
 
-    from gradstore.store.distributed import set_group_key
+    from gradstore.record.distributed import set_group_key
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
     set_group_key(key)
@@ -38,7 +38,7 @@ def _worker(index: int, size: int, rendezvous: str, key: bytes, device: str, thr
     import torch
     import torch.distributed as dist
 
-    from gradstore.store.distributed import serve, set_group_key
+    from gradstore.record.distributed import serve, set_group_key
 
     if threads:
         torch.set_num_threads(threads)
@@ -90,7 +90,7 @@ def _group(nproc: int, rendezvous: str, device: str, threads: int):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    from gradstore.store.distributed import set_group_key, stop_workers
+    from gradstore.record.distributed import set_group_key, stop_workers
 
     key = secrets.token_bytes(32)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -131,7 +131,7 @@ def bench(*, models=("mlp-3x256", "mlp-cg"), sizes=(256, 1024), nprocs=(1, 2), t
     import numpy as np
     import torch
 
-    from gradstore.store.distributed import make_recorder
+    from gradstore.record.distributed import make_recorder
     from pipelines.data import load_mnist
     from pipelines.models import build_model
 

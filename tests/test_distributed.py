@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gradstore.store import Recorder, open_run
-from gradstore.store.distributed import DistributedRecorder, make_recorder, world
+from gradstore.record import Recorder
+from gradstore.record.distributed import DistributedRecorder, make_recorder, world
+from gradstore.store import open_run
 from pipelines.distributed import capture_workers
 from pipelines.models import build_model
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from gradstore.errors import StoreError
-from gradstore.store import distributed
-from gradstore.store.distributed import broadcast_message, make_recorder, seal, set_group_key, unseal, world
+from gradstore.record import distributed
+from gradstore.record.distributed import broadcast_message, make_recorder, seal, set_group_key, unseal, world
 from pipelines.distributed import capture_workers
 from pipelines.models import build_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import xarray as xr
 
-from gradstore.store import Recorder
+from gradstore.record import Recorder
 from pipelines.cli import main
 from pipelines.models import build_model
 

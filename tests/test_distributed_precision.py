@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradstore.errors import StoreError
-from gradstore.store import Recorder
+from gradstore.record import Recorder
 from pipelines.models import build_model
 
 
@@ -80,7 +80,7 @@ def test_autocast_must_be_a_known_dtype():
 
 
 def test_worker_devices_spread_over_the_gpus():
-    from gradstore.store.distributed import worker_device
+    from gradstore.record.distributed import worker_device
 
     assert [worker_device("cuda", r, 2) for r in range(1, 5)] == ["cuda:1", "cuda:0", "cuda:1", "cuda:0"]
     assert worker_device("cpu", 3, 0) == "cpu"

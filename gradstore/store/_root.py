@@ -92,6 +92,13 @@ def _static_missing(key: str, chunk: str) -> Problem:
     return Problem(key, chunk, None, None, "chunk missing (would read as fill values)")
 
 
+def _correct_kind(group: zarr.Group):
+    """What the store's ``correct`` holds: "bool", "fraction" (float64) or None (no such array)."""
+    if "correct" not in group:
+        return None
+    return "bool" if group["correct"].dtype == np.bool_ else "fraction"
+
+
 def layout_from_store(group: zarr.Group, attrs: dict, name: str) -> RunLayout:
     """Rebuild the :class:`RunLayout` a store was created with, from its static arrays and attrs."""
     storage, model = attrs.get("storage"), attrs.get("model")
@@ -115,6 +122,10 @@ def layout_from_store(group: zarr.Group, attrs: dict, name: str) -> RunLayout:
             dtype=storage["dtype"],
             compression=storage["compression"],
             checksums=bool(storage.get("checksums", False)),
+            task=attrs.get("task", "classification"),  # stores written before tasks: classification
+            correct=_correct_kind(group),
+            task_options=dict(attrs.get("task_options", {})),
+            measurement=attrs.get("measurement"),
         )
     except (KeyError, TypeError) as exc:
         raise StoreError(f"{name!r} is damaged: root attributes are incomplete ({exc!r})") from exc

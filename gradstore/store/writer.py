@@ -134,8 +134,8 @@ class RunWriter:
         self._commit(self.committed, self.last_step)  # records this writer; changes no data
 
     # ------------------------------------------------------------------ appending
-    def append_step(self, step: int, *, loss, correct, sq_norm, dot_with_sum, m, norm_sq_of_sum,
-                    sum_of_norm_sq, lr=math.nan, train_loss=math.nan, train_acc=math.nan,
+    def append_step(self, step: int, *, loss, sq_norm, dot_with_sum, m, norm_sq_of_sum,
+                    sum_of_norm_sq, correct=None, lr=math.nan, train_loss=math.nan, train_acc=math.nan,
                     test_loss=math.nan, test_acc=math.nan, grad_coords=None, grad_proj=None,
                     gram=None) -> int:
         """Write one captured step and commit it.
@@ -145,7 +145,8 @@ class RunWriter:
         step : int
             Training step number (an integer >= 0); larger than every committed step.
         loss, correct : array, dims (example,)
-            Per-example loss and whether the prediction equals the training label.
+            Per-example loss and correctness (bool, or a fraction for ``layout.correct ==
+            "fraction"``; required unless the layout stores no ``correct``).
         sq_norm, dot_with_sum : array, dims (example, layer)
             ||g_i||² and g_i · Σ_j g_j (sum over the example's own tracked sample), per layer.
         m, norm_sq_of_sum, sum_of_norm_sq : array, dims (sample, layer)
@@ -442,6 +443,7 @@ def _create(store, layout: RunLayout, name: str, *, config, seeds, code, lock) -
         "seeds": seeds,
         "projection_seed": layout.projection_seed,
         "storage": layout.storage_description(),
+        **layout.task_attrs(),
         "coordinates": " ".join(present),
         "static_crc32c": ({k: crc32_of(v, specs[k].dtype) for k, v in static.items()} if layout.checksums else {}),
         COMMITTED: 0,
@@ -490,5 +492,9 @@ def _check_match(stored: RunLayout, new: RunLayout, name: str) -> None:
         refuse("the projection (dimension or seed)")
     if stored.gram != new.gram:
         refuse("whether Gram blocks are stored")
+    if (stored.task, stored.correct, stored.task_options) != (new.task, new.correct, new.task_options):
+        refuse(f"the task ({stored.task} stored, {new.task} given) or its options")
+    if stored.measurement is not None and stored.measurement != new.measurement:
+        refuse(f"the measurement ({stored.measurement} stored, {new.measurement} given)")
     if stored.dtype != new.dtype:
         refuse(f"the storage dtype ({stored.dtype} stored, {new.dtype} given)")
