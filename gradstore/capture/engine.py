@@ -1,35 +1,35 @@
 """One forward+backward pass, every requested per-example quantity: :func:`capture`.
 
-Flow: find the modules owning trainable parameters and their rules (:func:`plan`); run the model
-in eval mode under a :class:`~gradstore.capture.hooks.Tap`, with every use of a trainable parameter
-checked to be one the engine accounts for (:class:`~gradstore.capture.uses.UseCheck`);
-differentiate the summed loss with ``torch.autograd.grad`` (which never touches ``.grad``) with
-respect to the modules' outputs, so that the hooks see every output gradient and autograd forms no
-weight gradient (Σ_n g_n comes from the factors; see :func:`_backward`); turn each module's recorded
-uses into factors (its rule, or the torch.func fallback) and each factor into the requested
-quantities (:mod:`gradstore.capture.factors`).
+Flow: find the trainable parameters, the modules that own them (several for tied weights) and their
+rules (:func:`plan`); run the model in eval mode under a :class:`~gradstore.capture.hooks.Tap`
+(calls of the owning modules) and a :class:`~gradstore.capture.uses.UseTracker` (every operation
+consuming a parameter, wherever it runs: parent forwards, ``F.multi_head_attention_forward``,
+``loss_fn``); pick each parameter's sources -- module rules, op rules, the torch.func fallbacks --
+or refuse (:mod:`gradstore.capture.sources`); differentiate the summed loss with
+``torch.autograd.grad`` (which never touches ``.grad``) with respect to the recorded outputs, so
+that the hooks see every output gradient and autograd forms no weight gradient (Σ_n g_n comes from
+the factors; see :func:`_backward`); merge each parameter's factors over its uses (exact cross
+terms) and turn them into the requested quantities (:mod:`gradstore.capture.factors`). With
+``verify=True`` the factors are checked against autograd (:mod:`gradstore.capture.verify`).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from gradstore.capture.factors import Dense
-from gradstore.capture.fallback import fallback_rule, warn_fallback
+from torch.utils._pytree import tree_map
+
+from gradstore.capture.factors import Dense, merge
 from gradstore.capture.hooks import Tap
 from gradstore.capture.projection import Projection
 from gradstore.capture.registry import lookup_rule
+from gradstore.capture.sources import assign, module_factors, module_fallback_factors, op_factors
 from gradstore.capture.state import preserved_run
-from gradstore.capture.uses import UseCheck
+from gradstore.capture.uses import UseTracker
 from gradstore.errors import CaptureError, GradstoreError
-
-
-#: check every use of a trainable parameter during the capture forward (off only to time the check)
-CHECK_USES = True
 
 
 @dataclass
@@ -37,8 +37,9 @@ class Plan:
     """Trainable parameters of a model and the modules that own them."""
 
     params: dict[str, nn.Parameter]  # full name -> parameter (requires_grad only)
-    owner: dict[str, tuple[str, str]]  # full name -> (module path, local name)
+    owner: dict[str, tuple[str, str]]  # full name -> (first owning module path, local name)
     modules: dict[str, nn.Module]  # module path -> module owning >= 1 trainable parameter
+    owners: dict[str, list] = field(default_factory=dict)  # full name -> every (path, local): tied weights
 
     @property
     def layer_of(self) -> dict[str, str]:
@@ -46,23 +47,25 @@ class Plan:
 
 
 def plan(model: nn.Module) -> Plan:
-    """The trainable parameters of ``model``, named as in ``model.named_parameters()``."""
-    params, owner, modules, seen = {}, {}, {}, {}
+    """The trainable parameters of ``model``, named as in ``model.named_parameters()``.
+
+    A parameter shared by several modules (tied weights, ``head.weight = emb.weight``) is one
+    parameter, named after its first owner, with every owner in ``owners``.
+    """
+    params, owner, owners, modules, seen = {}, {}, {}, {}, {}
     for path, module in model.named_modules():
         for local, param in module._parameters.items():
-            if param is None:
+            if param is None or not param.requires_grad:
+                continue
+            if id(param) in seen:
+                owners[seen[id(param)]].append((path, local))
+                modules[path] = module
                 continue
             name = f"{path}.{local}" if path else local
-            if id(param) in seen:
-                raise CaptureError(
-                    f"parameter {name!r} is the same tensor as {seen[id(param)]!r} (tied weights); "
-                    "capture needs each parameter owned by one module"
-                )
             seen[id(param)] = name
-            if param.requires_grad:
-                params[name], owner[name] = param, (path, local)
-                modules[path] = module
-    return Plan(params, owner, modules)
+            params[name], owner[name], owners[name] = param, (path, local), [(path, local)]
+            modules[path] = module
+    return Plan(params, owner, modules, owners)
 
 
 @dataclass
@@ -120,10 +123,21 @@ class CaptureResult:
         return getattr(self, quantity)
 
 
+def first_input(inputs):
+    """The tensor whose first axis counts the examples: ``inputs``, its first item, or its first
+    tensor value (a dict of keyword inputs such as ``{"input_ids": ..., "attention_mask": ...}``)."""
+    if isinstance(inputs, dict):
+        return next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+    if isinstance(inputs, (tuple, list)):
+        return inputs[0] if inputs else None
+    return inputs
+
+
 def _batch_size(inputs, targets) -> int:
-    first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+    first = first_input(inputs)
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
-        raise CaptureError("inputs must be a tensor (or tuple of tensors) with the example axis first")
+        raise CaptureError("inputs must be a tensor (or tuple of tensors) with the example axis first, "
+                           "or a dict of keyword inputs")
     m = first.shape[0]
     if m == 0:
         raise CaptureError("capture needs at least one example; got an empty batch")
@@ -153,14 +167,14 @@ def _first_line(err: BaseException) -> str:
 def _described(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"shape {tuple(value.shape)}, {value.dtype}"
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, (tuple, list, dict)):
         return f"a {type(value).__name__} of {len(value)}"
     return type(value).__name__
 
 
 def _input_error(name: str, inputs, pl: Plan, err: BaseException) -> CaptureError:
     """The one-line error for inputs the model's forward pass refused, with the likely fix."""
-    first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
+    first = first_input(inputs)
     dtypes = {p.dtype for p in pl.params.values() if p.is_floating_point()}
     want = dtypes.pop() if len(dtypes) == 1 else None
     if isinstance(first, torch.Tensor) and want is not None and first.dtype != want:
@@ -198,10 +212,12 @@ def _check_losses(losses, m: int) -> None:
 
 
 def call_model(model: nn.Module, inputs, pl: Plan, name: str = "inputs", *, described=None):
-    """``model(inputs)`` (a tuple is unpacked); a refused input becomes a one-line CaptureError
-    naming ``name`` and describing ``described`` (default ``inputs``; e.g. the whole argument when
-    ``inputs`` is a slice of it)."""
+    """``model(inputs)`` (a tuple is unpacked, a dict passed as keyword arguments); a refused input
+    becomes a one-line CaptureError naming ``name`` and describing ``described`` (default
+    ``inputs``; e.g. the whole argument when ``inputs`` is a slice of it)."""
     try:
+        if isinstance(inputs, dict):
+            return model(**inputs)
         return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
     except _CALL_ERRORS as err:
         if isinstance(err, (GradstoreError, torch.OutOfMemoryError)):
@@ -245,28 +261,14 @@ def _check_dot_with(dot_with, pl: Plan):
     return dot_with
 
 
-def _module_factors(path, module, uses, locals_, m):
-    """Factors of ``module``'s trainable parameters (local names ``locals_``), merged over uses."""
-    rule = lookup_rule(type(module))
-    if rule is None:
-        warn_fallback(path, module)
-    merged: dict = {}
-    for use in uses:
-        if use.grad_output is None:  # this use does not reach the loss: contributes nothing
-            continue
-        if use.grad_output.shape[0] != m:
-            raise CaptureError(
-                f"module {path!r} saw a batch of {use.grad_output.shape[0]} rows, not the {m} examples; "
-                "every layer with parameters needs the example axis first"
-            )
-        if rule is None:
-            factors = fallback_rule(module, {k: module._parameters[k] for k in locals_}, use)
-        else:
-            factors = rule(module, use.inputs, use.grad_output)
-        for local in locals_:
-            if local in factors:
-                merged[local] = factors[local] if local not in merged else merged[local].merge(factors[local])
-    return merged
+def _tensors(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
 
 
 def capture(
@@ -282,6 +284,7 @@ def capture(
     dot_with=None,
     grad_sum: bool = False,
     grads: bool = False,
+    verify: bool = False,
 ) -> CaptureResult:
     """Per-example gradient quantities of ``model`` on m examples from ONE forward+backward pass.
 
@@ -290,12 +293,16 @@ def capture(
     model : nn.Module
         Run in eval mode for the pass (BatchNorm uses running statistics); modes, RNG state,
         parameters and ``.grad`` are left as they were. Frozen parameters are skipped; a model
-        with no trainable parameter is refused.
+        with no trainable parameter is refused. Its output may be any structure (tensor, tuple,
+        dict, Hugging Face ``ModelOutput``); ``loss_fn`` receives it as is.
     loss_fn : callable
         ``loss_fn(outputs, targets)`` returning per-example losses of shape (m,)
-        (``reduction='none'``); the engine differentiates their sum.
-    inputs : Tensor or tuple of Tensor
-        Model inputs, example axis first (a tuple is unpacked into ``model(*inputs)``).
+        (``reduction='none'``; a sequence model's per-token losses summed or averaged per
+        sequence: the example is the sequence); the engine differentiates their sum.
+    inputs : Tensor, tuple of Tensor or dict
+        Model inputs, example axis first: a tuple is unpacked into ``model(*inputs)``, a dict
+        passed as keyword arguments (``model(**inputs)``: ``input_ids``, ``attention_mask``,
+        ``position_ids``). The examples are counted on the first tensor.
     targets : object
         Passed to ``loss_fn``.
     sq_norms : bool
@@ -312,6 +319,10 @@ def capture(
         Σ_n g_n per parameter.
     grads : bool
         Materialize g_n, (m, *shape) per parameter: the slow reference path.
+    verify : bool
+        Self-check (:mod:`gradstore.capture.verify`): compare each parameter's Σ_n g_n from the
+        factors, and one example's g_n, with autograd's; raise CaptureError naming the parameter
+        on a mismatch. Costs two more backward passes.
 
     Returns
     -------
@@ -321,10 +332,9 @@ def capture(
     ------
     CaptureError
         Inputs the model cannot take, targets ``loss_fn`` cannot take, losses that are not (m,) or
-        carry no gradient, a model without trainable parameters, or a trainable parameter used
-        outside the forward of the module that owns it (functional weight tying, a child's weight
-        used by a parent, a parameter in ``loss_fn``; :mod:`gradstore.capture.uses`), which the
-        engine would otherwise miss (one line each).
+        carry no gradient, a model without trainable parameters, or a use of a trainable parameter
+        whose per-example gradients cannot be recovered exactly (:mod:`gradstore.capture.sources`;
+        one line each, naming the parameter, the operation and the fix).
     """
     m = _batch_size(inputs, targets)
     pl = plan(model)
@@ -334,34 +344,55 @@ def capture(
     if isinstance(projection, int):
         projection = Projection(projection)
     names = list(pl.params)
-    with preserved_run(model), torch.enable_grad(), Tap(pl.modules) as tap:
+    rule_paths = {path for path, module in pl.modules.items() if lookup_rule(type(module)) is not None}
+    with preserved_run(model), torch.enable_grad():
         model.eval()
-        # every use of a trainable parameter in the model's forward and in loss_fn is one the engine
-        # accounts for (its owner's rule or the fallback), or capture refuses here (gradstore.capture.uses)
-        fallback = {path for path, module in pl.modules.items() if lookup_rule(type(module)) is None}
-        with UseCheck(model, pl.params, pl.owner, fallback) if CHECK_USES else nullcontext():
-            outputs = call_model(model, inputs, pl)
-            losses = call_loss(loss_fn, outputs, targets, m)
-        result = CaptureResult(m, losses.detach(), _detach(outputs), pl.layer_of)
-        by_module: dict[str, list[str]] = {}
-        for name in names:
-            by_module.setdefault(pl.owner[name][0], []).append(name)
-        needs_total = grad_sum or dot_with == "sum"
-        sums: dict[str, torch.Tensor] = {}
-        finished: set[str] = set()
+        tracker = UseTracker(model, pl.params, pl.owners, rule_paths, m, data=_tensors(inputs))
+        with Tap(pl.modules, tracker) as tap:
+            with tracker:
+                outputs = call_model(model, inputs, pl)
+                losses = call_loss(loss_fn, outputs, targets, m)
+            tracker.recording = tap.recording = False  # fallbacks re-run modules: record nothing more
+            sources = assign(pl, tap, tracker, rule_paths, m)
+            result = CaptureResult(m, losses.detach(), _detach(outputs), pl.layer_of)
+            needs_total = grad_sum or dot_with == "sum"
+            factors: dict[str, object] = {}
+            module_cache: dict = {}
+            op_cache: dict = {}
 
-        def finish(path: str) -> None:
-            """Factors of one module -> its parameters' quantities; its recorded uses are released."""
-            finished.add(path)
-            module_names = by_module[path]
-            locals_ = [pl.owner[n][1] for n in module_names]
-            factors = _module_factors(path, pl.modules[path], tap.uses[path], locals_, m)
-            tap.release(path)
-            for name in module_names:
+            def add(name, factor):
+                if factor is not None:
+                    factors[name] = factor if name not in factors else merge(factors[name], factor)
+
+            def collect(name: str) -> None:
+                """Every use's factor of parameter ``name``, merged."""
+                src = sources[name]
+                for path, local in src.modules:
+                    module = pl.modules[path]
+                    for use in tap.uses[path]:
+                        if id(use) not in module_cache:
+                            module_cache[id(use)] = module_factors(path, module, use, m)
+                        add(name, module_cache[id(use)].get(local))
+                if src.fallback is not None:
+                    path, local = src.fallback
+                    add(name, module_fallback_factors(path, pl.modules[path], local, tap.uses[path], m))
+                for use in src.ops:
+                    if id(use) not in op_cache:
+                        op_cache[id(use)] = op_factors(use, m, pl.params, pl.owners, pl.modules)
+                    for i, factor in op_cache[id(use)].items():
+                        if use.views[i][0] == name:
+                            add(name, factor)
+
+            sums: dict[str, torch.Tensor] = {}
+            done: set[str] = set()
+
+            def finish(name: str) -> None:
+                done.add(name)
+                collect(name)
                 param = pl.params[name]
-                factor = factors.get(pl.owner[name][1])
+                factor = factors.get(name)
                 if factor is None:  # parameter did not influence the loss
-                    factor = Dense(param.new_zeros((m, *param.shape)))
+                    factor = factors[name] = Dense(param.new_zeros((m, *param.shape)))
                 total = None
                 if needs_total:
                     total = sums[name] if name in sums else factor.sum()
@@ -370,56 +401,91 @@ def capture(
                 vector = total if dot_with == "sum" else (dot_with or {}).get(name)
                 _quantities(result, name, param, factor, sq_norms=sq_norms, coords=coords,
                             projection=projection, gram=gram, vector=vector, grads=grads)
+                if not verify:
+                    del factors[name]
 
-        # A module used once and covered by a rule is finished inside the backward pass, as soon as
-        # its output gradient arrives; its input and output gradient are released then, as autograd
-        # releases its own, so the pass holds about one layer's extra tensors, not every layer's.
-        # (Needing Σ g from autograd -- an output rewritten in place -- or several uses defers it.)
-        early = {
-            path for path, uses in tap.uses.items()
-            if len(uses) == 1 and lookup_rule(type(pl.modules[path])) is not None
-            and (uses[0].intact or not needs_total)
-        }
-        tap.on_grad = lambda path: finish(path) if path in early and path not in finished else None
-        sums.update(_backward(losses.sum(), tap, pl, names))
-        tap.recording, tap.on_grad = False, None
-        for path in by_module:
-            if path not in finished:
-                finish(path)
-        for quantity in ("sq_norms", "coords", "proj", "gram", "dots", "grad_sum", "grads"):
-            values = getattr(result, quantity)  # in the parameters' order, whatever order they came in
-            setattr(result, quantity, {name: values[name] for name in names if name in values})
+            # A module used once, covered by a rule, owning parameters used nowhere else, is finished
+            # inside the backward pass as soon as its output gradient arrives; its input and output
+            # gradient are released then, as autograd releases its own, so the pass holds about one
+            # layer's extra tensors, not every layer's. (Needing Σ g from autograd -- an output
+            # rewritten in place -- several uses, an op use or verify defers it.)
+            by_path: dict[str, list[str]] = {}
+            for name in names:
+                src = sources[name]
+                if len(src.modules) == 1 and not src.ops and src.fallback is None and len(pl.owners[name]) == 1:
+                    by_path.setdefault(src.modules[0][0], []).append(name)
+                else:
+                    by_path.setdefault(None, []).append(name)
+            early = {
+                path for path, owned in by_path.items()
+                if path is not None and not verify and len(tap.uses[path]) == 1 and tap.uses[path][0].single
+                and tap.uses[path][0].batched and (tap.uses[path][0].intact or not needs_total)
+                and len(owned) == sum(1 for n in names if any(p == path for p, _ in pl.owners[n]))
+            }
+
+            finished_paths: set[str] = set()
+
+            def on_grad(path: str) -> None:
+                if path in early and path not in finished_paths:
+                    finished_paths.add(path)
+                    for name in by_path[path]:
+                        finish(name)
+                    tap.release(path)
+
+            tap.on_grad = on_grad
+            sums.update(_backward(losses.sum(), tap.uses, tracker.uses, sources, pl, names, retain=verify))
+            tap.on_grad = None
+            for name in names:
+                if name not in done:
+                    finish(name)
+            if verify:
+                from gradstore.capture.verify import check
+
+                tap.muted = tracker.muted = True
+                check(losses, pl.params, factors, m)
+            for quantity in ("sq_norms", "coords", "proj", "gram", "dots", "grad_sum", "grads"):
+                values = getattr(result, quantity)  # in the parameters' order, whatever order they came in
+                setattr(result, quantity, {name: values[name] for name in names if name in values})
     return result
 
 
-def _backward(loss, tap: Tap, pl: Plan, names: list[str]) -> dict[str, torch.Tensor]:
+def _backward(loss, module_uses: dict, op_uses: list, sources: dict, pl: Plan, names: list[str],
+              retain: bool = False):
     """Run the backward pass; return Σ_n g_n of the parameters it had to form.
 
-    A module whose every use returned an output that is still intact (no in-place op rewrote it)
-    gets its Σ_n g_n from its factors (``factor.sum()``, the product autograd would do), so autograd
-    is not asked for its parameters and never forms their weight gradients -- a grouped per-example
-    convolution then replaces that work instead of adding to it. Other modules' parameters are
-    asked for. Every recorded output's tensor hook must still fire: it does when autograd runs the
-    node that made the output, i.e. when something asked for lies below that node. Only for the
-    outputs with nothing asked below them (typically the first layer's) is autograd asked for the
-    output gradient itself, which it then holds until the pass ends (asking for every output held
-    every layer's output gradient: +26% peak memory on cnn-bn, m = 4000).
+    A parameter all of whose uses returned outputs that are still intact (no in-place op rewrote
+    them) gets its Σ_n g_n from its factors (``factor.sum()``, the product autograd would do), so
+    autograd is not asked for it and never forms its weight gradient -- a grouped per-example
+    convolution then replaces that work instead of adding to it. Other parameters are asked for.
+    Every recorded output's tensor hook must still fire: it does when autograd runs the node that
+    made the output, i.e. when something asked for lies below that node. Only for the outputs with
+    nothing asked below them (typically the first layer's, or a batch-constant use's expanded
+    outputs) is autograd asked for the output gradient itself, which it then holds until the pass
+    ends (asking for every output held every layer's output gradient: +26% peak memory on cnn-bn,
+    m = 4000).
     """
-    via_factors = {path for path, uses in tap.uses.items() if uses and all(u.intact for u in uses)}
-    asked = [n for n in names if pl.owner[n][0] not in via_factors]
-    outputs = {u.output.grad_fn for uses in tap.uses.values() for u in uses
-               if u.output is not None and u.output.grad_fn is not None}
+    def uses_of(name):
+        src = sources[name]
+        out = [u for path, _ in src.modules for u in module_uses[path]] + list(src.ops)
+        if src.fallback is not None:
+            out += module_uses[src.fallback[0]]
+        return out
+
+    records = [u for uses in module_uses.values() for u in uses] + list(op_uses)
+    asked = [n for n in names if not uses_of(n) or not all(u.intact for u in uses_of(n))]
+    leaves = [leaf for r in records for leaf in r.leaves if leaf is not None]
+    outputs = {leaf.grad_fn for leaf in leaves if leaf.grad_fn is not None}
     below: dict = {}
     asked_ids = {id(pl.params[n]) for n in asked}
-    frontier = [path for path in via_factors
-                if any(u.output.grad_fn is None or not _reaches(u.output.grad_fn, below, outputs, asked_ids)
-                       for u in tap.uses[path])]
-    captured = [u.output for path in frontier for u in tap.uses[path]]
-    for uses in tap.uses.values():
-        for use in uses:
-            use.output = None  # the graph keeps what backward needs
+    captured = []
+    for leaf in leaves:
+        if leaf.grad_fn is None or not _reaches(leaf.grad_fn, below, outputs, asked_ids):
+            if not any(leaf is c for c in captured):
+                captured.append(leaf)
     wanted = [pl.params[n] for n in asked] + captured
-    grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else []
+    grads = torch.autograd.grad(loss, wanted, allow_unused=True, retain_graph=retain) if wanted else []
+    for record in records:
+        record.leaves = [None] * len(record.leaves)  # the graph keeps what backward needs
     return {
         name: torch.zeros_like(pl.params[name]) if g is None else (g.to_dense() if g.is_sparse else g)
         for name, g in zip(asked, grads)
@@ -466,11 +532,7 @@ def _quantities(result, name, param, factor, *, sq_norms, coords, projection, gr
 
 
 def _detach(outputs):
-    if isinstance(outputs, torch.Tensor):
-        return outputs.detach()
-    if isinstance(outputs, (tuple, list)):
-        return type(outputs)(_detach(o) for o in outputs)
-    return outputs
+    return tree_map(lambda o: o.detach() if isinstance(o, torch.Tensor) else o, outputs)
 
 
 def per_example_sq_norms(model, loss_fn, inputs, targets) -> dict[str, torch.Tensor]:

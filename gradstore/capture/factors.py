@@ -14,7 +14,11 @@ A rule describes the per-example gradients g_n of one parameter in one of two fo
   a (n,t,1,i); for ``nn.Conv2d`` R is the unfolded input patch. ``L`` may be a :class:`OneHot`
   (``nn.Embedding``: the row is the looked-up index).
 
-Quantities are methods of the two factor classes (``sum``, ``sq_norms``, ``gram``, ``dots``,
+A parameter used several times (a module called twice, tied weights, functional uses) gets the
+:func:`merge` of its uses' factors: one factor when the forms agree, else a :class:`Sum` whose
+quantities include the exact cross terms between uses.
+
+Quantities are methods of the factor classes (``sum``, ``sq_norms``, ``gram``, ``dots``,
 ``coords``, ``project``, ``materialize``); adding a quantity touches this file only, adding a layer only a rule.
 """
 
@@ -130,10 +134,8 @@ class Dense:
         return self.g.reshape(self.g.shape[0], -1)
 
     def merge(self, other):
-        """The factor of g + g' (a module used twice)."""
-        if isinstance(other, Dense):
-            return Dense(self.g + other.g)
-        return Dense(self.g + other.materialize())
+        """The factor of g + g' (a parameter used twice): see :func:`merge`."""
+        return merge(self, other)
 
     def materialize(self) -> torch.Tensor:
         """(n, *shape) per-example gradients."""
@@ -193,12 +195,9 @@ class Outer:
         return t == 1 or t * (r + c) < r * c
 
     def merge(self, other):
-        """The factor of g + g' (a module used twice): concatenate positions when the forms agree."""
-        if isinstance(other, Outer):
-            left = _cat_sides(self.left, other.left)
-            if left is not None and self.right.shape[2:] == other.right.shape[2:]:
-                return Outer(left, torch.cat([self.right, other.right], 1), self.shape)
-        return Dense(self.materialize() + other.materialize())
+        """The factor of g + g' (a parameter used twice): positions concatenated when the forms
+        agree, else a :class:`Sum` with exact cross terms (see :func:`merge`)."""
+        return merge(self, other)
 
     def materialize(self, rows: slice = slice(None)) -> torch.Tensor:
         """(n, *shape) per-example gradients (optionally of examples ``rows`` only)."""
@@ -279,3 +278,196 @@ class Outer:
         lu = _apply(self.left, u.reshape(k, h, r).permute(1, 2, 0))  # (n, t, h, k)
         rv = self.right @ v.T  # (n, t, h, k)
         return (lu * rv).sum((1, 2))
+
+
+# ---- sums of factors of different kinds (a parameter with several uses) ------------------------
+
+
+def _pair_inner_same(a, b, dtype) -> torch.Tensor:
+    """(n, h, t, s): side ``a`` at position t · side ``b`` at position s, within each example.
+
+    One-hot sides never form a one-hot vector: against a dense side the product is a gather of the
+    dense side at the looked-up index (δ_s[x_t]), against another one-hot side an index equality.
+    """
+    if isinstance(a, OneHot) and isinstance(b, OneHot):
+        return (a.index[:, :, None] == b.index[:, None, :]).unsqueeze(1).to(dtype)
+    if isinstance(a, OneHot):  # out[n, t, s] = b[n, s, 0, x[n, t]]
+        dense = b[:, :, 0, :].transpose(1, 2)  # (n, V, s)
+        index = a.index[:, :, None].expand(-1, -1, dense.shape[2])
+        return torch.gather(dense, 1, index).unsqueeze(1)
+    if isinstance(b, OneHot):
+        return _pair_inner_same(b, a, dtype).transpose(2, 3)
+    return torch.einsum("ntgd,nsgd->ngts", a, b)
+
+
+def _pair_inner_cross(a, b, dtype) -> torch.Tensor:
+    """(n, m, h, t, s): side ``a`` of example n at t · side ``b`` of example m at s."""
+    if isinstance(a, OneHot) and isinstance(b, OneHot):
+        return (a.index[:, None, :, None] == b.index[None, :, None, :]).unsqueeze(2).to(dtype)
+    if isinstance(a, OneHot):  # out[n, m, t, s] = b[m, s, 0, x[n, t]]
+        dense = b[:, :, 0, :].permute(2, 0, 1)  # (V, m, s)
+        return dense[a.index].permute(0, 2, 1, 3).unsqueeze(2)  # (n, t, m, s) -> (n, m, 1, t, s)
+    if isinstance(b, OneHot):
+        return _pair_inner_cross(b, a, dtype).permute(1, 0, 2, 4, 3)
+    return torch.einsum("ntgd,msgd->nmgts", a, b)
+
+
+def _apply_each(side, g: torch.Tensor) -> torch.Tensor:
+    """(n, t, h, c) = sum_r side[n, t, h, r] * g[n, h, r, c] (a different matrix per example)."""
+    if isinstance(side, OneHot):  # rows of g_n at the looked-up indices
+        rows = g[:, 0]  # (n, V, c)
+        index = side.index[:, :, None].expand(-1, -1, rows.shape[2])
+        return torch.gather(rows, 1, index).unsqueeze(2)
+    return torch.einsum("ntgr,ngrc->ntgc", side, g)
+
+
+def _same_layout(a: Outer, b: Outer) -> bool:
+    return a.right.shape[2:] == b.right.shape[2:] and _side_dim(a.left) == _side_dim(b.left)
+
+
+def _rows_of(side, rows: slice):
+    return OneHot(side.index[rows], side.size) if isinstance(side, OneHot) else side[rows]
+
+
+def _outer_pair_dot(a: Outer, b: Outer) -> torch.Tensor:
+    """(n,) g^a_n · g^b_n = sum_{t,s} (L^a_t · L^b_s)(R^a_t · R^b_s), or through materializing."""
+    ta, h, r, c = a._dims
+    tb = b.right.shape[1]
+    dtype = a.right.dtype
+    out = []
+    if ta * tb * (r + c) < (ta + tb) * r * c:
+        for rows in _blocks(a.n, h * ta * tb):
+            ll = _pair_inner_same(_rows_of(a.left, rows), _rows_of(b.left, rows), dtype)
+            rr = _pair_inner_same(a.right[rows], b.right[rows], dtype)
+            out.append((ll * rr).sum((1, 2, 3)))
+    else:
+        for rows in _blocks(a.n, 2 * h * r * c):
+            out.append((a.materialize(rows).flatten(1) * b.materialize(rows).flatten(1)).sum(1))
+    return torch.cat(out) if out else a.right.new_zeros(0)
+
+
+def _pair_dot(a, b) -> torch.Tensor:
+    """(n,) g^a_n · g^b_n for two factors of the same parameter (the cross term of ||g^a + g^b||²)."""
+    if isinstance(a, Outer) and isinstance(b, Outer) and _same_layout(a, b):
+        return _outer_pair_dot(a, b)
+    if isinstance(a, Dense) and isinstance(b, Outer):
+        a, b = b, a
+    if isinstance(a, Outer) and isinstance(b, Dense):
+        _, h, r, c = a._dims
+        g = b.g.reshape(b.n, h, r, c).to(a.right.dtype)
+        return (_apply_each(a.left, g) * a.right).sum((1, 2, 3))
+    return (a.materialize().flatten(1) * b.materialize().flatten(1)).sum(1)
+
+
+def _pair_gram(a, b) -> torch.Tensor:
+    """(n, m) g^a_n · g^b_m for two factors of the same parameter."""
+    if isinstance(a, Outer) and isinstance(b, Outer) and _same_layout(a, b):
+        ta, h, r, c = a._dims
+        tb = b.right.shape[1]
+        if ta * tb * (r + c) < (ta + tb) * r * c:
+            dtype = a.right.dtype
+            out = []
+            for rows in _blocks(a.n, b.n * h * ta * tb):
+                ll = _pair_inner_cross(_rows_of(a.left, rows), b.left, dtype)
+                rr = _pair_inner_cross(a.right[rows], b.right, dtype)
+                out.append((ll * rr).sum((2, 3, 4)))
+            return torch.cat(out)
+    return a.materialize().flatten(1) @ b.materialize().flatten(1).T
+
+
+def merge(a, b):
+    """The factor of g^a + g^b (two uses of one parameter), exact whatever the two forms.
+
+    Same forms combine into one factor (Dense: added; Outer of one layout and side kind: positions
+    concatenated); different forms become a :class:`Sum`, whose quantities include the cross terms.
+    """
+    if isinstance(a, Sum) or isinstance(b, Sum):
+        items = list(a.items) if isinstance(a, Sum) else [a]
+        for item in (b.items if isinstance(b, Sum) else (b,)):
+            for i, existing in enumerate(items):
+                combined = _combine(existing, item)
+                if combined is not None:
+                    items[i] = combined
+                    break
+            else:
+                items.append(item)
+        return items[0] if len(items) == 1 else Sum(tuple(items))
+    combined = _combine(a, b)
+    return combined if combined is not None else Sum((a, b))
+
+
+def _combine(a, b):
+    """One factor of the same form for g^a + g^b, or None when the forms differ."""
+    if isinstance(a, Dense) and isinstance(b, Dense):
+        return Dense(a.g + b.g)
+    if isinstance(a, Outer) and isinstance(b, Outer) and a.right.shape[2:] == b.right.shape[2:]:
+        left = _cat_sides(a.left, b.left)
+        if left is not None:
+            return Outer(left, torch.cat([a.right, b.right], 1), a.shape)
+    return None
+
+
+@dataclass(frozen=True)
+class Sum:
+    """Per-example gradients ``g_n = sum_i g^i_n`` of one parameter used in several ways.
+
+    ``items`` are :class:`Dense` / :class:`Outer` factors of the same parameter (e.g. a tied LM's
+    embedding lookup, an Outer with a :class:`OneHot` side, and its output projection, a dense
+    Outer). Linear quantities add over the items; ||g_n||² and the Gram block add the cross terms
+    g^i · g^j (i ≠ j), each in closed form where the forms allow: one-hot against dense sides is
+    a gather, sum_{t,s} δ_s[x_t] (e_t · h_s), O(T²d) per example, no V × d matrix.
+    """
+
+    items: tuple
+
+    @property
+    def n(self) -> int:
+        return self.items[0].n
+
+    @property
+    def shape(self):
+        first = self.items[0]
+        return tuple(first.shape) if isinstance(first, Outer) else tuple(first.g.shape[1:])
+
+    def merge(self, other):
+        return merge(self, other)
+
+    def materialize(self) -> torch.Tensor:
+        out = self.items[0].materialize()
+        for item in self.items[1:]:
+            out = out + item.materialize()
+        return out
+
+    def sum(self) -> torch.Tensor:
+        out = self.items[0].sum()
+        for item in self.items[1:]:
+            out = out + item.sum()
+        return out
+
+    def sq_norms(self) -> torch.Tensor:
+        out = self.items[0].sq_norms()
+        for i, a in enumerate(self.items):
+            if i:
+                out = out + a.sq_norms()
+            for b in self.items[i + 1:]:
+                out = out + 2 * _pair_dot(a, b)
+        return out
+
+    def gram(self) -> torch.Tensor:
+        out = self.items[0].gram()
+        for i, a in enumerate(self.items):
+            if i:
+                out = out + a.gram()
+            for b in self.items[i + 1:]:
+                cross = _pair_gram(a, b)
+                out = out + cross + cross.T
+        return out
+
+    def dots(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.stack([item.dots(v) for item in self.items]).sum(0)
+
+    def coords(self, flat_index: torch.Tensor) -> torch.Tensor:
+        return torch.stack([item.coords(flat_index) for item in self.items]).sum(0)
+
+    def project(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.stack([item.project(u, v) for item in self.items]).sum(0)

@@ -1,52 +1,99 @@
-"""Hook lifecycle: record every use of the observed modules during one forward+backward pass.
+"""Hook lifecycle: record every call of the observed modules during one forward+backward pass.
 
 :class:`Tap` is a context manager owning every hook handle; it stores what it records in its own
 ``uses`` dict (nothing is attached to modules or parameters) and removes all hooks on exit.
+
+A module's output may be any structure (tuple, list, dict, Hugging Face ``ModelOutput``): it is
+flattened with ``torch.utils._pytree.tree_flatten`` and each tensor leaf gets a gradient hook. A
+rule then receives ``grad_output`` as a tensor for a single-tensor output, else as a tuple with one
+entry per tensor leaf in flatten order (None where no gradient reached that leaf).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from gradstore.errors import CaptureError
 
 
-@dataclass
-class Use:
-    """One call of a module: its (detached) positional inputs, keyword inputs and output gradient.
+def detached(value):
+    """Tensors detached, nested tuples and lists (an LSTM's (h0, c0)) too, a PackedSequence as is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if type(value).__name__ == "PackedSequence":
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: detached(v) for k, v in value.items()}
+    return value
 
-    ``output`` is the output tensor itself until the backward pass (then dropped) and ``version``
-    its version counter when the module returned it: a later in-place op (``ReLU(inplace=True)``)
-    bumps the counter, and :attr:`intact` is then False.
+
+@dataclass(eq=False)
+class Use:
+    """One call of a module: its (detached) positional inputs, keyword inputs and output gradients.
+
+    ``leaves`` are the output's tensor leaves until the backward pass (then dropped), ``versions``
+    their version counters when the module returned them: a later in-place op
+    (``ReLU(inplace=True)``) bumps a counter, and :attr:`intact` is then False. ``single``: the
+    output was one tensor. ``axis``: where the example axis of the call's tensors lies (1 inside a
+    ``batch_first=False`` transformer). ``batched``: some input carried example data.
     """
 
     inputs: tuple
     kwargs: dict
-    grad_output: torch.Tensor | None = None
-    output: torch.Tensor | None = None
-    version: int = 0
+    grads: list = field(default_factory=list)
+    leaves: list = field(default_factory=list)
+    versions: list = field(default_factory=list)
+    single: bool = True
+    axis: int = 0
+    batched: bool = True
+    expanded: object = None
+
+    @property
+    def grad_output(self):
+        """The rule's ``grad_output``: a tensor (single-tensor output) or a tuple per tensor leaf."""
+        if self.single:
+            return self.grads[0] if self.grads else None
+        return tuple(self.grads)
+
+    @property
+    def reached(self) -> bool:
+        return any(g is not None for g in self.grads)
 
     @property
     def intact(self) -> bool:
-        """The output tensor still holds what the module returned (no in-place op since)."""
-        return self.output is not None and self.output._version == self.version
+        """Every output tensor still holds what the module returned (no in-place op since)."""
+        return bool(self.leaves) and all(
+            leaf is not None and leaf._version == v for leaf, v in zip(self.leaves, self.versions))
+
+    @property
+    def output(self):
+        """The first output tensor (None after the backward pass)."""
+        return self.leaves[0] if self.leaves else None
 
 
 class Tap:
-    """Record inputs and output gradients of ``modules`` (qualified name -> module) per use.
+    """Record inputs and output gradients of ``modules`` (qualified name -> module) per call.
 
     Set ``recording = False`` to make the hooks inert (e.g. while a fallback re-runs a module).
+    ``tracker`` (a :class:`~gradstore.capture.uses.UseTracker`, optional) tells the example axis and
+    whether an input carries example data.
     """
 
-    def __init__(self, modules: dict[str, nn.Module]):
+    def __init__(self, modules: dict[str, nn.Module], tracker=None):
         self.modules = modules
+        self.tracker = tracker
         self.uses: dict[str, list[Use]] = {name: [] for name in modules}
         self.recording = True
-        #: called with a module's name when one of its uses receives its output gradient
+        #: hooks ignore gradients (the self-check's extra backward passes)
+        self.muted = False
+        #: called with a module's name when one of its uses receives an output gradient
         self.on_grad = None
         self._handles: list = []
 
@@ -64,28 +111,46 @@ class Tap:
     def _on_forward(self, name, module, args, kwargs, output):
         if not self.recording:
             return None
-        if not isinstance(output, torch.Tensor):
-            raise CaptureError(
-                f"module {name!r} ({type(module).__name__}) returns {type(output).__name__}, not one "
-                "tensor; capture needs a module with parameters to return a single tensor"
-            )
-        if not output.requires_grad:
+        leaves = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
+        leaves = [leaf if isinstance(leaf, torch.Tensor) and leaf.requires_grad else None
+                  for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        if not any(leaf is not None for leaf in leaves):
             return None
-        use = Use(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs),
-                  output=output, version=output._version)
+        tracker = self.tracker
+        use = Use(detached(tuple(args)), detached(dict(kwargs)), grads=[None] * len(leaves), leaves=leaves,
+                  versions=[leaf._version if leaf is not None else 0 for leaf in leaves],
+                  single=isinstance(output, torch.Tensor),
+                  axis=tracker.axis if tracker is not None else 0,
+                  batched=tracker.is_data((args, kwargs)) if tracker is not None else True)
         self.uses[name].append(use)
         # A tensor hook registered now sees the gradient w.r.t. this value even if a later
         # in-place op (e.g. ReLU(inplace=True)) rewrites the tensor.
-        output.register_hook(partial(self._on_grad, name, use))
+        for i, leaf in enumerate(leaves):
+            if leaf is not None:
+                leaf.register_hook(partial(self._on_grad, name, use, i))
+        if tracker is not None and not use.batched and use.single:
+            tracker.watch_constant(output, use)
         return None
 
     def release(self, name: str) -> None:
         """Forget the recorded tensors of module ``name`` (the graph's hooks still hold each Use)."""
         for use in self.uses[name]:
-            use.inputs, use.kwargs, use.grad_output, use.output = (), {}, None, None
+            use.inputs, use.kwargs, use.grads, use.leaves = (), {}, [], []
         self.uses[name] = []
 
-    def _on_grad(self, name: str, use: Use, grad: torch.Tensor) -> None:
-        use.grad_output = grad if use.grad_output is None else use.grad_output + grad
+    def _on_grad(self, name: str, use: Use, i: int, grad: torch.Tensor) -> None:
+        if self.muted:
+            return
+        use.grads[i] = grad if use.grads[i] is None else use.grads[i] + grad
         if self.on_grad is not None:
             self.on_grad(name)
+
+
+def check_rows(path: str, grad, m: int) -> None:
+    """A module rule needs its output gradient's first axis to be the m examples."""
+    first = grad if isinstance(grad, torch.Tensor) else next((g for g in grad if g is not None), None)
+    if first is not None and (first.dim() == 0 or first.shape[0] != m):
+        raise CaptureError(
+            f"module {path!r} saw a batch of {first.shape[0] if first.dim() else 0} rows, not the {m} examples; "
+            "every layer with parameters needs the example axis first"
+        )

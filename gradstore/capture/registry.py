@@ -12,6 +12,20 @@ for each of the module's own parameters (local names such as ``"weight"``), a fa
 that parameter's per-example gradients. Quantities (norms, Gram blocks, projections, ...) are
 computed from factors elsewhere, so a rule never deals with them.
 
+A rule registered with ``kwargs=True`` is called as ``rule(module, inputs, grad_output, kwargs)``
+with the keyword arguments of the call (tensors detached); the 3-argument form stays the default.
+
+For a module whose output is not a single tensor (a tuple, list, dict or ``ModelOutput``), the
+output is flattened with ``torch.utils._pytree.tree_flatten`` and ``grad_output`` is a TUPLE with
+one entry per tensor leaf in flatten order: the gradient of the summed loss with respect to that
+leaf, or None where no gradient reached it. ``inputs`` are the positional arguments, tensors
+detached (nested tuples such as an LSTM's ``(h0, c0)`` too; a ``PackedSequence`` passed as is),
+examples first (inside a ``batch_first=False`` transformer the engine moves them first; an RNN's
+own ``batch_first=False`` is the rule's to handle).
+
+A rule covers the uses of its module's parameters inside that module's own ``forward`` (with no
+child module running); any other use of them is captured per operation (:mod:`gradstore.capture.ops`).
+
 Lookup policy (:func:`lookup_rule`): the rule registered for the module's exact type wins;
 otherwise the type's method resolution order is walked and the first registered base class's rule
 is used (so a subclass of ``nn.Linear`` that does not change the math needs nothing). A module
@@ -35,9 +49,15 @@ from gradstore.errors import CaptureError
 Rule = Callable  # (module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> dict[str, Factor]
 
 _RULES: dict[type, Rule] = {}
+_WANTS_KWARGS: set[int] = set()
 
 
-def register_rule(*module_types: type, overwrite: bool = False) -> Callable[[Rule], Rule]:
+def wants_kwargs(rule: Rule) -> bool:
+    """Whether ``rule`` was registered with ``kwargs=True`` (called with the call's keyword arguments)."""
+    return id(rule) in _WANTS_KWARGS
+
+
+def register_rule(*module_types: type, overwrite: bool = False, kwargs: bool = False) -> Callable[[Rule], Rule]:
     """Decorator registering ``rule`` for each of ``module_types``.
 
     Parameters
@@ -46,6 +66,8 @@ def register_rule(*module_types: type, overwrite: bool = False) -> Callable[[Rul
         ``nn.Module`` subclasses the rule handles.
     overwrite : bool, default False
         Replace an existing registration instead of failing.
+    kwargs : bool, default False
+        Call the rule as ``rule(module, inputs, grad_output, kwargs)``.
 
     Raises
     ------
@@ -66,6 +88,8 @@ def register_rule(*module_types: type, overwrite: bool = False) -> Callable[[Rul
                 )
         for module_type in module_types:
             _RULES[module_type] = rule
+        if kwargs:
+            _WANTS_KWARGS.add(id(rule))
         return rule
 
     return decorate

@@ -1,56 +1,147 @@
-"""Exact or refused: find every use of a trainable parameter that the module-centric engine misses.
+"""Every use of every trainable parameter in the capture forward: :class:`UseTracker`.
 
-The engine attributes each trainable parameter to the module that owns it and sees only what that
-module's ``forward`` receives and returns. A parameter consumed anywhere else -- GPT-style tying
-``h @ self.emb.weight.T`` in a parent's forward, ``out_proj.weight`` used functionally inside
-``F.multi_head_attention_forward``, a penalty on a weight in ``loss_fn`` -- contributes to the loss
-gradient but to none of the factors, so its per-example numbers would be silently wrong.
+The engine is parameter-centric: it must know each use of each captured parameter, wherever it
+happens. :class:`UseTracker` is a :class:`torch.overrides.TorchFunctionMode` over the capture
+forward (model and ``loss_fn``), with a stack of running modules kept by forward pre/post hooks
+on every module. An operation that consumes a captured parameter (the tensor itself, or a view of
+it such as ``weight.T`` or ``in_proj_weight.split(...)[0]``) and returns a result autograd tracks
+is either
 
-:class:`UseCheck` watches the capture forward pass (model and loss) through a
-:class:`torch.overrides.TorchFunctionMode` and a stack of running modules kept by forward pre/post
-hooks on every module of the model. An operation that consumes a captured parameter (the tensor
-itself, or a view of it) and produces a result that autograd tracks is accounted for when
+- **covered by a module rule**: the innermost running module owns the parameter and has a rule
+  (:mod:`gradstore.capture.registry`); the module's recorded call (:class:`~gradstore.capture.hooks.Tap`)
+  gives its factors; or
+- **recorded as an op use** (:class:`OpUse`): the operation's arguments (detached) and a tensor
+  hook on its output that receives the output gradient. The engine turns it into factors by an op
+  rule (:mod:`gradstore.capture.ops`), the torch.func op fallback, or the fallback of the owning
+  module, and refuses in one line when none applies.
 
-- the parameter's owner has a rule and is the innermost running module (the rule's inputs and
-  output gradient are that forward's), or
-- the owner goes to the torch.func fallback and is running at any depth (the fallback re-runs the
-  owner's whole forward, its submodules included, with its own parameters as the variables).
+Operations that produce a view of a parameter are not uses by themselves; the operation consuming
+the view is. Operations under ``torch.no_grad()`` or with untracked results are ignored.
 
-Anything else raises :class:`~gradstore.errors.CaptureError` at that operation, with one line
-naming the parameter, the operation, the running module and the fix. Operations that produce a
-view of the parameter (``weight.T``, ``weight[0]``) are not uses by themselves; the operation that
-consumes the view is. Operations under ``torch.no_grad()`` or with untracked results (``.detach()``,
-``.shape``) contribute no gradient and are ignored.
+Example data: the tracker tags the capture's input tensors and every result of an operation one of
+whose arguments is tagged. A use none of whose arguments is tagged (``self.pos(torch.arange(T))``)
+computes one value for the whole batch: its per-example gradients are recovered exactly when that
+value is only combined elementwise with example data (``tok + pos``; the tracker then hands the
+operation an expanded copy, ``pos.expand(n, T, d)``, equal in value, whose gradient is per
+example), and refused otherwise.
 
-Cost: one Python call per torch operation of the forward and the loss, plus a pre/post hook per
-module call; measured on CPU (1 thread, torch 2.13), a fixed 0.13 ms per capture on mlp-cg, 0.34 ms
-on cnn-bn, 0.85 ms on resnet-small (m = 8 and 2, where the pass itself is 1-6 ms); at m = 1000
-(mlp-cg, cnn-bn) and m = 250 (resnet-small) the difference is inside the run-to-run noise (< 1%).
+``F.multi_head_attention_forward`` is entered (its inner ``F.linear`` calls are seen), with the
+example axis second, as that function lays out its tensors (``(L, N, E)``).
 """
-
 
 from __future__ import annotations
 
+import sys
+import weakref
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode, resolve_name
+from torch.overrides import TorchFunctionMode
 
-from gradstore.errors import CaptureError
+from gradstore.capture.ops import op_name
+
+#: composite functions the tracker enters, with the example axis their tensors use
+ENTERED = {F.multi_head_attention_forward: 1}
+
+#: module types whose tensors put the example axis second when ``batch_first`` is False
+SEQUENCE_FIRST_TYPES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                        nn.Transformer)
+
+#: elementwise operations through which a batch-constant use is expanded over the examples
+BROADCASTING = {
+    torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__,
+    torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__,
+    torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+}
 
 
-def _op_name(func) -> str:
-    name = resolve_name(func) or getattr(func, "__qualname__", None) or repr(func)
-    if name.startswith("torch.nn.functional."):
-        name = "F." + name[len("torch.nn.functional."):]
-    if name.endswith(".__get__"):
-        name = name[: -len(".__get__")]
-    return name
+class Slot:
+    """Placeholder for a (view of a) captured parameter in a recorded operation's arguments."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
 
 
-class UseCheck(TorchFunctionMode):
-    """Refuse, at the operation, any use of a captured parameter the engine does not account for.
+@dataclass(eq=False)
+class OpUse:
+    """One operation consuming captured parameters outside a module rule's coverage.
+
+    ``args``/``kwargs`` hold the call's arguments, tensors detached, each captured parameter (or
+    view) replaced by a :class:`Slot`; ``views[i]`` is ``(parameter name, detached view)``.
+    ``leaves`` are the output's tensor leaves until the backward pass, ``grads`` their output
+    gradients. ``owners_running``: owner paths of the slot parameters that were on the module
+    stack. ``batched``: whether any other argument carried example data.
+    """
+
+    func: object
+    args: tuple
+    kwargs: dict
+    views: list
+    axis: int
+    module: str
+    owners_running: set
+    batched: bool
+    leaves: list = field(default_factory=list)
+    versions: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    inputs_versions: list = field(default_factory=list)
+    expanded: object = None  # for a batch-constant use: the expansion recovering per-example grads
+
+    @property
+    def name(self) -> str:
+        return op_name(self.func)
+
+    @property
+    def intact(self) -> bool:
+        return bool(self.leaves) and all(
+            leaf is not None and leaf._version == v for leaf, v in zip(self.leaves, self.versions))
+
+    @property
+    def grad(self):
+        return self.grads[0] if len(self.grads) == 1 else tuple(self.grads)
+
+
+class _Reentered(TorchFunctionMode):
+    """Re-enables the tracker inside a function the tracker enters (modes pop while they run)."""
+
+    def __init__(self, tracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.tracker.__torch_function__(func, types, args, kwargs)
+
+
+def _entered(tracker, func, args, kwargs):
+    """Run a Python-level torch function with the tracker active inside it.
+
+    Such a function starts with ``if has_torch_function(tens_ops): return handle_torch_function(...)``,
+    which would hand it back to the tracker forever; its module's ``has_torch_function`` answers
+    False to that one first check (then is restored), so the body runs with the tracker seeing its
+    operations (``F.linear`` on ``in_proj_weight``, ``out_proj.weight``).
+    """
+    module = sys.modules[func.__module__]
+    original = module.has_torch_function
+
+    def once(ops):
+        module.has_torch_function = original
+        return False
+
+    module.has_torch_function = once
+    try:
+        with _Reentered(tracker):
+            return func(*args, **kwargs)
+    finally:
+        module.has_torch_function = original
+
+
+class UseTracker(TorchFunctionMode):
+    """Classify and record every use of a captured parameter during the capture forward.
 
     Parameters
     ----------
@@ -58,28 +149,69 @@ class UseCheck(TorchFunctionMode):
         Every module of it is hooked to keep the stack of running modules.
     params : dict
         Full name -> captured (trainable) parameter.
-    owner : dict
-        Full name -> (owning module's path, local name).
-    fallback : set
-        Paths of owning modules captured by the torch.func fallback (no rule).
+    owners : dict
+        Full name -> list of (owning module path, local name): several for tied parameters.
+    rule_paths : set
+        Paths of owning modules that have a module rule.
+    m : int
+        Number of examples.
+    data : iterable of Tensor
+        The capture's input tensors (example data).
     """
 
-    def __init__(self, model: nn.Module, params: dict, owner: dict, fallback: set):
+    def __init__(self, model: nn.Module, params: dict, owners: dict, rule_paths: set, m: int, data=()):
         super().__init__()
         self.model = model
+        self.m = m
         self.ids = {id(p): name for name, p in params.items()}
-        self.owner = owner
-        self.fallback = fallback
+        self.owners = owners
+        self.rule_owner = {name: {path for path, _ in owns if path in rule_paths} for name, owns in owners.items()}
+        self.all_owner = {name: {path for path, _ in owns} for name, owns in owners.items()}
         self.stack: list[str] = []
+        self.axes: list[int] = [0]
         self.types: dict[str, str] = {}
+        self.uses: list[OpUse] = []
+        self._data: dict[int, weakref.ref] = {}
+        #: id(output) -> (ref, use record) of batch-constant uses, module or op, awaiting expansion
+        self.constant: dict[int, tuple] = {}
+        self.recording = True
+        self.muted = False
         self._handles: list = []
+        for value in data:
+            self.tag(value)
+
+    # -- example data ------------------------------------------------------------------------
+    def tag(self, value) -> None:
+        if isinstance(value, torch.Tensor):
+            self._data[id(value)] = weakref.ref(value)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                self.tag(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                self.tag(item)
+
+    def is_data(self, value) -> bool:
+        if isinstance(value, torch.Tensor):
+            ref = self._data.get(id(value))
+            return ref is not None and ref() is value
+        if isinstance(value, (tuple, list)):
+            return any(self.is_data(v) for v in value)
+        if isinstance(value, dict):
+            return any(self.is_data(v) for v in value.values())
+        return False
+
+    @property
+    def axis(self) -> int:
+        return self.axes[-1]
 
     # -- the stack of running modules -------------------------------------------------------
     def __enter__(self):
         for path, module in self.model.named_modules():
             self.types[path] = type(module).__name__
-            self._handles.append(module.register_forward_pre_hook(partial(self._push, path)))
-            self._handles.append(module.register_forward_hook(partial(self._pop, path), always_call=True))
+            seq_first = _sequence_first(module)
+            self._handles.append(module.register_forward_pre_hook(partial(self._push, path, seq_first)))
+            self._handles.append(module.register_forward_hook(partial(self._pop, path, seq_first), always_call=True))
         try:
             return super().__enter__()
         except BaseException:
@@ -98,70 +230,218 @@ class UseCheck(TorchFunctionMode):
         self._handles.clear()
         self.stack.clear()
 
-    def _push(self, path, module, args):
+    def _push(self, path, seq_first, module, args):
         self.stack.append(path)
+        self.axes.append(1 if seq_first else self.axes[-1])
 
-    def _pop(self, path, module, args, output):
+    def _pop(self, path, seq_first, module, args, output):
         if self.stack and self.stack[-1] == path:
             self.stack.pop()
+            self.axes.pop()
 
-    # -- the check ------------------------------------------------------------------------------
-    def _param_in(self, value):
-        """Name of the captured parameter that ``value`` is (or views), else None."""
+    def where(self) -> str:
+        if not self.stack:
+            return "loss_fn"
+        if self.stack[-1] == "":
+            return "the model's forward"
+        return f"the forward of {self.stack[-1]!r} ({self.types[self.stack[-1]]})"
+
+    # -- the interception -----------------------------------------------------------------------
+    def _param_of(self, value):
         if isinstance(value, torch.Tensor):
             name = self.ids.get(id(value))
             if name is None and value._is_view():
                 name = self.ids.get(id(value._base))
             return name
-        if isinstance(value, (tuple, list)):
-            for item in value:
-                name = self._param_in(item)
-                if name is not None:
-                    return name
         return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = self._param_in(args)
-        if name is None and kwargs:
-            name = self._param_in(tuple(kwargs.values()))
+        if func in ENTERED and self.recording:
+            self.axes.append(ENTERED[func])
+            try:
+                out = _entered(self, func, args, kwargs)
+            finally:
+                self.axes.pop()
+            if self.is_data((args, kwargs)):
+                self.tag(out)
+            return out
+        if not self.recording:
+            return func(*args, **kwargs)
+        found: list = []
+        _walk((args, kwargs), self._param_of, found)
+        pending: list = []
+        if self.constant:
+            args, kwargs, pending = self._expand_constants(func, args, kwargs)
         out = func(*args, **kwargs)
-        if name is not None and torch.is_grad_enabled():
-            self._check(name, func, args, kwargs, out)
+        for value, use in pending:  # a differentiable consumer that is not an expansion
+            if out is not value and _tracked(out, self.ids) and torch.is_grad_enabled():
+                use.expanded.escaped.append(op_name(func))
+        data = self.is_data((args, kwargs))
+        if data:
+            self.tag(out)
+        if found and torch.is_grad_enabled() and _tracked(out, self.ids):
+            running = self.stack[-1] if self.stack else None
+            op_level = [n for n in found if running not in self.rule_owner[n]]
+            if op_level:
+                self._record(func, args, kwargs, out, set(op_level), data)
         return out
 
-    def _check(self, name, func, args, kwargs, out) -> None:
-        if not _tracked(out, self.ids):
-            return
-        # every captured parameter the op consumes, not only the first found: one op may take
-        # parameters of several owners (F.multi_head_attention_forward: in_proj_weight, out_proj.weight)
-        for other in _params_of(args, kwargs, self.ids):
-            self._one(other, func)
+    def _record(self, func, args, kwargs, out, names: set, data: bool) -> None:
+        views: list = []
 
-    def _one(self, name, func) -> None:
-        path = self.owner[name][0]
-        if self.stack and (self.stack[-1] == path or (path in self.fallback and path in self.stack)):
-            return
-        raise CaptureError(self._message(name, func, path))
+        def strip(value):
+            if isinstance(value, torch.Tensor):
+                name = self._param_of(value)
+                if name is not None and name in names:
+                    views.append((name, value.detach()))
+                    return Slot(len(views) - 1)
+                return value.detach()
+            if isinstance(value, (tuple, list)) and not _is_packed(value):
+                return type(value)(strip(v) for v in value)
+            if isinstance(value, dict):
+                return {k: strip(v) for k, v in value.items()}
+            return value
 
-    def _message(self, name, func, path) -> str:
-        if not self.stack:
-            where = "loss_fn"
-        elif self.stack[-1] == "":
-            where = "the model's forward"
-        else:
-            where = f"the forward of {self.stack[-1]!r} ({self.types[self.stack[-1]]})"
-        running = self.stack[-1] if self.stack else None
-        if running is not None and (running == "" or path.startswith(running + ".")):
-            attr = "self." + (path if running == "" else path[len(running) + 1:])
-        else:
-            attr = repr(path or "the model")
-        return (
-            f"parameter {name!r} is used by {_op_name(func)} in {where}, outside the forward of its "
-            f"owning module {path or '<root>'!r} ({self.types[path]}), so capture would miss that use "
-            f"and its per-example gradients would be wrong; compute it by calling the owning module "
-            f"({attr}), or untie the weights (a separate nn.Parameter of the module that uses it)"
-        )
+        s_args, s_kwargs = strip(args), strip(kwargs)
+        running = {p for n in names for p in self.all_owner[n] if p in self.stack}
+        use = OpUse(func, s_args, s_kwargs, views, self.axis, self.stack[-1] if self.stack else None,
+                    running, data)
+        inputs: list = []
+        _walk((s_args, s_kwargs), lambda v: v if isinstance(v, torch.Tensor) else None, inputs, keep=True)
+        use.inputs_versions = [(t, t._version) for t in inputs]
+        leaves = [leaf for leaf in _leaves(out)]
+        use.leaves = [leaf if isinstance(leaf, torch.Tensor) and leaf.requires_grad else None for leaf in leaves]
+        use.versions = [leaf._version if leaf is not None else 0 for leaf in use.leaves]
+        use.grads = [None] * len(use.leaves)
+        for i, leaf in enumerate(use.leaves):
+            if leaf is not None:
+                leaf.register_hook(partial(self._on_grad, use, i))
+        self.uses.append(use)
+        if not data:
+            self.watch_constant(out, use)
+
+    def _on_grad(self, use: OpUse, i: int, grad: torch.Tensor) -> None:
+        if not self.muted:
+            use.grads[i] = grad if use.grads[i] is None else use.grads[i] + grad
+
+    # -- batch-constant uses ----------------------------------------------------------------------
+    def watch_constant(self, out, use) -> None:
+        """Register a use computed without example data: its output may be expanded later."""
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            use.expanded = Expansion(self)
+            self.constant[id(out)] = (weakref.ref(out), use)
+
+    def _constant(self, value):
+        if isinstance(value, torch.Tensor):
+            entry = self.constant.get(id(value))
+            if entry is not None and entry[0]() is value:
+                return entry[1]
+        return None
+
+    def _expand_constants(self, func, args, kwargs):
+        """Hand a broadcasting op an expanded copy of each batch-constant use's output it combines
+        with example data; any other consumer of such an output marks it escaped."""
+        hits = [(i, a, self._constant(a)) for i, a in enumerate(args) if self._constant(a) is not None]
+        hits += [(k, v, self._constant(v)) for k, v in kwargs.items() if self._constant(v) is not None]
+        nested: list = []
+        _walk((args, kwargs), self._constant, nested)
+        if not hits and not nested:
+            return args, kwargs, []
+        pending = [(v, u) for _, v, u in hits]
+        if len(nested) > len(hits):  # inside a list argument (torch.cat): never expanded
+            return args, kwargs, pending + [(None, u) for u in nested]
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        data = [t for t in tensors if self.is_data(t)]
+        if func not in BROADCASTING or not data or not torch.is_grad_enabled():
+            return args, kwargs, pending
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        axis = self.axis
+        if len(shape) <= axis or shape[axis] != self.m:
+            return args, kwargs, pending
+        args, kwargs = list(args), dict(kwargs)
+        for key, value, use in hits:
+            expanded = value.expand(shape)
+            use.expanded.add(expanded, value.shape, axis)
+            if isinstance(key, int):
+                args[key] = expanded
+            else:
+                kwargs[key] = expanded
+        return tuple(args), kwargs, []
+
+
+class Expansion:
+    """The expanded copies of one batch-constant output and their per-example gradients."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+        self.escaped: list[str] = []
+        self.grads: list = []  # per-example gradients of the output, (m, *shape without examples)
+        self.shape = None
+        self.axis = 0
+
+    def add(self, expanded: torch.Tensor, shape, axis: int) -> None:
+        self.shape, self.axis = tuple(shape), axis
+        expanded.register_hook(self._on_grad)
+
+    def _on_grad(self, grad):
+        if self.tracker.muted:
+            return
+        # grad is (..., m at axis, ...) in the broadcast shape; reduce the broadcast axes to the
+        # original shape (leading axes added, size-1 axes), keeping the example axis
+        shape = self.shape
+        lead = grad.dim() - len(shape)
+        padded = (1,) * lead + shape
+        axis = self.axis
+        dims = [i for i, s in enumerate(padded) if s == 1 and grad.shape[i] != 1 and i != axis]
+        g = grad.sum(dims, keepdim=True) if dims else grad
+        g = g.movedim(axis, 0)  # (m, ...), the rest in the padded shape without the example axis
+        self.grads.append(g)
+
+    def per_example(self):
+        """(m, *rest) per-example gradient of the output, summed over expansions (None if none)."""
+        if not self.grads:
+            return None
+        total = self.grads[0]
+        for g in self.grads[1:]:
+            total = total + g
+        return total
+
+
+def _sequence_first(module) -> bool:
+    """A transformer module laying out its tensors (L, N, E): ``batch_first=False``."""
+    if not isinstance(module, SEQUENCE_FIRST_TYPES):
+        return False
+    attn = getattr(module, "self_attn", None)  # Transformer{Encoder,Decoder}Layer keep it there
+    batch_first = getattr(module, "batch_first", getattr(attn, "batch_first", True))
+    return batch_first is False
+
+
+def _is_packed(value) -> bool:
+    return type(value).__name__ == "PackedSequence"
+
+
+def _leaves(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [leaf for item in out for leaf in _leaves(item)]
+    return []
+
+
+def _walk(value, pick, found: list, keep: bool = False) -> None:
+    """Append ``pick(tensor)`` for every tensor in ``value`` (nested tuples, lists, dicts); unique
+    non-None results unless ``keep``."""
+    if isinstance(value, torch.Tensor):
+        got = pick(value)
+        if got is not None and (keep or got not in found):
+            found.append(got)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _walk(item, pick, found, keep)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _walk(item, pick, found, keep)
 
 
 def _tracked(out, ids) -> bool:
@@ -173,25 +453,3 @@ def _tracked(out, ids) -> bool:
     if isinstance(out, (tuple, list)):
         return any(_tracked(o, ids) for o in out)
     return False
-
-
-def _params_of(args, kwargs, ids) -> list:
-    found: list = []
-
-    def walk(value):
-        if isinstance(value, torch.Tensor):
-            name = ids.get(id(value))
-            if name is None and value._is_view():
-                name = ids.get(id(value._base))
-            if name is not None and name not in found:
-                found.append(name)
-        elif isinstance(value, (tuple, list)):
-            for item in value:
-                walk(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
-
-    walk(args)
-    walk(kwargs)
-    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,9 @@ def oracle_grads(model, loss_fn, inputs, targets):
         out = functional_call(model, {**p, **frozen, **buffers}, tuple(x.unsqueeze(0) for x in xs))
         return loss_fn(out, y.unsqueeze(0)).sum()
 
-    return vmap(grad(one), in_dims=(None, 0, *[0] * len(inputs)))(params, targets, *inputs)
+    with warnings.catch_warnings():  # vmap over attention: "performance drop ... batching rule"
+        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+        return vmap(grad(one), in_dims=(None, 0, *[0] * len(inputs)))(params, targets, *inputs)
 
 
 def rel_err(actual, expected) -> float:
