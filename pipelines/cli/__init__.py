@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("pipelines.cli.run", "run", "Run one of the papers' experiments end to end."),
     "analyze": ("pipelines.cli.analyze", "analyze", "Offline metrics, permutation nulls and plots of a run store."),
     "inspect": ("pipelines.cli.inspect", "inspect", "Summarise a gradstore run store (steps, examples, layers, sizes)."),
+    "layers": ("pipelines.cli.layers", "layers", "Which capture path (rule, fallback, refused) each parameter of a model takes."),
     "bench": ("pipelines.cli.bench", "bench", "Speed and memory benchmarks (capture, ...)."),
     "theory": ("pipelines.cli.theory", "theory", "Verify the coherence theorems symbolically against the implementation."),
 }

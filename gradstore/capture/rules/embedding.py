@@ -24,14 +24,24 @@ from gradstore.capture.registry import register_rule
 from gradstore.errors import CaptureError
 
 
+def _embedding_refusal(module):
+    """Why an Embedding or EmbeddingBag cannot be captured whatever the input, or None."""
+    name = type(module).__name__
+    if module.scale_grad_by_freq:
+        return (f"{name}(scale_grad_by_freq=True) couples examples in a batch, so per-example "
+                "gradients are undefined; capture a model without it")
+    if isinstance(module, nn.EmbeddingBag) and module.max_norm is not None:
+        return (f"{name}(max_norm=...) rewrites the weight in place during the forward pass, which "
+                "capture must not do; renormalize outside the model or capture one without max_norm")
+    return None
+
+
 @register_rule(nn.Embedding)
 def embedding_rule(module: nn.Embedding, inputs, grad_output):
     """Factor of ``weight``: Outer(L = one_hot(idx), R = b), padding rows excluded."""
-    if module.scale_grad_by_freq:
-        raise CaptureError(
-            "nn.Embedding(scale_grad_by_freq=True) couples examples in a batch, so per-example "
-            "gradients are undefined; capture a model without it"
-        )
+    reason = _embedding_refusal(module)
+    if reason:
+        raise CaptureError(reason)
     idx = inputs[0]
     n = idx.shape[0]
     index = idx.reshape(n, -1)
@@ -73,16 +83,9 @@ def _bags(module, inputs):
 @register_rule(nn.EmbeddingBag)
 def embedding_bag_rule(module: nn.EmbeddingBag, inputs, grad_output):
     """Factor of ``weight``: Outer(L = one_hot(idx), R = w · b) for sum/mean, over features for max."""
-    if module.scale_grad_by_freq:
-        raise CaptureError(
-            "nn.EmbeddingBag(scale_grad_by_freq=True) couples examples in a batch, so per-example "
-            "gradients are undefined; capture a model without it"
-        )
-    if module.max_norm is not None:
-        raise CaptureError(
-            "nn.EmbeddingBag(max_norm=...) rewrites the weight in place during the forward pass, which "
-            "capture must not do; renormalize outside the model or capture one without max_norm"
-        )
+    reason = _embedding_refusal(module)
+    if reason:
+        raise CaptureError(reason)
     index, offsets, weights, mask = _bags(module, inputs)
     shape = tuple(module.weight.shape)
     b = grad_output  # (n, d)
@@ -111,3 +114,6 @@ def embedding_bag_rule(module: nn.EmbeddingBag, inputs, grad_output):
         w = w / w.sum(1, keepdim=True).clamp(min=1)
     right = (w[:, :, None] * b[:, None, :]).unsqueeze(2)  # (n, t, 1, d)
     return {"weight": Outer(OneHot(index, module.num_embeddings), right, shape)}
+
+
+embedding_rule.refusal = embedding_bag_rule.refusal = _embedding_refusal

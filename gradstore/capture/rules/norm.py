@@ -33,17 +33,26 @@ def _affine(module, x_hat, grad_output, reduce_dims):
     return factors
 
 
+def _running_stats(module) -> str:
+    return (
+        f"{type(module).__name__} must use running statistics for per-example gradients "
+        "(eval mode with track_running_stats=True); prime them with gradstore.capture.bn_priming"
+    )
+
+
+def _batchnorm_refusal(module):
+    """Why a BatchNorm cannot be captured whatever the input (no running statistics), or None."""
+    return _running_stats(module) if module.running_mean is None else None
+
+
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def batchnorm_rule(module, inputs, grad_output):
-    """x̂ = (x - running_mean) / sqrt(running_var + eps), channel axis 1.
+    """Dense ``weight``, ``bias``; x̂ = (x - running_mean) / sqrt(running_var + eps), eval mode only.
 
-    Without forming x̂: g_n[c] = (sum_t x[n,c,t] b[n,c,t] - mean[c] sum_t b[n,c,t]) / sqrt(var[c] + eps).
+    Channel axis 1. Without forming x̂: g_n[c] = (sum_t x[n,c,t] b[n,c,t] - mean[c] sum_t b[n,c,t]) / sqrt(var[c] + eps).
     """
     if module.running_mean is None or module.training:
-        raise CaptureError(
-            f"{type(module).__name__} must use running statistics for per-example gradients "
-            "(eval mode with track_running_stats=True); prime them with gradstore.capture.bn_priming"
-        )
+        raise CaptureError(_running_stats(module))
     x = inputs[0]
     n, c = x.shape[0], x.shape[1]
     x, b = x.reshape(n, c, -1), grad_output.reshape(n, c, -1)
@@ -57,9 +66,14 @@ def batchnorm_rule(module, inputs, grad_output):
     return factors
 
 
+batchnorm_rule.refusal = _batchnorm_refusal
+
+
 @register_rule(nn.LayerNorm)
 def layernorm_rule(module, inputs, grad_output):
-    """x̂ = layer_norm(x) over the trailing ``normalized_shape`` dims; t = the leading dims."""
+    """Dense ``weight``, ``bias``; x̂ = layer_norm(x) over the trailing ``normalized_shape`` dims.
+
+    t = the leading dims."""
     x = inputs[0]
     n = x.shape[0]
     x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
@@ -69,7 +83,9 @@ def layernorm_rule(module, inputs, grad_output):
 
 @register_rule(nn.GroupNorm)
 def groupnorm_rule(module, inputs, grad_output):
-    """x̂ = group_norm(x) per example; channel axis 1, t = spatial dims."""
+    """Dense ``weight``, ``bias``; x̂ = group_norm(x) per example.
+
+    Channel axis 1, t = spatial dims."""
     x = inputs[0]
     x_hat = F.group_norm(x, module.num_groups, None, None, module.eps)
     return _affine(module, x_hat, grad_output, tuple(range(2, x.dim())))
@@ -77,7 +93,10 @@ def groupnorm_rule(module, inputs, grad_output):
 
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 def instancenorm_rule(module, inputs, grad_output):
-    """x̂ = instance_norm(x): per example and channel over the spatial dims (t), or by running stats."""
+    """Dense ``weight``, ``bias``; x̂ = instance_norm(x), per example (or by running stats): any mode.
+
+    Per example and channel over the spatial dims (t); in eval mode with tracked statistics, by the
+    running ones."""
     x = inputs[0]
     if x.dim() == module._get_no_batch_dim():
         raise CaptureError(
@@ -93,7 +112,9 @@ def instancenorm_rule(module, inputs, grad_output):
 
 @register_rule(nn.RMSNorm)
 def rmsnorm_rule(module, inputs, grad_output):
-    """x̂ = x / sqrt(mean(x²) + eps) over the trailing ``normalized_shape`` dims; t = the leading dims."""
+    """Dense ``weight``; x̂ = x / sqrt(mean(x²) + eps) over the trailing ``normalized_shape`` dims.
+
+    t = the leading dims."""
     x = inputs[0]
     n = x.shape[0]
     x_hat = F.rms_norm(x, module.normalized_shape, None, module.eps)

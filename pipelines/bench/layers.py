@@ -1,0 +1,179 @@
+"""Benchmarks of the layer rules of issue 13 part B (``python -m pipelines.bench.layers CASE``).
+
+Cases (1 thread unless ``--threads``; medians of ``--repeats`` rounds, each round timing every
+variant once, interleaved):
+
+* ``gram-form`` -- the cost choice of :class:`gradstore.capture.factors.Outer`: ||g_n||² of
+  g_n = Σ_t L_t R_tᵀ (L: r wide, R: c wide) by the Gram form Σ_ts (L_t·L_s)(R_t·R_s) against
+  materializing g_n, over t at fixed r = c, with the same einsums the factor uses; prints the
+  time of each and the ratio t(r + c)/(rc) the rule compares with 1.
+* ``lstm`` -- an LSTM classifier on MNIST-shaped rows (28 steps of 28 features, hidden 128, a
+  linear head on the last state; random inputs): a plain forward+backward against per-example
+  ||g_n||² of every parameter. Through ``capture`` when the engine takes the LSTM's tuple output;
+  otherwise "rule-level": the same forward, ``torch.autograd.grad`` to the output leaves, the
+  LSTM and Linear rules, ``sq_norms`` of every factor (what capture does, without its bookkeeping).
+* ``hf-conv1d`` -- a GPT-2-style MLP block of Hugging Face ``Conv1D`` layers (d = 64, T = 64,
+  4d hidden, GELU): plain forward+backward, ``capture`` with the Conv1D rule, and ``capture``
+  through the torch.func fallback (rule unregistered for the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def _median_rounds(variants: dict, repeats: int) -> dict:
+    """Median seconds of each variant (a callable), one call of each per round, after one warm-up."""
+    for fn in variants.values():
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def gram_form(repeats: int, width: int, n: int) -> None:
+    import torch
+
+    print(f"gram-form: ||g_n||^2 of g_n = sum_t L_t R_t^T, r = c = {width}, n = {n}, {torch.get_num_threads()} thread(s)")
+    print("t    t(r+c)/(rc)  gram form ms  materialize ms  faster")
+    gen = torch.Generator().manual_seed(0)
+    for t in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256):
+        left = torch.randn(n, t, 1, width, generator=gen)
+        right = torch.randn(n, t, 1, width, generator=gen)
+
+        def by_gram():
+            ll = torch.einsum("ntgd,nsgd->ngts", left, left)
+            rr = torch.einsum("ntgd,nsgd->ngts", right, right)
+            return (ll * rr).sum((1, 2, 3))
+
+        def by_materializing():
+            g = torch.einsum("ntgr,ntgc->ngrc", left, right).reshape(n, -1)
+            return torch.linalg.vector_norm(g, dim=-1).square()
+
+        torch.testing.assert_close(by_gram(), by_materializing(), rtol=1e-3, atol=1e-3)
+        med = _median_rounds({"gram": by_gram, "mat": by_materializing}, repeats)
+        ratio = t * 2 * width / (width * width)
+        faster = "gram" if med["gram"] < med["mat"] else "materialize"
+        print(f"{t:<4} {ratio:<12.3f} {med['gram'] * 1e3:<13.3f} {med['mat'] * 1e3:<15.3f} {faster}")
+
+
+def lstm(repeats: int, m: int) -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils._pytree import tree_flatten
+
+    from gradstore.capture import capture, lookup_rule
+    from gradstore.errors import CaptureError
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(28, 128, batch_first=True)
+            self.fc = nn.Linear(128, 10)
+
+        def forward(self, x):
+            _, (h, _) = self.lstm(x)
+            return self.fc(h[-1])
+
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    x, y = torch.rand(m, 28, 28), torch.randint(0, 10, (m,))
+
+    def loss_fn(out, targets):
+        return F.cross_entropy(out, targets, reduction="none")
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).sum().backward()
+
+    def by_capture():
+        return capture(model, loss_fn, x, y).sq_norms
+
+    def rule_level():
+        out = model.lstm(x)
+        leaves, _ = tree_flatten(out)
+        feature = out[1][0][-1]
+        z = model.fc(feature)
+        gz, *gl = torch.autograd.grad(loss_fn(z, y).sum(), [z, *leaves], allow_unused=True)
+        factors = {**lookup_rule(nn.Linear)(model.fc, (feature.detach(),), gz),
+                   **lookup_rule(nn.LSTM)(model.lstm, (x,), tuple(gl))}
+        return {name: f.sq_norms() for name, f in factors.items()}
+
+    try:
+        by_capture()
+        ours, how = by_capture, "capture"
+    except CaptureError as err:
+        ours, how = rule_level, f"rule-level (capture refused: {str(err)[:80]}...)"
+    med = _median_rounds({"plain": plain, "ours": ours}, repeats)
+    print(f"lstm: m = {m}, {torch.get_num_threads()} thread(s), {how}")
+    print(f"plain forward+backward {med['plain'] * 1e3:.1f} ms, per-example sq_norms {med['ours'] * 1e3:.1f} ms, "
+          f"ratio {med['ours'] / med['plain']:.2f}x")
+
+
+def hf_conv1d(repeats: int, m: int) -> None:
+    import warnings
+
+    import torch
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from gradstore.capture import capture, lookup_rule, register_rule, unregister_rule
+    from gradstore.capture.fallback import CaptureFallbackWarning
+
+    d, t = 64, 64
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(4 * d, d), nn.GELU(), Conv1D(d, 4 * d)).eval()
+    x, y = torch.randn(m, t, d), torch.randn(m, t, d)
+
+    def loss_fn(out, targets):
+        return ((out - targets) ** 2).flatten(1).sum(1)
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).sum().backward()
+
+    def ours():
+        return capture(model, loss_fn, x, y).sq_norms
+
+    rule = lookup_rule(Conv1D)
+    med = _median_rounds({"plain": plain, "rule": ours}, repeats)
+    unregister_rule(Conv1D)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CaptureFallbackWarning)
+            fallback = _median_rounds({"plain": plain, "fallback": ours}, repeats)
+    finally:
+        register_rule(Conv1D, overwrite=True)(rule)
+    print(f"hf-conv1d: m = {m}, T = {t}, d = {d}, {torch.get_num_threads()} thread(s)")
+    print(f"plain {med['plain'] * 1e3:.1f} ms; capture with the rule {med['rule'] * 1e3:.1f} ms "
+          f"({med['rule'] / med['plain']:.2f}x); capture by the fallback {fallback['fallback'] * 1e3:.1f} ms "
+          f"({fallback['fallback'] / fallback['plain']:.2f}x of its own paired plain pass)")
+
+
+def main(argv=None) -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.bench.layers", description=__doc__.splitlines()[0])
+    parser.add_argument("case", choices=["gram-form", "lstm", "hf-conv1d"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--m", type=int, default=256)
+    parser.add_argument("--width", type=int, default=128, help="gram-form: r = c")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.case == "gram-form":
+        gram_form(args.repeats, args.width, args.m)
+    elif args.case == "lstm":
+        lstm(args.repeats, args.m)
+    else:
+        hf_conv1d(args.repeats, args.m)
+
+
+if __name__ == "__main__":
+    main()
