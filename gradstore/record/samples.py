@@ -58,7 +58,7 @@ def structure(nest) -> str:
     if isinstance(nest, torch.Tensor):
         return f"{tuple(nest.shape[1:])} {nest.dtype}"
     if isinstance(nest, (tuple, list)):
-        return f"{type(nest).__name__}[{', '.join(structure(i) for i in nest)}]"
+        return f"({', '.join(structure(i) for i in nest)})"  # a tuple or a list: both are unpacked
     if isinstance(nest, dict):
         return "{" + ", ".join(f"{k}: {structure(v)}" for k, v in nest.items()) + "}"
     return type(nest).__name__

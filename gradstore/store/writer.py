@@ -483,6 +483,8 @@ def _check_match(stored: RunLayout, new: RunLayout, name: str) -> None:
         refuse("the model (parameter names, shapes or layers)")
     if not np.array_equal(stored.example_ids, new.example_ids) or stored.n_train != new.n_train:
         refuse("the tracked examples (ids or train/test split)")
+    if (stored.task, stored.correct, stored.task_options) != (new.task, new.correct, new.task_options):
+        refuse(f"the task ({stored.task} stored, {new.task} given) or its options")
     if not (np.array_equal(stored.true_label, new.true_label) and np.array_equal(stored.train_label, new.train_label)):
         refuse("the example labels")
     if (stored.coord_layer, stored.coord_param) != (new.coord_layer, new.coord_param) or not np.array_equal(
@@ -492,8 +494,6 @@ def _check_match(stored: RunLayout, new: RunLayout, name: str) -> None:
         refuse("the projection (dimension or seed)")
     if stored.gram != new.gram:
         refuse("whether Gram blocks are stored")
-    if (stored.task, stored.correct, stored.task_options) != (new.task, new.correct, new.task_options):
-        refuse(f"the task ({stored.task} stored, {new.task} given) or its options")
     if stored.measurement is not None and stored.measurement != new.measurement:
         refuse(f"the measurement ({stored.measurement} stored, {new.measurement} given)")
     if stored.dtype != new.dtype:
