@@ -63,7 +63,7 @@ def assign(pl, tap, tracker, rule_paths: set, m: int) -> dict[str, Sources]:
     for name, src in out.items():
         for path, _ in src.modules:
             for use in tap.uses[path]:
-                if not use.batched and not _constant_ok(use) and use.reached is not False:
+                if not use.batched and not _constant_ok(use):
                     raise CaptureError(_constant_message(name, type(pl.modules[path]).__name__, path, use, m))
         bad = [u for u in src.ops if not _op_coverable(u, m)]
         if not bad:
