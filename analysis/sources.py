@@ -60,8 +60,8 @@ def with_model(da: xr.DataArray) -> xr.DataArray:
     """Append the whole model (the sum over ``layer``) as layer :data:`MODEL`."""
     total = da.sum("layer", skipna=False).expand_dims(layer=[MODEL])
     out = xr.concat([da, total], "layer", coords="minimal", compat="override", join="outer")
-    if out.chunks:
-        out = out.chunk({"layer": -1})
+    if out.chunks:  # rechunk the data only: DataArray.chunk would make every coordinate a dask array too
+        out = out.copy(data=out.variable.chunk({"layer": -1}).data)
     return out.assign_coords(layer=np.concatenate([da.layer.values.astype(object), [MODEL]]).astype(str))
 
 

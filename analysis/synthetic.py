@@ -187,7 +187,8 @@ def write_synthetic_store(path, ds: xr.Dataset | None = None, **kwargs) -> str:
         n_proj=ds.sizes.get("proj", 0) if "grad_proj" in ds else 0,
         projection_seed=int(ds.attrs.get("projection_seed", 0)), gram="gram" in ds,
     )
-    writer = create_run(str(path), layout, config=dict(ds.attrs["config"]), resume=False)
+    writer = create_run(str(path), layout, config=dict(ds.attrs["config"]), seeds=dict(ds.attrs.get("seeds", {})),
+                        resume=False)
     optional = [n for n in ("grad_coords", "grad_proj", "gram") if n in ds]
     names = ["loss", "correct", "sq_norm", "dot_with_sum", "m", "norm_sq_of_sum", "sum_of_norm_sq", *optional]
     with writer:

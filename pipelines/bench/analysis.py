@@ -8,7 +8,8 @@ at a time (each deleted before the next is written). On each:
 
 * ``threads``: coherence and the pristine/corrupt loss split with ``nulls`` permutation nulls,
   computed from disk by :meth:`analysis.report.Plan.compute` (``steps_per_batch`` steps per
-  compute) with the threaded scheduler, in a process of its own;
+  compute) with the threaded scheduler, in a process of its own with one BLAS thread
+  (``OMP_NUM_THREADS=1``: BLAS threads on top of Dask's oversubscribe the cores, 4x slower here);
 * ``cluster``: the same through ``gradstore analyze STORE --scheduler ADDRESS`` (which first
   verifies every chunk of the store) on a 2-process ``distributed.LocalCluster`` with
   ``worker_memory`` per worker, one thread each.
@@ -96,9 +97,15 @@ def case_threads(store: str, nulls: int, steps_per_batch: int) -> dict:
             "r_p_p_last": float(results.r_p_p_value.isel(step=-1).sel(layer="(model)"))}
 
 
+#: one BLAS thread per Dask thread (as dask.distributed's nanny sets for its workers): the threaded
+#: scheduler's threads each run a matrix product, and BLAS threads on top oversubscribe the cores
+ONE_BLAS_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
 def _threads(store: Path, nulls: int, steps_per_batch: int) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.bench.analysis", "threads", str(store), str(nulls),
-                             str(steps_per_batch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(steps_per_batch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_BLAS_THREAD})
     with RssSampler() as rss:
         rss.watch(proc.pid, "main")
         out, err = proc.communicate()

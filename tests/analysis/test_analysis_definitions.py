@@ -182,3 +182,15 @@ def test_synthetic_run_attributes_are_dicts_like_a_real_run():
     assert ds.attrs["config"] == {"synthetic": True, "seed": 5}
     assert isinstance(ds.attrs["seeds"], dict) and isinstance(ds.attrs["model"], dict)
     assert tuple(ds.sample.values) == SAMPLES
+
+
+def test_a_written_synthetic_store_has_dict_config_and_seeds_like_a_real_run(tmp_path):
+    import xarray as xr
+
+    from analysis.report import open_store
+    from analysis.synthetic import write_synthetic_store
+
+    store = write_synthetic_store(tmp_path / "run", synthetic_run(n_steps=1, n_train=3, n_test=1, n_coords=4, seed=5))
+    for ds in (open_store(store), xr.open_zarr(store)):
+        assert ds.attrs["config"] == {"synthetic": True, "seed": 5}
+        assert ds.attrs["seeds"] == {"seed": 5}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analysis.report import analyze, compute_by_steps
+from analysis.report import analyze, compute_by_steps, prepare
 from analysis.synthetic import synthetic_run
 
 LAZY_METRICS = ("coherence", "stiffness", "confusion", "loss_split", "minibatch")
@@ -30,20 +30,27 @@ def test_results_do_not_depend_on_chunking_or_step_batches():
     lazy = analyze(synthetic_run(n_steps=6, n_train=14, n_test=4, step_chunk=4), n_permutations=30)
     b = compute_by_steps(lazy, steps_per_batch=4)  # batches of 4 and 2 steps: r_p crosses them
     xr.testing.assert_allclose(a, b)
-    for name in a.data_vars:
-        assert a[name].dims == b[name].dims, name
+    plan = prepare(synthetic_run(n_steps=6, n_train=14, n_test=4, step_chunk=4), n_permutations=30)
+    for steps in (1, 4):  # the running sums of r_p, r_c and their nulls carried from batch to batch
+        c = plan.compute(steps_per_batch=steps)
+        xr.testing.assert_allclose(a, c)
+        for name in a.data_vars:
+            assert a[name].dims == b[name].dims == c[name].dims, name
+    small = plan.compute(steps_per_batch=4, null_distributions=False)
+    assert "r_p_null" not in small and "r_p_null_low" in small
+    xr.testing.assert_allclose(small.r_p_p_value, a.r_p_p_value)
     assert a.attrs["pairwise_source"] == "exact" and a.f_p.attrs["source"] == "exact"
 
 
 def test_threaded_and_two_process_cluster_agree():
     distributed = pytest.importorskip("distributed")
-    lazy = analyze(synthetic_run(n_steps=3, n_train=10, n_test=3), n_permutations=20,
-                   metrics=("coherence", "loss_split", "confusion"))
-    threaded = lazy.compute(scheduler="threads")
+    plan = prepare(synthetic_run(n_steps=3, n_train=10, n_test=3), n_permutations=20,
+                   metrics=("coherence", "stiffness", "loss_split", "confusion"), max_pair_examples=6)
+    threaded = plan.lazy().compute(scheduler="threads")
     from pipelines.cli.analyze import _compute  # what `gradstore analyze --scheduler ADDRESS` runs
 
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   silence_logs=50) as cluster:
-        remote = _compute(lazy, cluster.scheduler_address)
+        remote = _compute(plan, cluster.scheduler_address, 2)
     xr.testing.assert_allclose(threaded, remote)
-    assert np.isfinite(remote.f_p).all()
+    assert np.isfinite(remote.f_p).all() and np.isfinite(remote.sign_stiffness_se).all()
