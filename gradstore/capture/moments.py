@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradstore.capture.engine import require_trainable, capture, plan
+from gradstore.capture.engine import capture, first_input, plan, require_trainable
 from gradstore.errors import CaptureError
 
 _BY = ("param", "layer", "model")
@@ -74,12 +74,16 @@ class Moments:
 
 
 def _rows(data, rows: slice):
+    if isinstance(data, dict):
+        return {k: _rows(d, rows) for k, d in data.items()}
     if isinstance(data, (tuple, list)):
         return type(data)(_rows(d, rows) for d in data)
     return data[rows] if isinstance(data, torch.Tensor) else data
 
 
 def _to(data, device):
+    if isinstance(data, dict):
+        return {k: _to(d, device) for k, d in data.items()}
     if isinstance(data, (tuple, list)):
         return type(data)(_to(d, device) for d in data)
     return data.to(device) if isinstance(data, torch.Tensor) and device is not None else data
@@ -87,14 +91,15 @@ def _to(data, device):
 
 def _example_count(inputs, targets) -> int:
     """m, with every tensor of ``inputs`` and ``targets`` holding m rows (chunks slice them all)."""
-    first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
+    first = first_input(inputs)
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
         raise CaptureError("inputs must be a tensor (or tuple of tensors) with the example axis first")
     m = int(first.shape[0])
     if m == 0:
         raise CaptureError("coherence_moments needs at least one example; got an empty batch")
     for name, data in (("every tensor in inputs", inputs), ("targets", targets)):
-        for value in data if isinstance(data, (tuple, list)) else (data,):
+        values = data.values() if isinstance(data, dict) else data if isinstance(data, (tuple, list)) else (data,)
+        for value in values:
             if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != m):
                 raise CaptureError(f"{name} must have {m} rows like inputs (example axis first), "
                                    f"got shape {tuple(value.shape)}")

@@ -16,6 +16,7 @@ all uses are merged (:func:`gradstore.capture.factors.merge`): exact cross terms
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -140,10 +141,27 @@ def _constant_grad(use, m: int):
     return g, added
 
 
+def _positional(module, inputs: tuple, kwargs: dict):
+    """Keyword arguments that name positional parameters of ``forward`` (``lin(input=x)``) moved into
+    ``inputs``, in the signature's order, so a rule sees them positionally."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return inputs, kwargs
+    inputs, kwargs = list(inputs), dict(kwargs)
+    for param in params[len(inputs):]:
+        if param.kind is not param.POSITIONAL_OR_KEYWORD or param.name not in kwargs:
+            break
+        inputs.append(kwargs.pop(param.name))
+    return tuple(inputs), kwargs
+
+
 def module_factors(path, module, use, m: int) -> dict:
     """Factors of ``module``'s parameters (local name -> factor) from one recorded call by its rule."""
     rule = lookup_rule(type(module))
     inputs, kwargs, grad = use.inputs, use.kwargs, use.grad_output
+    if kwargs:
+        inputs, kwargs = _positional(module, inputs, kwargs)
     if not use.batched:
         grad, added = _constant_grad(use, m)
         if grad is None:
