@@ -53,3 +53,43 @@ def loop_grads(params: dict, losses_of_example, m: int) -> dict:
         for name, g in zip(names, grads):
             rows[name].append(torch.zeros_like(params[name]) if g is None else g)
     return {name: torch.stack(rows[name]) for name in names}
+
+
+def check_capture_by_loop(model, loss_fn, inputs, targets, example, *, rtol: float, k: int = 3, seed: int = 0):
+    """Every quantity of one ``capture`` against a per-example loop of single-example backward passes.
+
+    ``example(j)`` returns ``(inputs_j, targets_j)``: example j alone, as ``model`` takes it (for
+    modules vmap cannot run, such as the fused recurrent kernels). Returns the capture result.
+    """
+    import copy
+
+    from gradstore.capture import capture
+
+    reference = copy.deepcopy(model).eval()
+    params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+
+    def loss_of(j):
+        xs, ys = example(j)
+        out = reference(*xs) if isinstance(xs, tuple) else reference(xs)
+        return loss_fn(out, ys).sum()
+
+    m = targets.shape[0]
+    ref = loop_grads(params, loss_of, m)
+    gen = torch.Generator().manual_seed(seed)
+    coords = {n: torch.randint(0, g[0].numel(), (3,), generator=gen) for n, g in ref.items()}
+    proj = Projection(k, seed=seed)
+    res = capture(model, loss_fn, inputs, targets, coords=coords, projection=proj, gram=True,
+                  dot_with="sum", grad_sum=True, grads=True)
+    assert set(res.sq_norms) == set(ref)
+    for name, g in ref.items():
+        flat = g.reshape(m, -1)
+        u, v = proj.matrices(name, g.shape[1:], device=g.device, dtype=g.dtype)
+        p = (u[:, :, None] * v[:, None, :]).reshape(k, -1)
+        total = flat.sum(0)
+        expected = {"sq_norms": (flat * flat).sum(1), "coords": flat[:, coords[name]], "proj": flat @ p.T,
+                    "gram": flat @ flat.T, "dots": flat @ total, "grad_sum": total, "grads": flat}
+        for quantity, value in expected.items():
+            got = getattr(res, quantity)[name].reshape(value.shape)
+            err = rel_err(got, value)
+            assert err <= rtol, f"{name} {quantity}: relative error {err:.2e} > {rtol}"
+    return res

@@ -110,5 +110,27 @@ def test_embedding_bag_refusals():
     with pytest.raises(CaptureError, match="max_norm"):
         lookup_rule(nn.EmbeddingBag)(bag, (torch.zeros(2, 3, dtype=torch.long),), torch.zeros(2, 2))
     bag = nn.EmbeddingBag(5, 2)
-    with pytest.raises(CaptureError, match="offsets passed positionally"):
+    with pytest.raises(CaptureError, match="1-d input with offsets"):
         lookup_rule(nn.EmbeddingBag)(bag, (torch.zeros(6, dtype=torch.long),), torch.zeros(2, 2))
+
+
+class WeightedBag(nn.Module):
+    """A sum bag called with keyword arguments: bag(idx, per_sample_weights=w)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(6, 3, mode="sum")
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, idx, w):
+        return self.out(self.bag(idx, per_sample_weights=w))
+
+
+def test_embedding_bag_keyword_arguments_in_capture():
+    from rules_harness import check_capture_by_loop
+
+    torch.manual_seed(2)
+    model = WeightedBag().double()
+    idx, w = torch.randint(0, 6, (4, 3)), torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randn(4, 2, dtype=torch.float64)
+    check_capture_by_loop(model, sq_loss, (idx, w), y, lambda j: ((idx[j:j + 1], w[j:j + 1]), y[j:j + 1]), rtol=1e-6)

@@ -143,3 +143,87 @@ def test_unbatched_input_is_refused():
     out, h = module(x)
     with pytest.raises(CaptureError, match="batched"):
         lookup_rule(nn.RNN)(module, (x,), (torch.ones_like(out), None))
+
+
+# ---- end to end: capture() on models with recurrent layers, against a per-example loop ------------
+
+
+class Classifier(nn.Module):
+    """A recurrent encoder (any kind, optional h0) and a linear head on the last step and on h_n."""
+
+    def __init__(self, kind, **kwargs):
+        super().__init__()
+        self.rnn = KINDS[kind](3, 4, **kwargs)
+        dirs = 2 if kwargs.get("bidirectional") else 1
+        self.head = nn.Linear(4 * dirs + 4, 2)
+
+    def forward(self, x, *h0):  # x batch-major (capture reads the examples off the first input's axis 0)
+        out, hidden = self.rnn(x if self.rnn.batch_first else x.transpose(0, 1), *h0)
+        h_n = hidden[0] if isinstance(hidden, tuple) else hidden
+        last = out[:, -1] if self.rnn.batch_first else out[-1]
+        return self.head(torch.cat([last, torch.tanh(h_n[-1])], 1))
+
+
+def _sq(outputs, targets):
+    return ((outputs - targets) ** 2).sum(1)
+
+
+ENGINE_ROWS = pytest.mark.xfail(
+    strict=True, raises=CaptureError,
+    reason="the engine checks that the first output leaf has the examples on axis 0 before calling the rule; "
+           "a time-major (T, n, .) output or a packed sequence's (sum of lengths, .) data fails that check "
+           "(gradstore.capture.sources.module_factors -> hooks.check_rows); the rule handles both")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize(("batch_first", "with_h0"), [(True, False), (True, True),
+                                                      pytest.param(False, True, marks=ENGINE_ROWS)])
+def test_capture_end_to_end(kind, batch_first, with_h0):
+    from rules_harness import check_capture_by_loop
+
+    torch.manual_seed(7)
+    model = Classifier(kind, batch_first=batch_first, num_layers=2, bidirectional=True).double()
+    m = 3
+    x = torch.randn(m, 5, 3, dtype=torch.float64)
+    y = torch.randn(m, 2, dtype=torch.float64)
+    h0 = ()
+    if with_h0:
+        h = torch.randn(4, m, 4, dtype=torch.float64)
+        h0 = ((h, torch.randn(4, m, 4, dtype=torch.float64)),) if kind == "LSTM" else (h,)
+
+    def example(j):
+        xj = x[j:j + 1]
+        hj = tuple(tuple(s[:, j:j + 1] for s in h) if isinstance(h, tuple) else h[:, j:j + 1] for h in h0)
+        return (xj, *hj), y[j:j + 1]
+
+    check_capture_by_loop(model, _sq, (x, *h0), y, example, rtol=1e-6)
+
+
+class PackedClassifier(nn.Module):
+    """Padded batch-major input and lengths, packed inside the model; a head on h_n."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x, lengths):
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.rnn(packed)
+        return self.head(torch.cat([h_n[0], h_n[1]], 1))
+
+
+@ENGINE_ROWS
+def test_capture_end_to_end_packed():
+    from rules_harness import check_capture_by_loop
+
+    torch.manual_seed(8)
+    model = PackedClassifier().double()
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4])
+    y = torch.randn(3, 2, dtype=torch.float64)
+
+    def example(j):
+        return (x[j:j + 1, : int(lengths[j])], lengths[j:j + 1]), y[j:j + 1]
+
+    check_capture_by_loop(model, _sq, (x, lengths), y, example, rtol=1e-6)

@@ -54,11 +54,18 @@ def embedding_rule(module: nn.Embedding, inputs, grad_output):
 _BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
 
 
-def _bags(module, inputs):
+def _arguments(inputs, kwargs):
+    """(input, offsets, per_sample_weights) of a call, positional or keyword."""
+    names = ("input", "offsets", "per_sample_weights")
+    bound = dict(zip(names, inputs))
+    for name in names:
+        if name in (kwargs or {}):
+            bound[name] = kwargs[name]
+    return bound.get("input"), bound.get("offsets"), bound.get("per_sample_weights")
+
+
+def _bags(module, idx, offsets, weights):
     """(index (n, t), offsets or None, per-sample weights or None, bag mask (n, t)) for the bags."""
-    idx = inputs[0]
-    offsets = inputs[1] if len(inputs) > 1 else None
-    weights = inputs[2] if len(inputs) > 2 else None
     if idx.dim() == 2:
         if offsets is not None:
             raise CaptureError("nn.EmbeddingBag with a 2-d input takes no offsets; pass offsets=None")
@@ -66,8 +73,7 @@ def _bags(module, inputs):
     if idx.dim() != 1 or offsets is None:
         raise CaptureError(
             f"nn.EmbeddingBag input of shape {tuple(idx.shape)} with offsets={'given' if offsets is not None else 'None'}: "
-            "capture needs a 2-d (bags, length) input or a 1-d input with offsets passed positionally, "
-            "bag(input, offsets[, per_sample_weights])"
+            "capture needs a 2-d (bags, length) input or a 1-d input with offsets, one bag an example"
         )
     ends = offsets[1:] if module.include_last_offset else torch.cat([offsets[1:], offsets.new_tensor([idx.numel()])])
     starts = offsets[:-1] if module.include_last_offset else offsets
@@ -80,18 +86,19 @@ def _bags(module, inputs):
     return torch.where(mask, idx[pos], torch.zeros_like(pos)), offsets, padded_weights, mask
 
 
-@register_rule(nn.EmbeddingBag)
-def embedding_bag_rule(module: nn.EmbeddingBag, inputs, grad_output):
+@register_rule(nn.EmbeddingBag, kwargs=True)
+def embedding_bag_rule(module: nn.EmbeddingBag, inputs, grad_output, kwargs=None):
     """Factor of ``weight``: Outer(L = one_hot(idx), R = w · b) for sum/mean, over features for max."""
     reason = _embedding_refusal(module)
     if reason:
         raise CaptureError(reason)
-    index, offsets, weights, mask = _bags(module, inputs)
+    flat, offsets, weights = _arguments(inputs, kwargs)
+    index, offsets, weights, mask = _bags(module, flat, offsets, weights)
     shape = tuple(module.weight.shape)
     b = grad_output  # (n, d)
     if module.mode == "max":
         # the rows that held each feature's maximum, as torch's own forward finds them
-        flat = inputs[0] if offsets is not None else inputs[0].reshape(-1)
+        flat = flat if offsets is not None else flat.reshape(-1)
         bag_offsets = offsets if offsets is not None else torch.arange(0, flat.numel(), max(1, index.shape[1]),
                                                                        device=flat.device)
         if offsets is None and index.shape[1] == 0:
