@@ -20,6 +20,23 @@ from gradstore.errors import AnalysisError, StoreError
 
 #: the modules of the built-in metrics, imported in the default order of the analysis (each registers its own)
 METRIC_MODULES = (coherence, pairwise, losssplit, hardness, minibatch)
+#: entry-point group of metrics from other packages: ``[project.entry-points."gradstore.metrics"]``
+#: ``name = "package.module"``; each module is imported here, and registers its metrics
+ENTRY_POINTS = "gradstore.metrics"
+
+
+def _load_plugins() -> None:
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=ENTRY_POINTS):
+        try:
+            point.load()
+        except Exception as exc:  # a broken plug-in names itself, in one line
+            raise AnalysisError(f"the metric plug-in {point.name!r} ({point.value}) failed to import: {exc}; "
+                                "fix or uninstall it") from None
+
+
+_load_plugins()
 #: the registered metric names, in order (always current: a metric registered later appears)
 METRICS = registry.Names()
 

@@ -20,6 +20,7 @@ def store(tmp_path_factory):
 
 
 def test_accessor_agrees_with_the_functions(store):
+    assert analysis.open_store is open_store and analysis.analyze is analyze
     run = open_store(store)
     mo = sources.layer_moments(run, "exact")
     np.testing.assert_allclose(run.gs.m_coherence(by="layer").values,
