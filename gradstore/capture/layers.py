@@ -5,17 +5,20 @@ trainable parameter's per-example gradients:
 
 * ``rule <name>`` -- a registered layer rule (:mod:`gradstore.capture.registry`) covers the module
   that owns the parameter: exact, at the cost of the rule's factors;
-* ``fallback (torch.func)`` -- no rule for the owning module's type: exact through the slower
-  torch.func fallback (one ``vmap(grad)`` over examples of that module), with a warning at capture;
+* ``per operation: op rule, else fallback (torch.func)`` -- no rule for the owning module's type:
+  each operation that consumes the parameter is covered by its op rule (:mod:`gradstore.capture.ops`:
+  ``F.linear``, ``matmul``, ``addmm``, ``embedding``, ... -- how ``nn.MultiheadAttention`` runs at
+  Linear-rule cost), else exactly by the slower torch.func fallback (a warning at capture says so);
 * ``refused: <why>`` -- capture would refuse the model, with that one-line reason; or
 * ``frozen`` -- ``requires_grad=False``: not captured.
 
-Refusals known before any input is seen come from the engine's own planning
-(:func:`gradstore.capture.engine.plan`) and from the rules: a rule may carry a ``refusal``
+Refusals known before any input is seen come from the rules: a rule may carry a ``refusal``
 attribute, ``refusal(module) -> str | None``, the one line it would raise for this module's
 configuration whatever the input (BatchNorm without running statistics, ``max_norm`` on an
-EmbeddingBag, ...). What depends on the inputs -- a parameter used outside its owning module's
-forward (functional weight tying), an input without an example axis -- shows only when capture runs.
+EmbeddingBag, ...). Given example inputs, :func:`explain` also runs the model once to find the
+modules whose own ``forward`` never runs (their parameters are used functionally elsewhere). What
+else depends on the inputs -- a use outside the owning module's forward next to one inside it
+(functional weight tying), an input without an example axis -- shows only when capture runs.
 
 :func:`supported_layers` lists the registry (the table of ``docs/layers.md`` is generated from it by
 :func:`supported_layers_markdown`; ``python -m gradstore.capture.layers docs/layers.md`` rewrites it).
@@ -27,13 +30,17 @@ import inspect
 import sys
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from gradstore.capture.engine import plan
 from gradstore.capture.registry import lookup_rule, registered_types
+from gradstore.capture.state import preserved_run
 from gradstore.errors import CaptureError
 
-FALLBACK = "fallback (torch.func)"
+#: the path of a parameter whose owning module has no rule: each operation consuming it goes to that
+#: operation's op rule (``F.linear``, ``matmul``, ``addmm``, ``embedding``, ...; gradstore.capture.ops),
+#: else to the exact torch.func fallback
+FALLBACK = "per operation: op rule, else fallback (torch.func)"
 FROZEN = "frozen"
 
 
@@ -62,31 +69,50 @@ def _path_of(module: nn.Module) -> str:
     return f"refused: {reason}" if reason else f"rule {rule_name(rule)}"
 
 
-def explain(model: nn.Module) -> list[Row]:
-    """For each parameter of ``model`` (``named_parameters`` order, shared tensors listed once), the
-    path capture takes: ``"rule <name>"``, ``"fallback (torch.func)"``, ``"refused: <why>"`` or
-    ``"frozen"``. Nothing is run; see the module docstring for what only a capture can find."""
+def _modules_run(model: nn.Module, inputs) -> set[int]:
+    """ids of the modules whose forward runs on ``inputs``: eval mode with autograd on, as capture runs
+    (under ``no_grad`` PyTorch's fused transformer paths skip their submodules); modes restored."""
+    ran: set[int] = set()
+    handles = [module.register_forward_pre_hook(lambda mod, args: ran.add(id(mod))) for module in model.modules()]
     try:
-        plan(model)
-        refused_model = None
-    except CaptureError as err:  # the engine refuses the model as a whole (e.g. tied weights)
-        refused_model = str(err)
-    owners = {}
+        with preserved_run(model), torch.enable_grad():
+            model.eval()
+            model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ran
+
+
+def explain(model: nn.Module, inputs=None) -> list[Row]:
+    """For each parameter of ``model`` (``named_parameters`` order, shared tensors listed once), the
+    path capture takes: ``"rule <name>"``, the per-operation path of a module without a rule
+    (:data:`FALLBACK`), ``"refused: <why>"`` or ``"frozen"``; a parameter shared by several modules
+    (tied weights) lists each owner's path, joined by ``" + "``.
+
+    Without ``inputs`` nothing is run. With ``inputs`` (as ``model`` takes them) the model runs once
+    (eval mode, modes and RNG restored) to see which modules' ``forward`` is called:
+    a module with a rule whose forward never runs -- ``out_proj`` of ``nn.MultiheadAttention``, whose
+    weight the attention uses functionally -- has its parameters captured per operation instead.
+    """
+    ran = None if inputs is None else _modules_run(model, inputs)
+    owners: dict[int, list] = {}
     for path, module in model.named_modules():
-        for local, param in module._parameters.items():
+        for param in module._parameters.values():
             if param is not None:
-                owners.setdefault(id(param), []).append((path, local, module))
+                owners.setdefault(id(param), []).append((path, module))
     rows = []
     for name, param in model.named_parameters():
-        path, _, module = owners[id(param)][0]
-        shared = len(owners[id(param)]) > 1
+        mine = owners[id(param)]
         if not param.requires_grad:
             how = FROZEN
-        elif refused_model is not None and shared:
-            how = f"refused: {refused_model}"
         else:
-            how = _path_of(module)
-        rows.append(Row(name, tuple(param.shape), path or "<root>", type(module).__qualname__, how))
+            paths = list(dict.fromkeys(
+                FALLBACK if ran is not None and id(module) not in ran else _path_of(module) for _, module in mine))
+            refused = [p for p in paths if p.startswith("refused: ")]
+            how = refused[0] if refused else " + ".join(paths)
+        rows.append(Row(name, tuple(param.shape), ", ".join(p or "<root>" for p, _ in mine),
+                        ", ".join(dict.fromkeys(type(m).__qualname__ for _, m in mine)), how))
     return rows
 
 
@@ -99,7 +125,8 @@ def format_rows(rows: list[Row]) -> str:
     lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(widths))) + "  " + c[-1] for c in cells]
     counts: dict[str, int] = {}
     for r in rows:
-        kind = r.path.split(" ", 1)[0].rstrip(":")
+        kind = ("refused" if r.path.startswith("refused: ") else FROZEN if r.path == FROZEN
+                else "by a rule" if FALLBACK not in r.path else "per operation")
         counts[kind] = counts.get(kind, 0) + 1
     lines.append("")
     lines.append(", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) + f" ({len(rows)} parameters)")

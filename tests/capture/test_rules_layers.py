@@ -59,19 +59,58 @@ def test_explain_follows_the_registry():
     assert explain(Scale())[0].path == FALLBACK
 
 
-def test_explain_shared_parameter_listed_once():
-    rows = explain(Tied())
-    assert [r.parameter for r in rows] == ["emb.weight"]
+def test_explain_tied_parameter_listed_once_with_every_owner():
+    (row,) = explain(Tied())
+    assert row.parameter == "emb.weight" and row.module == "emb, head" and row.module_type == "Embedding, Linear"
+    assert row.path == "rule embedding.embedding_rule + rule linear.linear_rule"
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_explain_module_without_rule_goes_per_operation():
+    model = Attention()
+    static = {r.parameter: r.path for r in explain(model)}
+    assert static["attn.in_proj_weight"] == FALLBACK
+    assert static["attn.out_proj.weight"] == "rule linear.linear_rule"  # its forward is not known to be skipped
+    model.train()
+    run = {r.parameter: r.path for r in explain(model, torch.randn(2, 3, 4))}
+    assert run["attn.out_proj.weight"] == FALLBACK == run["attn.in_proj_weight"]  # MHA uses out_proj functionally
+    assert model.training and model.attn.training  # modes restored
+
+
+def test_explain_runs_like_capture_not_the_fused_inference_path():
+    """Under no_grad an eval TransformerEncoderLayer takes a fused path that skips its Linear modules;
+    capture runs with autograd on, where they run, so their rules apply."""
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 2, 8, batch_first=True), 1, enable_nested_tensor=False)
+    rows = {r.parameter: r.path for r in explain(model, torch.randn(2, 3, 4))}
+    assert rows["layers.0.linear1.weight"] == "rule linear.linear_rule"
+    assert rows["layers.0.self_attn.out_proj.weight"] == FALLBACK
 
 
 def test_cli_builtin_and_import_path():
     out = CliRunner().invoke(layers_command, ["--model", "cnn-bn"])
     assert out.exit_code == 0, out.output
     assert "0.weight" in out.output and "rule conv.conv_rule" in out.output
-    assert "(8 parameters)" in out.output
+    assert "8 by a rule (8 parameters)" in out.output
     out = CliRunner().invoke(layers_command, ["--model", "test_rules_layers:small_model"])
     assert out.exit_code == 0, out.output
     assert FALLBACK in out.output and "refused: BatchNorm1d" in out.output
+    out = CliRunner().invoke(layers_command, ["--model", "test_rules_layers:Attention", "--input-shape", "3,4"])
+    assert out.exit_code == 0, out.output
+    assert "rule linear" not in out.output
+
+
+@pytest.mark.parametrize("shape", ["0,3", "a", "5,5"])
+def test_cli_bad_input_shape_is_one_error(shape):
+    out = CliRunner().invoke(layers_command, ["--model", "test_rules_layers:Attention", "--input-shape", shape])
+    assert out.exit_code != 0 and isinstance(out.exception, GradstoreError)
 
 
 @pytest.mark.parametrize("spec", ["nosuch", "nosuch_module_xyz:f", "test_rules_layers:missing", "torch:float32"])
