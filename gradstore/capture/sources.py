@@ -171,7 +171,8 @@ def module_factors(path, module, use, m: int) -> dict:
         inputs, kwargs, grad = _swap01(inputs, m), _swap01(kwargs, m), _swap01(grad, m)
     if grad is None or (isinstance(grad, tuple) and all(g is None for g in grad)):
         return {}
-    check_rows(path, grad, m)
+    if use.single:  # a structured output's layout (an RNN's time-major or packed output) is the rule's
+        check_rows(path, grad, m)
     try:
         if wants_kwargs(rule):
             return rule(module, inputs, grad, kwargs)
