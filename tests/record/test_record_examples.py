@@ -56,3 +56,10 @@ def test_lm_sequence_records_per_sequence_losses_over_unpadded_bytes(tmp_path):
             want = torch.nn.functional.cross_entropy(model(x[None])[0], y)
         assert ds.example.values[row] == s
         np.testing.assert_allclose(ds.loss.values[0, row], want.item(), rtol=1e-5)
+
+
+def test_stream_moments_sums_over_every_example_of_the_dataset(tmp_path):
+    row = _load("stream_moments").main(["--out", str(tmp_path / "s"), "--m", "300", "--chunk", "128"])
+    ds = open_run(tmp_path / "s" / "store.zarr").load()
+    assert row["m"] == 300 and (ds.m.sel(sample="moments_train").values == 300).all()
+    assert (ds.sum_of_norm_sq.sel(sample="moments_train").values > 0).all()
