@@ -168,16 +168,8 @@ def _sq(outputs, targets):
     return ((outputs - targets) ** 2).sum(1)
 
 
-ENGINE_ROWS = pytest.mark.xfail(
-    strict=True, raises=CaptureError,
-    reason="the engine checks that the first output leaf has the examples on axis 0 before calling the rule; "
-           "a time-major (T, n, .) output or a packed sequence's (sum of lengths, .) data fails that check "
-           "(gradstore.capture.sources.module_factors -> hooks.check_rows); the rule handles both")
-
-
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@pytest.mark.parametrize(("batch_first", "with_h0"), [(True, False), (True, True),
-                                                      pytest.param(False, True, marks=ENGINE_ROWS)])
+@pytest.mark.parametrize(("batch_first", "with_h0"), [(True, False), (True, True), (False, True)])
 def test_capture_end_to_end(kind, batch_first, with_h0):
     from rules_harness import check_capture_by_loop
 
@@ -213,7 +205,6 @@ class PackedClassifier(nn.Module):
         return self.head(torch.cat([h_n[0], h_n[1]], 1))
 
 
-@ENGINE_ROWS
 def test_capture_end_to_end_packed():
     from rules_harness import check_capture_by_loop
 
@@ -227,3 +218,26 @@ def test_capture_end_to_end_packed():
         return (x[j:j + 1, : int(lengths[j])], lengths[j:j + 1]), y[j:j + 1]
 
     check_capture_by_loop(model, _sq, (x, lengths), y, example, rtol=1e-6)
+
+
+class LastState(nn.Module):
+    """The usual sequence classifier: a head on h_n only (the output sequence gets no gradient)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.rnn = KINDS[kind](3, 4, batch_first=True, num_layers=2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        _, hidden = self.rnn(x)
+        return self.head((hidden[0] if isinstance(hidden, tuple) else hidden)[-1])
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_capture_classifier_on_last_state(kind):
+    from rules_harness import check_capture_by_loop
+
+    torch.manual_seed(9)
+    model = LastState(kind).double()
+    x, y = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    check_capture_by_loop(model, _sq, x, y, lambda j: (x[j:j + 1], y[j:j + 1]), rtol=1e-6)
