@@ -9,6 +9,14 @@ Cases (each in its own process, real MNIST training images, the project's models
 * ``mlp-backpack`` / ``mlp-opacus`` (with the optional ``bench`` extra, ``make bench-extra``):
   BackPACK BatchL2Grad on the same m examples (paired with a plain pass; its Σ||g_n||² is checked
   against ours), Opacus GradSampleModule moments (timed on ``vmap_m`` examples, scaled linearly).
+* ``lm-*`` (language models, real text: bytes of the Python standard library's own sources read at
+  run time from ``sysconfig.get_paths()["stdlib"]``, windows of T = 64 tokens, vocabulary 256):
+  a GPT-style LM written from ``nn.Linear`` (4 layers, d = 128, 4 heads) untied (``lm-untied``),
+  with its head tied to the token embedding (``lm-tied``), and with ``nn.TransformerEncoder``
+  instead of the hand-written attention (``lm-encoder``); a tiny Hugging Face GPT-2 (2 layers,
+  n_embd 64, ``gpt2``, if transformers is installed). Exact m-coherence moments (whole model + per
+  layer, per-sequence mean token loss) paired with a plain forward+backward of the same model;
+  torch.func vmap(grad) moments (``*-vmap``) on the same examples.
 * ``gram-*``: the exact per-layer Gram block of the MLP on ``gram_m`` examples; building it from
   materialized per-example gradients is timed at ``gram_small`` examples and scaled by blocks
   (k = gram_m / gram_small: k materializations, k(k+1)/2 block products), since ``gram_m``
@@ -41,6 +49,128 @@ def _data(m: int, device: str, data_dir: str | None):
     x = torch.from_numpy(mnist.train_images[:m].astype(np.float32) / 255.0).unsqueeze(1).to(device)
     y = torch.from_numpy(np.ascontiguousarray(mnist.train_labels[:m])).to(device)
     return x, y, mnist.source
+
+
+# ---- language models on real text ---------------------------------------------------------------
+
+LM = {"vocab": 256, "d": 128, "heads": 4, "layers": 4, "t": 64}
+
+
+def _text_windows(m: int, t: int, device: str):
+    """m windows of t + 1 bytes of the standard library's .py sources (sorted paths; inputs, next bytes)."""
+    import os
+    import sysconfig
+
+    import torch
+
+    root = sysconfig.get_paths()["stdlib"]
+    data = bytearray()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "__pycache__"))
+        for filename in sorted(filenames):
+            if filename.endswith(".py"):
+                with open(os.path.join(dirpath, filename), "rb") as fh:
+                    data += fh.read()
+            if len(data) >= m * (t + 1):
+                break
+        if len(data) >= m * (t + 1):
+            break
+    tokens = torch.tensor(list(data[: m * (t + 1)]), dtype=torch.long).view(m, t + 1).to(device)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), f"stdlib sources under {root}"
+
+
+def _lm_model(kind: str):
+    """GPT-style LM from nn.Linear ("untied", "tied"), or with nn.TransformerEncoder ("encoder")."""
+    import torch
+    from torch import nn
+
+    vocab, d, heads, layers, t = LM["vocab"], LM["d"], LM["heads"], LM["layers"], LM["t"]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            n, s, _ = x.shape
+            q, k, v = self.qkv(self.ln1(x)).view(n, s, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+            att = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.proj(att.transpose(1, 2).reshape(n, s, d))
+            return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(t, d)
+            if kind == "encoder":
+                layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+                self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            else:
+                self.blocks = nn.Sequential(*[Block() for _ in range(layers)])
+            self.ln = nn.LayerNorm(d)
+            self.head = nn.Linear(d, vocab, bias=False)
+            if kind == "tied":
+                self.head.weight = self.tok.weight
+
+        def forward(self, idx):
+            s = idx.shape[1]
+            h = self.tok(idx) + self.pos(torch.arange(s, device=idx.device))
+            if kind == "encoder":
+                mask = nn.Transformer.generate_square_subsequent_mask(s, device=idx.device)
+                h = self.blocks(h, mask=mask, is_causal=True)
+            else:
+                h = self.blocks(h)
+            return self.head(self.ln(h))
+
+    torch.manual_seed(0)
+    return GPT()
+
+
+def _gpt2_model():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=LM["t"], bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def _sequence_loss(logits, targets):
+    """Mean next-byte cross entropy per sequence: the example is the sequence."""
+    import torch.nn.functional as F
+
+    logits = getattr(logits, "logits", logits)
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+
+
+def _lm_case(name: str, *, m: int, device: str, repeats: int) -> dict:
+    from gradstore.capture import coherence_moments
+    from pipelines.bench import measure_paired
+
+    kind = name.split("-")[1] if name.startswith("lm-") else "gpt2"
+    model = (_gpt2_model() if kind == "gpt2" else _lm_model(kind)).to(device).eval()
+    x, y, source = _text_windows(m, LM["t"], device)
+    loss_fn = _sequence_loss
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).sum().backward()
+
+    def ours():
+        mom = coherence_moments(model, loss_fn, x, y, chunk_size=m)
+        return mom.norm_sq_of_sum("layer"), mom.sum_of_norm_sq("layer"), mom.norm_sq_of_sum("model")
+
+    if name.endswith("-vmap"):
+        fn = lambda: _materialized_moments(_vmap_per_example(model, loss_fn), x, y, chunk=32)  # noqa: E731
+        _materialized_moments(_vmap_per_example(model, loss_fn), x[:2], y[:2])  # warm up torch.func
+        result = measure_paired(fn, plain, repeats=max(1, repeats // 3), device=device)
+    else:
+        result = measure_paired(ours, plain, repeats=repeats, device=device)
+    params = sum(p.numel() for p in model.parameters())
+    return {"case": name, "m": m, "device": device, "source": source, "parameters": params, **result}
 
 
 def _vmap_per_example(model, loss_fn):
@@ -135,6 +265,10 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, 
 
     if threads > 0:
         torch.set_num_threads(threads)
+    if name.startswith(("lm-", "gpt2")):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap over attention
+            return _lm_case(name, m=m, device=device, repeats=repeats)
     from gradstore.capture import capture, coherence_moments
     from pipelines.bench import measure, measure_paired
     from pipelines.models import build_model
@@ -201,6 +335,43 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, 
         if name == "gram-materialized":
             result.update(timings)
     return {"case": name, "m": m, "device": device, "source": source, **result}
+
+
+LM_CASES = ("lm-untied", "lm-untied-vmap", "lm-tied", "lm-tied-vmap", "lm-encoder", "lm-encoder-vmap", "gpt2",
+            "gpt2-vmap")
+
+
+def run_lm(*, m: int, device: str, repeats: int, threads: int = 0, echo=print, cases=LM_CASES) -> dict:
+    """The language-model cases, each in a fresh process (``gpt2*`` only if transformers is installed)."""
+    from pipelines.bench import run_case
+
+    rows = {}
+    for name in cases:
+        if name.startswith("gpt2") and importlib.util.find_spec("transformers") is None:
+            continue
+        args = [name, "--m", str(m), "--device", device, "--repeats", str(repeats), "--threads", str(threads)]
+        row = rows[name] = run_case(__name__, args)
+        echo(f"  {name:<22} m={m:<5} {row['seconds']:9.3f} s   peak +{row['peak_bytes'] / 2**20:8.1f} MiB   "
+             f"paired plain {row['baseline_seconds']:.3f} s, median ratio {row['ratio']:.3f} (wall) "
+             f"{row['cpu_ratio']:.3f} (CPU time)")
+    return rows
+
+
+def lm_markdown(rows: dict, *, m: int) -> str:
+    """The language-model cases as a Markdown table (ratios paired with a plain pass of the same model)."""
+    titles = {"lm-untied": "GPT-style LM (nn.Linear), untied", "lm-tied": "same, head tied to the embedding",
+              "lm-encoder": "same, nn.TransformerEncoder", "gpt2": "HF GPT-2 (2 layers, n_embd 64)"}
+    lines = ["| case | m | parameters | capture (s) | ratio (CPU time) | peak MiB | torch.func vmap (s) | "
+             "vmap ratio (CPU time) | vmap peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, title in titles.items():
+        if name not in rows:
+            continue
+        r, v = rows[name], rows.get(name + "-vmap")
+        vmap = (f"{v['seconds']:.2f} | {v['ratio']:.2f}× ({v['cpu_ratio']:.2f}×) | {v['peak_bytes'] / 2**20:.0f}"
+                if v else "– | – | –")
+        lines.append(f"| {title} | {m} | {r['parameters']:,} | {r['seconds']:.3f} | **{r['ratio']:.2f}×** "
+                     f"({r['cpu_ratio']:.2f}×) | {r['peak_bytes'] / 2**20:.0f} | {vmap} |")
+    return "\n".join(lines)
 
 
 def run(*, m: int, device: str, repeats: int, data_dir: str | None, vmap_m: int, gram_m: int,

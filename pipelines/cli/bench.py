@@ -26,24 +26,33 @@ def bench() -> None:
               help="Largest m at which the materialized Gram is timed (also at half of it).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch CPU threads per case (0: torch's default).")
+@click.option("--lm-m", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Sequences (T = 64 bytes of the stdlib's sources) in the language-model cases.")
+@click.option("--only", type=click.Choice(["all", "lm"]), default="all", show_default=True,
+              help="'lm': the language-model cases only.")
 @data_dir_option
 @device_option
-def capture(m: int, repeats: int, gram_m: int, vmap_m: int, gram_small: int, threads: int, data_dir: str | None,
-            device: str) -> None:
+def capture(m: int, repeats: int, gram_m: int, vmap_m: int, gram_small: int, threads: int, lm_m: int, only: str,
+            data_dir: str | None, device: str) -> None:
     """Capture engine vs a plain forward+backward pass, torch.func vmap and materialized Gram blocks."""
-    from pipelines.bench.capture import markdown, run
+    from pipelines.bench.capture import lm_markdown, markdown, run, run_lm
 
     import torch
 
     check_device(device)
     click.echo(f"gradstore bench capture: m={m}, device={device}, repeats={repeats}, torch threads="
                f"{threads or torch.get_num_threads()} (each case in its own process)")
+    lm_rows = run_lm(m=lm_m, device=device, repeats=repeats, threads=threads, echo=click.echo)
+    if only == "lm":
+        click.echo("\n" + lm_markdown(lm_rows, m=lm_m))
+        return
     rows = run(m=m, device=device, repeats=repeats, data_dir=data_dir, vmap_m=min(vmap_m, m), gram_m=gram_m,
                gram_small=gram_small, threads=threads, echo=click.echo)
     extras = [name for name, key in (("BackPACK", "mlp-backpack"), ("Opacus", "mlp-opacus")) if key in rows]
     click.echo("bench extra: " + (", ".join(extras) + " timed" if extras else "not installed (`make bench-extra`)"))
     click.echo(f"data: {rows['mlp-plain']['source']}\n")
     click.echo(markdown(rows, m=m, gram_m=gram_m, vmap_m=min(vmap_m, m), gram_small=gram_small))
+    click.echo("\n" + lm_markdown(lm_rows, m=lm_m))
 
 
 @bench.command("store")
