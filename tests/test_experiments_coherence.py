@@ -65,18 +65,29 @@ class _Spy:
         self.seen.append((step, self.bn.running_mean.clone(), self.bn.running_var.clone()))
 
 
-def test_primed_recorder_primes_then_restores_batchnorm():
+def test_primed_recorder_primes_then_restores_batchnorm(tmp_path):
+    from gradstore.record import Recorder, Schedule
+
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3)
-    model = nn.Sequential(conv, bn)
+    model = nn.Sequential(conv, bn, nn.Flatten())
     bn.running_mean.fill_(5.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [torch.randn(8, 1, 6, 6) for _ in range(3)]
     spy = _Spy(bn)
-    observer = ce.PrimedRecorder(spy, batches)
+    recorder = Recorder(tmp_path / "s.zarr", model, train_inputs=batches[0][:2], train_targets=torch.tensor([0, 1]),
+                        train_ids=[0, 1], schedule=Schedule.at([3]), coords_per_layer=0, prime_batches=batches)
+    capture = recorder.step_capture
+
+    def spying(model, reducer, step):  # notes the statistics the capture runs with
+        spy(step, model)
+        return capture(model, reducer, step)
+
+    recorder.step_capture = spying
     model.train()
-    observer(2, model)  # not scheduled: nothing happens
-    observer(3, model)
+    with recorder:
+        assert not recorder.maybe_record(2, model)  # not scheduled: nothing happens
+        assert recorder.maybe_record(3, model)
     assert [s for s, *_ in spy.seen] == [3]
     # independent: equal-weight average over the passes of the per-pass channel mean / unbiased variance
     with torch.no_grad():
@@ -282,10 +293,10 @@ def test_primed_capture_leaves_training_unchanged(tmp_path, mnist_subset):
     plain = train(tc, data, model=build_model("cnn-bn")).model.state_dict()
     model = build_model("cnn-bn")
     recorder = Recorder(str(tmp_path / "s.zarr"), model, train_inputs=data.x_train[:12], train_targets=data.y_train[:12],
-                        train_ids=data.train_ids[:12].numpy(), schedule=Schedule.at([0, 1, 3]), coords_per_layer=0)
-    observer = ce.PrimedRecorder(recorder, [data.x_train[100:150], data.x_train[150:200]])
+                        train_ids=data.train_ids[:12].numpy(), schedule=Schedule.at([0, 1, 3]), coords_per_layer=0,
+                        prime_batches=[data.x_train[100:150], data.x_train[150:200]])
     with recorder:
-        watched = train(replace(tc), data, model=model, observers=[observer]).model.state_dict()
+        watched = train(replace(tc), data, model=model, observers=[recorder]).model.state_dict()
     assert recorder.committed == 3
     for key, value in plain.items():
         assert torch.equal(value, watched[key]), key

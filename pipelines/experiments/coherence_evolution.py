@@ -66,38 +66,6 @@ def subsample(mnist, n_train: int, n_test: int, seed: int):
                    test_labels=mnist.test_labels[te], test_ids=mnist.test_ids[te])
 
 
-class PrimedRecorder:
-    """Training observer: on a scheduled step, prime BatchNorm, let the Recorder capture, then restore.
-
-    Parameters
-    ----------
-    recorder : gradstore.store.Recorder
-    batches : list of Tensor
-        The fixed priming inputs (training images); the statistics are reset and averaged over them.
-    """
-
-    def __init__(self, recorder, batches):
-        self.recorder, self.batches = recorder, batches
-
-    def wants(self, step: int) -> bool:
-        return self.recorder.wants(step)
-
-    def __call__(self, step: int, model, metrics: dict | None = None) -> None:
-        from gradstore.capture import bn_priming
-
-        if self.recorder.wants(step):
-            with bn_priming(model, self.batches, reset=True):
-                self.recorder(step, model, metrics)
-
-    def flush(self) -> None:
-        """Wait for the Recorder's write in flight (the trainer calls this before a checkpoint)."""
-        self.recorder.flush()
-
-    def checkpoint_state(self) -> dict[str, int]:
-        """The Recorder's committed steps, for the checkpoint (:func:`pipelines.train.observer_state`)."""
-        return self.recorder.checkpoint_state()
-
-
 def train_one(config, model_name: str, noise: float, mnist, run_dir: Path, ctx: Context):
     """Train one model at one noise level with a primed Recorder; return (TrainResult, store path).
 
@@ -138,11 +106,12 @@ def train_one(config, model_name: str, noise: float, mnist, run_dir: Path, ctx: 
         test_ids=data.test_ids[te].cpu().numpy() if len(te) else None,
         schedule=Schedule.at(steps), coords_per_layer=0, coord_seed=seed, gram=False,
         config={**config, "model": model_name, "noise": noise}, seeds={"seed": seed}, resume=ctx.resume,
+        prime_batches=prime,
     )
     with folder.errors(f"recording the run store {store}"), recorder, tqdm(
             total=tc.steps, desc=f"{model_name}, {noise:.0%} noise", unit="step", disable=not ctx.progress,
             leave=False) as bar:
-        result = train(tc, data, model=model, observers=[PrimedRecorder(recorder, prime)],
+        result = train(tc, data, model=model, observers=[recorder],
                        checkpoint=checkpoint, checkpoint_every=max(steps_per_epoch, 1),
                        progress=lambda _s: bar.update(1))
     with folder.errors(f"writing {history}"):
