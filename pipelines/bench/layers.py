@@ -6,12 +6,15 @@ variant once, interleaved):
 * ``gram-form`` -- the cost choice of :class:`gradstore.capture.factors.Outer`: ||g_n||² of
   g_n = Σ_t L_t R_tᵀ (L: r wide, R: c wide) by the Gram form Σ_ts (L_t·L_s)(R_t·R_s) against
   materializing g_n, over t at fixed r = c, with the same einsums the factor uses; prints the
-  time of each and the ratio t(r + c)/(rc) the rule compares with 1.
+  time of each and the ratio t(r + c)/(rc) the rule compares with 1. ``--quantity gram``: the
+  (n, n) Gram block instead (pairs of examples: Σ_ts (L_nt·L_ms)(R_nt·R_ms) against G Gᵀ).
 * ``lstm`` -- an LSTM classifier on MNIST-shaped rows (28 steps of 28 features, hidden 128, a
   linear head on the last state; random inputs): a plain forward+backward against per-example
   ||g_n||² of every parameter. Through ``capture`` when the engine takes the LSTM's tuple output;
   otherwise "rule-level": the same forward, ``torch.autograd.grad`` to the output leaves, the
   LSTM and Linear rules, ``sq_norms`` of every factor (what capture does, without its bookkeeping).
+  Also a per-example loop of single-example backward passes (vmap cannot run the fused LSTM
+  kernel), timed on 32 examples and scaled linearly to m.
 * ``hf-conv1d`` -- a GPT-2-style MLP block of Hugging Face ``Conv1D`` layers (d = 64, T = 64,
   4d hidden, GELU): plain forward+backward, ``capture`` with the Conv1D rule, and ``capture``
   through the torch.func fallback (rule unregistered for the run).
@@ -36,10 +39,11 @@ def _median_rounds(variants: dict, repeats: int) -> dict:
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
-def gram_form(repeats: int, width: int, n: int) -> None:
+def gram_form(repeats: int, width: int, n: int, quantity: str) -> None:
     import torch
 
-    print(f"gram-form: ||g_n||^2 of g_n = sum_t L_t R_t^T, r = c = {width}, n = {n}, {torch.get_num_threads()} thread(s)")
+    what = "||g_n||^2" if quantity == "sq-norms" else "the (n, n) Gram block g_n . g_m"
+    print(f"gram-form: {what} of g_n = sum_t L_t R_t^T, r = c = {width}, n = {n}, {torch.get_num_threads()} thread(s)")
     print("t    t(r+c)/(rc)  gram form ms  materialize ms  faster")
     gen = torch.Generator().manual_seed(0)
     for t in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256):
@@ -47,15 +51,22 @@ def gram_form(repeats: int, width: int, n: int) -> None:
         right = torch.randn(n, t, 1, width, generator=gen)
 
         def by_gram():
-            ll = torch.einsum("ntgd,nsgd->ngts", left, left)
-            rr = torch.einsum("ntgd,nsgd->ngts", right, right)
-            return (ll * rr).sum((1, 2, 3))
+            if quantity == "sq-norms":
+                ll = torch.einsum("ntgd,nsgd->ngts", left, left)
+                rr = torch.einsum("ntgd,nsgd->ngts", right, right)
+                return (ll * rr).sum((1, 2, 3))
+            ll = torch.einsum("ntgd,msgd->nmgts", left, left)
+            rr = torch.einsum("ntgd,msgd->nmgts", right, right)
+            return (ll * rr).sum((2, 3, 4))
 
         def by_materializing():
             g = torch.einsum("ntgr,ntgc->ngrc", left, right).reshape(n, -1)
-            return torch.linalg.vector_norm(g, dim=-1).square()
+            if quantity == "sq-norms":
+                return torch.linalg.vector_norm(g, dim=-1).square()
+            return g @ g.T
 
-        torch.testing.assert_close(by_gram(), by_materializing(), rtol=1e-3, atol=1e-3)
+        a, b = by_gram(), by_materializing()  # the two forms agree (float32 rounding, relative to the largest)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
         med = _median_rounds({"gram": by_gram, "mat": by_materializing}, repeats)
         ratio = t * 2 * width / (width * width)
         faster = "gram" if med["gram"] < med["mat"] else "materialize"
@@ -105,15 +116,25 @@ def lstm(repeats: int, m: int) -> None:
                    **lookup_rule(nn.LSTM)(model.lstm, (x,), tuple(gl))}
         return {name: f.sq_norms() for name, f in factors.items()}
 
+    sub = min(m, 32)
+    params = [p for p in model.parameters()]
+
+    def loop():  # the alternative where vmap cannot run the fused kernel: one backward per example
+        for j in range(sub):
+            grads = torch.autograd.grad(loss_fn(model(x[j:j + 1]), y[j:j + 1]).sum(), params)
+            sum(g.square().sum() for g in grads)
+
     try:
         by_capture()
         ours, how = by_capture, "capture"
     except CaptureError as err:
         ours, how = rule_level, f"rule-level (capture refused: {str(err)[:80]}...)"
-    med = _median_rounds({"plain": plain, "ours": ours}, repeats)
+    med = _median_rounds({"plain": plain, "ours": ours, "loop": loop}, repeats)
+    loop_scaled = med["loop"] * m / sub
     print(f"lstm: m = {m}, {torch.get_num_threads()} thread(s), {how}")
     print(f"plain forward+backward {med['plain'] * 1e3:.1f} ms, per-example sq_norms {med['ours'] * 1e3:.1f} ms, "
-          f"ratio {med['ours'] / med['plain']:.2f}x")
+          f"ratio {med['ours'] / med['plain']:.2f}x; per-example loop (timed on {sub}, scaled) "
+          f"{loop_scaled * 1e3:.0f} ms, {loop_scaled / med['plain']:.1f}x")
 
 
 def hf_conv1d(repeats: int, m: int) -> None:
@@ -165,10 +186,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--m", type=int, default=256)
     parser.add_argument("--width", type=int, default=128, help="gram-form: r = c")
+    parser.add_argument("--quantity", choices=["sq-norms", "gram"], default="sq-norms", help="gram-form: which quantity")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.case == "gram-form":
-        gram_form(args.repeats, args.width, args.m)
+        gram_form(args.repeats, args.width, args.m, args.quantity)
     elif args.case == "lstm":
         lstm(args.repeats, args.m)
     else:
