@@ -79,7 +79,7 @@ def check_capture_by_loop(model, loss_fn, inputs, targets, example, *, rtol: flo
     coords = {n: torch.randint(0, g[0].numel(), (3,), generator=gen) for n, g in ref.items()}
     proj = Projection(k, seed=seed)
     res = capture(model, loss_fn, inputs, targets, coords=coords, projection=proj, gram=True,
-                  dot_with="sum", grad_sum=True, grads=True)
+                  dot_with="sum", grad_sum=True, grads=True, verify=True)
     assert set(res.sq_norms) == set(ref)
     for name, g in ref.items():
         flat = g.reshape(m, -1)

@@ -241,3 +241,25 @@ def test_capture_classifier_on_last_state(kind):
     model = LastState(kind).double()
     x, y = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
     check_capture_by_loop(model, _sq, x, y, lambda j: (x[j:j + 1], y[j:j + 1]), rtol=1e-6)
+
+
+class TwoSequences(nn.Module):
+    """One GRU applied to two sequences of each example (its uses' factors concatenate over time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, a, b):
+        return self.head(torch.cat([self.rnn(a)[1][-1], self.rnn(b)[0][:, -1]], 1))
+
+
+def test_capture_module_used_twice():
+    from rules_harness import check_capture_by_loop
+
+    torch.manual_seed(10)
+    model = TwoSequences().double()
+    a, b = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 2, 3, dtype=torch.float64)
+    y = torch.randn(3, 2, dtype=torch.float64)
+    check_capture_by_loop(model, _sq, (a, b), y, lambda j: ((a[j:j + 1], b[j:j + 1]), y[j:j + 1]), rtol=1e-6)
