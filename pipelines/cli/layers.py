@@ -3,7 +3,8 @@
 ``--model`` names a built-in model (``pipelines.models``: mlp-cg, cnn-bn, ...) or a
 ``package.module:callable`` import path; the callable is called with no arguments and must return
 an ``nn.Module``. With ``--input-shape`` (built-in models: 1,28,28) the model also runs once on two
-random float examples, to find modules whose own forward never runs. **An import path imports and runs that code**, as ``python -c`` would: use it only
+random float examples (``--tokens V``: integer token ids in [0, V)), to find modules whose own
+forward never runs. **An import path imports and runs that code**, as ``python -c`` would: use it only
 for code you trust. ``--supported`` prints the table of layers with a registered rule instead.
 Nothing is captured and no data is read.
 """
@@ -67,8 +68,10 @@ def _shape(text: str | None):
 @click.option("--input-shape", "input_shape", metavar="D1,D2,...",
               help="Run the model once on 2 random float examples of this shape (without the example axis) "
                    "to find modules whose forward never runs; built-in models use 1,28,28.")
+@click.option("--tokens", type=click.IntRange(min=1), metavar="V",
+              help="With --input-shape: integer token inputs drawn from [0, V) instead of floats (language models).")
 @click.option("--supported", is_flag=True, help="Print the layers that have a capture rule (markdown) and exit.")
-def layers(spec: str | None, input_shape: str | None, supported: bool) -> None:
+def layers(spec: str | None, input_shape: str | None, tokens: int | None, supported: bool) -> None:
     """Print, for each parameter of a model, how capture computes its per-example gradients.
 
     Paths: "rule <name>" (a layer rule), "per operation: op rule, else fallback (torch.func)" (no
@@ -83,16 +86,22 @@ def layers(spec: str | None, input_shape: str | None, supported: bool) -> None:
         return
     if not spec:
         raise GradstoreError("give --model NAME or --model module:callable (or --supported for the layer table)")
+    if tokens is not None and input_shape is None:
+        raise GradstoreError("--tokens needs --input-shape (the shape of one example's token ids, e.g. 64)")
     shape = _shape(input_shape) or ((1, 28, 28) if ":" not in spec else None)
     model = load_model(spec)
     inputs = None
     if shape is not None:
         import torch
 
-        inputs = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
-        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        if len(dtypes) == 1:
-            inputs = inputs.to(dtypes.pop())
+        generator = torch.Generator().manual_seed(0)
+        if tokens is not None:
+            inputs = torch.randint(0, tokens, (2, *shape), generator=generator)
+        else:
+            inputs = torch.rand(2, *shape, generator=generator)
+            dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+            if len(dtypes) == 1:
+                inputs = inputs.to(dtypes.pop())
     try:
         rows = explain(model, inputs)
     except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as err:  # torch asserts shapes too

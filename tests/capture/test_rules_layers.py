@@ -107,6 +107,27 @@ def test_cli_builtin_and_import_path():
     assert "rule linear" not in out.output
 
 
+class TinyLM(nn.Module):
+    """Token ids -> logits through a head tied functionally to the embedding (h @ emb.weight.T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, ids):
+        return self.mix(self.emb(ids)) @ self.emb.weight.T
+
+
+def test_cli_token_inputs():
+    out = CliRunner().invoke(layers_command, ["--model", "test_rules_layers:TinyLM", "--input-shape", "5",
+                                              "--tokens", "11"])
+    assert out.exit_code == 0, out.output
+    assert "rule embedding.embedding_rule" in out.output
+    out = CliRunner().invoke(layers_command, ["--model", "test_rules_layers:TinyLM", "--tokens", "11"])
+    assert isinstance(out.exception, GradstoreError)
+
+
 @pytest.mark.parametrize("shape", ["0,3", "a", "5,5"])
 def test_cli_bad_input_shape_is_one_error(shape):
     out = CliRunner().invoke(layers_command, ["--model", "test_rules_layers:Attention", "--input-shape", shape])
