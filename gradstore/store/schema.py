@@ -42,9 +42,6 @@ TASK_NAMES = ("classification", "sequence", "regression", "custom")
 #: what ``correct`` (step, example) holds: a bool, or a fraction in [0, 1] (float64); None: no ``correct``
 CORRECT_KINDS = ("bool", "fraction")
 
-#: how gradients are measured (root attribute ``measurement``): the capture's mode, BatchNorm priming
-DEFAULT_MEASUREMENT = {"mode": "eval", "bn_priming": None}
-
 #: static coordinates attached to ``example`` and ``coord`` (listed in the root ``coordinates`` attr)
 AUX_COORDS = ("true_label", "train_label", "corrupt", "split", "coord_layer", "coord_param", "coord_index")
 
@@ -117,8 +114,9 @@ class RunLayout:
     task_options : dict
         JSON options of the task (root attribute ``task_options``).
     measurement : dict or None
-        How gradients are measured, ``{"mode": "eval" | "train", "bn_priming": ...}`` (root
-        attribute ``measurement``); None only for a store written before it was recorded.
+        How gradients were measured, ``{"mode": "eval" | "train", "bn_priming": ...}`` (root
+        attribute ``measurement``, written by the Recorder); None: not recorded (a writer that does
+        not know, or a store written before it was recorded), and the attribute is left out.
     """
 
     layers: tuple[str, ...]
@@ -139,7 +137,7 @@ class RunLayout:
     task: str = "classification"
     correct: str | None = "bool"
     task_options: dict = field(default_factory=dict)
-    measurement: dict | None = field(default_factory=lambda: dict(DEFAULT_MEASUREMENT))
+    measurement: dict | None = None
 
     def __post_init__(self):
         ids = np.asarray(self.example_ids)
@@ -203,8 +201,10 @@ class RunLayout:
 
     def task_attrs(self) -> dict:
         """The root attributes that say what the run measures: ``task``, ``task_options``, ``measurement``."""
-        return {"task": self.task, "task_options": dict(self.task_options),
-                "measurement": dict(self.measurement if self.measurement is not None else DEFAULT_MEASUREMENT)}
+        attrs = {"task": self.task, "task_options": dict(self.task_options)}
+        if self.measurement is not None:
+            attrs["measurement"] = dict(self.measurement)
+        return attrs
 
     def replace(self, **changes) -> RunLayout:
         return dataclasses.replace(self, **changes)

@@ -443,7 +443,7 @@ def _create(store, layout: RunLayout, name: str, *, config, seeds, code, lock) -
         "seeds": seeds,
         "projection_seed": layout.projection_seed,
         "storage": layout.storage_description(),
-        **layout.task_attrs(),
+        **{key: _json_attr(key, value) for key, value in layout.task_attrs().items()},
         "coordinates": " ".join(present),
         "static_crc32c": ({k: crc32_of(v, specs[k].dtype) for k, v in static.items()} if layout.checksums else {}),
         COMMITTED: 0,
