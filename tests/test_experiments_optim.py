@@ -11,7 +11,8 @@ from gradstore.errors import GradstoreError
 from pipelines.cli import main
 from pipelines.experiments.config import load_config
 from pipelines.experiments.median_of_means import matched
-from pipelines.experiments.winsorize import binomial_se, expected_train_accuracy, verdict_less
+from pipelines.experiments.common import binomial_se
+from pipelines.experiments.winsorize import expected_train_accuracy
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -45,12 +46,9 @@ def test_expected_train_accuracy_limits():
     assert expected_train_accuracy(0.1, 0.3) == pytest.approx(0.1)  # chance stays chance
 
 
-def test_verdict_less_uses_two_standard_errors():
-    assert verdict_less([(0.1, 0.3, 0.05), (0.2, 0.4, 0.01)]) is True
-    assert verdict_less([(0.1, 0.3, 0.05), (0.4, 0.2, 0.01)]) is False
-    assert verdict_less([(0.1, 0.15, 0.05)]) is None  # within 2 SE
-    assert verdict_less([(math.nan, 0.2, 0.01)]) is None
+def test_binomial_se():
     assert binomial_se(0.5, 100) == pytest.approx(0.05)
+    assert math.isnan(binomial_se(math.nan, 100)) and math.isnan(binomial_se(0.5, 0))
 
 
 def test_matched_takes_the_first_evaluation_reaching_the_level():
@@ -67,7 +65,8 @@ def test_matched_takes_the_first_evaluation_reaching_the_level():
 
 def check_common(out, n_rows):
     report = (out / "report.md").read_text()
-    assert "## Claims tested" in report
+    assert report.startswith("**Not at the paper's settings:**") and "the `--quick` variant" in report.splitlines()[0]
+    assert "## Claims tested" in report and "## Provenance" in report and (out / "claims.json").exists()
     claim_rows = [line for line in report.splitlines() if line.startswith("| ") and line.endswith(
         ("| supported |", "| **not supported** |", "| inconclusive |"))]
     assert claim_rows, "the report states at least one claim with a verdict"

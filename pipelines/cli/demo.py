@@ -12,7 +12,15 @@ from pathlib import Path
 
 import click
 
-from pipelines.cli.options import NonEmptyPath, check_device, check_out, config_option, data_dir_option, device_option
+from pipelines.cli.options import (
+    NonEmptyPath,
+    check_device,
+    check_out,
+    command_line,
+    config_option,
+    data_dir_option,
+    device_option,
+)
 
 
 @click.command()
@@ -34,7 +42,8 @@ def demo(out, config_path, quick, data_dir, device, no_progress):
     out = Path(out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     check_out(out)
     out_dir = prepare_out(out, resume=False)
-    ctx = Context(out=out_dir, data_dir=data_dir, device=device, quick=quick, progress=not no_progress)
+    ctx = Context(out=out_dir, data_dir=data_dir, device=device, quick=quick, progress=not no_progress,
+                  command=command_line())
     started = time.perf_counter()
     report = run(config, ctx, title="gradstore demo: label noise and gradient coherence")
     click.echo(f"finished in {time.perf_counter() - started:.0f} s")

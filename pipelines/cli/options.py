@@ -88,3 +88,20 @@ def check_out(path: str | Path, option: str = "--out") -> None:
         if where == "the working folder":
             fix += " or run from one"
         raise GradstoreError(f"{option} {path}: {where} is not writable (permission denied); {fix}")
+
+
+def command_line() -> str:
+    """The running command as a shell line, rebuilt from its parsed parameters (for a report's
+    provenance): the subcommand, its arguments and every option not left at its default."""
+    import shlex
+
+    ctx = click.get_current_context()
+    parts = ["gradstore", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            parts.append(str(value))
+        elif value != param.default and value is not None:
+            flag = max(param.opts, key=len)
+            parts += [flag] if getattr(param, "is_flag", False) else [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)

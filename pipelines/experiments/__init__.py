@@ -1,12 +1,9 @@
 """The papers' experiments, each run by ``gradstore run NAME``.
 
-``EXPERIMENTS`` maps a name to ``(module, function, one-line description)``; the function takes the
-merged configuration (``pipelines/configs/NAME.toml``) and a :class:`~pipelines.experiments.common.Context`
-and returns the path of the markdown report it wrote.
-
-Each function is wrapped by :func:`~pipelines.experiments.common.experiment`: it runs with
-``ctx.folder``, the :class:`~pipelines.experiments.common.RunFolder` of ``--out`` (marker checked or
-written first, folder locked), and writes every file through it.
+``EXPERIMENTS`` maps a name to ``(module, function, one-line description)``. Each module follows
+:class:`pipelines.experiments.runner.Experiment` (``NAME``, declared ``CLAIMS``, ``PAPER`` settings,
+``execute``); its ``run(config, ctx)`` is the one runner (:mod:`pipelines.experiments.runner`) on it,
+which owns the run folder and resume, the claims, the report and, with ``seeds > 1``, the seeds.
 """
 
 EXPERIMENTS: dict[str, tuple[str, str, str]] = {
@@ -19,7 +16,8 @@ EXPERIMENTS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def run_experiment(name: str, config: dict, ctx):
+def run_experiment(name: str, config: dict, ctx, seeds: int = 1):
+    """Run experiment ``name`` (``seeds`` seeds as parallel processes when > 1); the report's path."""
     import importlib
 
     from gradstore.errors import GradstoreError
@@ -27,4 +25,8 @@ def run_experiment(name: str, config: dict, ctx):
     if name not in EXPERIMENTS:
         raise GradstoreError(f"unknown experiment {name!r}; choose one of {', '.join(sorted(EXPERIMENTS))}")
     module, func, _ = EXPERIMENTS[name]
+    if seeds > 1:
+        from pipelines.experiments.runner import run_seeds
+
+        return run_seeds(module, config, ctx, seeds)
     return getattr(importlib.import_module(module), func)(config, ctx)

@@ -17,18 +17,52 @@ from typing import Any
 import numpy as np
 
 from gradstore.errors import GradstoreError
+from pipelines.experiments import verdicts
+from pipelines.experiments.claims import ClaimSpec, declare
 from pipelines.experiments.common import (
-    Claim,
+    RECORDED,
     Context,
     Report,
     distinct_dirs,
     dump_json,
-    experiment,
     number_label,
     tracked_indices,
+    train_recorded,
     write_csv,
 )
+from pipelines.experiments.runner import Outcome, bind
 
+NAME = "coherence-evolution"
+MC = "Making Coherence…"
+SEEDS = "no within-run test (one seed gives no uncertainty): decided across seeds"
+#: the paper's claims tested on the recorded curves (declared once; verdicts come from these)
+CLAIMS = declare(
+    NAME,
+    ClaimSpec("rises", "Coherence rises from a low start, even with random labels", MC, "§5",
+              "log10(highest whole-model m-coherence after step 0 / m-coherence at step 0), tracked training sample",
+              "every capture of the run", "greater", SEEDS, verdicts.rises, margin=0.04,
+              conditions="every model and noise level (a rise of at least 10%, log10 1.1 ≈ 0.04, our margin fixed "
+                         "beforehand)"),
+    ClaimSpec("slope_falls", "The rise is slower the more labels are noisy", MC, "§5",
+              "first-epoch rise log10(m-coherence at the end of epoch 1 / at step 0) at the lower noise level minus "
+              "at the next higher one", "step 0 to the end of the first epoch", "greater", SEEDS,
+              verdicts.slope_falls, conditions="every model and pair of consecutive noise levels"),
+    ClaimSpec("peak_real", "The coherence peak is higher and earlier with real labels than with random labels", MC,
+              "§5", "log10(peak 0% / peak 100%) and log10((peak step 100% + 1) / (peak step 0% + 1))",
+              "every capture of the run", "greater", SEEDS, verdicts.peak_real_vs_random,
+              conditions="every model, both the height and the step"),
+    ClaimSpec("train_over_test", "With random labels the training sample becomes more coherent than held-out test "
+              "examples (scored on their true labels)", MC, "Fig. 4 (test coherence; our reading of it)",
+              "log10(peak training-sample m-coherence / peak test-sample m-coherence) after step 0",
+              "captures after step 0", "greater", SEEDS, verdicts.train_over_test, conditions="every model at 100% noise"),
+    ClaimSpec("conv_over_fc", "Convolutional layers are more coherent than the fully connected one", MC, "§5",
+              "mean over captures after step 0 of log10(m-coherence of the conv layer / of the FC layer)",
+              "captures after step 0", "greater", SEEDS, verdicts.layers_over,
+              conditions="every noise level and every conv layer of a model with one FC layer"),
+)
+PAPER: tuple = ()
+FIXED_DEVIATIONS = ("the paper's own settings are not encoded for this experiment, so no run of it is claimed to be "
+                    "at them",)
 MODEL_LAYER = "(model)"
 
 
@@ -67,56 +101,28 @@ def subsample(mnist, n_train: int, n_test: int, seed: int):
 
 
 def train_one(config, model_name: str, noise: float, mnist, run_dir: Path, ctx: Context):
-    """Train one model at one noise level with a primed Recorder; return (TrainResult, store path).
-
-    ``run_dir`` is a folder of ``ctx.folder`` (:meth:`~pipelines.experiments.common.RunFolder.path`).
-    """
-    from tqdm import tqdm
-
-    from gradstore.store import Recorder, Schedule
-    from pipelines.models import build_model
-    from pipelines.train import TrainConfig, TrainData, train
-
+    """Train one model at one noise level through the recorded training
+    (:func:`~pipelines.experiments.common.train_recorded`) with BatchNorm primed before every capture;
+    return (TrainResult, store path, steps per epoch, module kinds)."""
     cap, seed = config["capture"], config["seed"]
-    data = TrainData.from_mnist(mnist, noise=noise, seed=seed, device=ctx.device)
-    n = len(data.y_train)
+    n = len(mnist.train_labels)
     steps_per_epoch = n // config["batch_size"]
     if steps_per_epoch < 1:
         raise GradstoreError(f"coherence-evolution: batch_size {config['batch_size']} exceeds the {n} training examples")
     steps = capture_steps(steps_per_epoch, config["epochs"], cap["first_epoch_every"])
-    tc = TrainConfig(model=model_name, noise=noise, seed=seed, lr=config["lr"], batch_size=config["batch_size"],
-                     steps=steps[-1], eval_every=config["eval_every"] or steps[-1], device=ctx.device)
-    tc.validate()
-    tr = tracked_indices(n, cap["tracked_train"], seed + 100, key="[capture] tracked_train", data="training examples")
-    te = tracked_indices(len(data.y_test), cap["tracked_test"], seed + 200, key="[capture] tracked_test",
-                         data="test examples")
-    rng = np.random.default_rng(seed + 400)
-    prime = [data.x_train[np.sort(rng.choice(n, min(cap["prime_batch_size"], n), replace=False))]
-             for _ in range(cap["prime_batches"])]
-    model = build_model(model_name, seed=seed).to(ctx.device)
-    folder = ctx.folder
-    store = folder.claim(run_dir, "store.zarr", kind="dir")
-    checkpoint, history = folder.claim(run_dir, "checkpoint.pt"), folder.claim(run_dir, "history.csv")
-    folder.makedirs(run_dir)
-    recorder = Recorder(
-        str(store), model,
-        train_inputs=data.x_train[tr], train_targets=data.y_train[tr], train_ids=data.train_ids[tr].cpu().numpy(),
-        train_true=data.y_true[tr].cpu().numpy(),
-        test_inputs=data.x_test[te] if len(te) else None, test_targets=data.y_test[te] if len(te) else None,
-        test_ids=data.test_ids[te].cpu().numpy() if len(te) else None,
-        schedule=Schedule.at(steps), coords_per_layer=0, coord_seed=seed, gram=False,
-        config={**config, "model": model_name, "noise": noise}, seeds={"seed": seed}, resume=ctx.resume,
-        prime_batches=prime,
-    )
-    with folder.errors(f"recording the run store {store}"), recorder, tqdm(
-            total=tc.steps, desc=f"{model_name}, {noise:.0%} noise", unit="step", disable=not ctx.progress,
-            leave=False) as bar:
-        result = train(tc, data, model=model, observers=[recorder],
-                       checkpoint=checkpoint, checkpoint_every=max(steps_per_epoch, 1),
-                       progress=lambda _s: bar.update(1))
-    with folder.errors(f"writing {history}"):
-        write_csv(history, result.history)
-    kinds = {name: type(module).__name__ for name, module in model.named_modules()}
+
+    def priming(data):  # the fixed training batches the Recorder primes BatchNorm on (reset, averaged)
+        rng = np.random.default_rng(seed + 400)
+        return [data.x_train[np.sort(rng.choice(n, min(cap["prime_batch_size"], n), replace=False))]
+                for _ in range(cap["prime_batches"])]
+
+    from gradstore.store import Schedule
+
+    result, _, store = train_recorded(config, noise, mnist, run_dir, ctx, desc=f"{model_name}, {noise:.0%} noise",
+                                      model_name=model_name, steps=steps[-1],
+                                      eval_every=config["eval_every"] or steps[-1], schedule=Schedule.at(steps),
+                                      prime=priming, checkpoint_every=max(steps_per_epoch, 1))
+    kinds = {name: type(module).__name__ for name, module in result.model.named_modules()}
     return result, store, steps_per_epoch, kinds
 
 
@@ -206,9 +212,8 @@ def summary_figure(models, noise_levels, results: dict, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
-@experiment("coherence-evolution")
-def run(config: dict[str, Any], ctx: Context) -> Path:
-    """Train every (model, noise), analyse each store, write figures and ``report.md``; return its path."""
+def execute(config: dict[str, Any], ctx: Context) -> Outcome:
+    """Train every (model, noise), analyse each store and draw the figures; the runner judges and reports."""
     from pipelines.data import load_mnist
 
     check_config(config)
@@ -217,18 +222,18 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
                            "noise_levels")
     dirs = {(m, p): (folder.path(f"{m}-{label}"), folder.path(f"layers_{m}_{label}.png"))
             for m in config["models"] for p, label in labels.items()}  # checked before any work
-    folder.claim_all([run_dir for run_dir, _ in dirs.values()], [
-        ("store.zarr", "dir"), ("checkpoint.pt", "file"), ("history.csv", "file"), ("analysis", "dir")])
+    folder.claim_all([run_dir for run_dir, _ in dirs.values()], RECORDED)
     folder.claim_all([folder.out], [(png.name, "file") for _, png in dirs.values()] + [
-        (name, "file") for name in ("m_coherence.png", "summary.csv", "summary.json", "report.md")])
+        (name, "file") for name in ("m_coherence.png", "summary.csv", "summary.json")])
     mnist = subsample(load_mnist(ctx.data_dir), config["train_examples"], config["test_examples"], config["seed"])
-    rows, results = [], {}
+    rows, results, all_kinds = [], {}, {}
     for model_name in config["models"]:
         for noise in config["noise_levels"]:
             run_dir, layers_png = dirs[(model_name, noise)]
             result, store, spe, kinds = train_one(config, model_name, noise, mnist, run_dir, ctx)
             res = analyse(store, folder.claim(run_dir, "analysis", kind="dir"), replace=ctx.resume)
             results[(model_name, noise)] = res
+            all_kinds[model_name] = kinds
             rows.append(summarise(model_name, noise, result, res, spe))
             with folder.writing(layers_png.name) as path:
                 layer_figure(res, kinds, path, title=f"{model_name}, {noise:.0%} label noise: m-coherence per layer")
@@ -239,48 +244,44 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
     with folder.writing("summary.json") as path:
         dump_json(path, rows)
     report = build_report(config, ctx, rows, results, mnist)
-    with folder.writing("report.md") as path:
-        return report.write(path)
+    return Outcome(report, claim_inputs(config, results, all_kinds, rows), mnist.source)
 
 
-def _real_vs_random(model_name: str, results) -> Claim | None:
-    clean, rand = results.get((model_name, 0.0)), results.get((model_name, 1.0))
-    if clean is None or rand is None:
-        return None
-    a = clean["m_coherence"].sel(sample="tracked_train", layer=MODEL_LAYER)
-    b = rand["m_coherence"].sel(sample="tracked_train", layer=MODEL_LAYER)
-    later = a.step.values > 0  # step 0: the same initial model, only the labels differ
-    a, b = a.values[later], b.values[later]
-    ok = np.isfinite(a) & np.isfinite(b)
-    higher = int((a[ok] > b[ok]).sum())
-    ratio = float(np.exp(np.median(np.log(a[ok] / b[ok])))) if ok.any() else float("nan")
-    return Claim(
-        f"{model_name}: coherence is higher for real labels than for random labels", "Making Coherence… §5",
-        f"whole-model m-coherence on the tracked training sample: 0% > 100% noise at {higher} of {int(ok.sum())} "
-        f"captured steps after step 0 (median ratio {ratio:.3g})",
-        bool(2 * higher > ok.sum()) if ok.any() else None)
+run = bind(__name__)
 
 
-def _curve(results, model_name: str, noise: float) -> dict | None:
-    res = results.get((model_name, noise))
-    if res is None:
-        return None
-    return {"noise": noise, "steps": res["step"].values,
-            "values": res["m_coherence"].sel(sample="tracked_train", layer=MODEL_LAYER).values}
+def _curve(res, sample: str = "tracked_train", layer: str = MODEL_LAYER):
+    return res["m_coherence"].sel(sample=sample, layer=layer).values
 
 
-def _rises(model_name: str, config, results) -> list[Claim]:
-    """The paper's claim: coherence starts low and rises, quickly with real labels and slowly with
-    random ones (which peak late): :func:`~pipelines.experiments.verdicts.rises_claim` and
-    :func:`~pipelines.experiments.verdicts.rises_faster_claim`."""
-    from pipelines.experiments.verdicts import rises_claim, rises_faster_claim
-
-    curves = [c for c in (_curve(results, model_name, p) for p in config["noise_levels"]) if c is not None]
-    if not curves:
-        return []
-    out = [rises_claim(model_name, curves)]
-    faster = rises_faster_claim(model_name, _curve(results, model_name, 0.0), _curve(results, model_name, 1.0))
-    return out + ([faster] if faster is not None else [])
+def claim_inputs(config, results, kinds, rows) -> dict[str, Any]:
+    """The inputs of each declared claim's evidence, from the recorded curves (left out where the
+    run lacks what a claim needs: both 0% and 100% noise, a test sample, one FC layer)."""
+    per_epoch = {r["model"]: r["steps_per_epoch"] for r in rows}
+    out: dict[str, Any] = {"rises": [], "slope_falls": [], "peak_real": [], "train_over_test": [], "conv_over_fc": []}
+    for model in config["models"]:
+        curves = [{"label": f"{model}, {p:.0%} noise", "group": model, "noise": p, "steps": results[(model, p)]["step"].values,
+                   "values": _curve(results[(model, p)]), "steps_per_epoch": per_epoch[model]}
+                  for p in config["noise_levels"]]
+        out["rises"] += curves
+        out["slope_falls"] += curves if len(curves) > 1 else []
+        if (model, 0.0) in results and (model, 1.0) in results:
+            out["peak_real"].append({"model": model, "clean": curves[config["noise_levels"].index(0.0)],
+                                     "random": curves[config["noise_levels"].index(1.0)]})
+        res = results.get((model, 1.0))
+        if res is not None and "tracked_test" in res["sample"].values:
+            out["train_over_test"].append({"label": f"{model}, 100% noise", "steps": res["step"].values,
+                                           "train": _curve(res), "test": _curve(res, "tracked_test")})
+        layers = [str(v) for v in results[(model, config["noise_levels"][0])]["layer"].values]
+        fc = [name for name in layers if kinds[model].get(name) == "Linear"]
+        conv = [name for name in layers if kinds[model].get(name) == "Conv2d"]
+        if len(fc) == 1 and conv:
+            for p in config["noise_levels"]:
+                res = results[(model, p)]
+                out["conv_over_fc"].append({"label": f"{model}, {p:.0%} noise", "steps": res["step"].values,
+                                            "fc": _curve(res, layer=fc[0]),
+                                            "conv": {name: _curve(res, layer=name) for name in conv}})
+    return {k: v for k, v in out.items() if v}
 
 
 def build_report(config, ctx: Context, rows, results, mnist) -> Report:
@@ -298,10 +299,6 @@ def build_report(config, ctx: Context, rows, results, mnist) -> Report:
         + (" This is the `--quick` variant: far shorter than the paper's runs." if ctx.quick else "")
     )
     report = Report("Coherence evolution (Making Coherence Out of Nothing At All)", intro)
-    for model_name in config["models"]:
-        for claim in (_real_vs_random(model_name, results), *_rises(model_name, config, results)):
-            if claim is not None:
-                report.claims.append(claim)
     header = ["model", "noise", "train acc", "test acc", "train m", "train m-coh step 0", "train peak", "peak step",
               "train last", "test m", "test m-coh step 0", "test peak", "test peak step", "test last"]
     nan = float("nan")

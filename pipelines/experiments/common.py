@@ -13,7 +13,6 @@ locked (``flock`` on the folder), so a second process resuming it gets one clear
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import math
 import os
@@ -43,6 +42,7 @@ class Context:
     quick: bool = False
     progress: bool = True
     autocast: str | None = None  # mixed-precision capture (Recorder(autocast=...))
+    command: str | None = None  # the command line, for the report's provenance
     folder: RunFolder | None = field(default=None, repr=False)  # set while an experiment runs (experiment())
 
 
@@ -294,27 +294,6 @@ def _unlock(fd: int | None) -> None:
         os.close(fd)  # closing the descriptor drops the flock
 
 
-def experiment(name: str):
-    """Decorator of an experiment's ``run(config, ctx)``: it runs with ``ctx.folder``, the open
-    :class:`RunFolder` of ``ctx.out`` for experiment ``name`` (checked, marked and locked first)."""
-    def wrap(run):
-        @functools.wraps(run)
-        def with_folder(config, ctx, *args, **kwargs):
-            if ctx.folder is not None:  # already open (nested)
-                return run(config, ctx, *args, **kwargs)
-            ctx.folder = folder = RunFolder.open(ctx.out, name, resume=ctx.resume)
-            failed = True
-            try:
-                out = run(config, ctx, *args, **kwargs)
-                failed = False
-                return out
-            finally:
-                ctx.folder = None
-                folder.close(failed=failed)
-        return with_folder
-    return wrap
-
-
 def tracked_indices(n: int, size: int, seed: int, *, key: str = "size", data: str = "examples") -> np.ndarray:
     """A fixed random sample of ``size`` of ``n`` indices (sorted), the same for every noise level.
 
@@ -327,18 +306,31 @@ def tracked_indices(n: int, size: int, seed: int, *, key: str = "size", data: st
     return np.sort(rng.choice(n, size=int(size), replace=False))
 
 
-def schedule_from(capture: dict[str, Any]):
-    """The capture schedule of a ``[capture]`` table: log-spaced early steps, then a cadence."""
+def schedule_from(capture: dict[str, Any], steps: int | None = None):
+    """The capture schedule of a ``[capture]`` table: log-spaced early steps, then a cadence; with
+    ``every_step_until = N`` (> 0) also every step 0..N (then ``steps``, the run length, is needed)."""
     from gradstore.store import Schedule
 
-    return Schedule.log_then_every(capture["every"], until=capture["log_until"], n_log=capture["log_points"])
+    base = Schedule.log_then_every(capture["every"], until=capture["log_until"], n_log=capture["log_points"])
+    dense = capture.get("every_step_until", 0)
+    if not dense:
+        return base
+    if steps is None:
+        raise ValueError("schedule_from: every_step_until needs the run length (steps)")
+    return Schedule.at(sorted(set(base.steps(steps + 1)) | set(range(min(dense, steps) + 1))))
 
 
 def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, ctx: Context, *, desc: str,
-                   optimizer: str = "sgd", optimizer_options: dict | None = None):
-    """Train one model at one noise level with a Recorder on the tracked sample.
+                   optimizer: str = "sgd", optimizer_options: dict | None = None, model_name: str | None = None,
+                   steps: int | None = None, eval_every: int | None = None, schedule=None, prime=None,
+                   checkpoint_every: int | None = None):
+    """Train one model at one noise level with a Recorder on the tracked sample: the one recorded
+    training of every experiment (so ``--nproc`` and ``--autocast`` apply to all of them).
 
-    ``run_dir`` is a folder of ``ctx.folder`` (:meth:`RunFolder.path`). Returns the
+    ``run_dir`` is a folder of ``ctx.folder`` (:meth:`RunFolder.path`). ``model_name``, ``steps``,
+    ``eval_every`` and ``schedule`` default to the configuration's ``model``, ``steps``,
+    ``eval_every`` and its ``[capture]`` schedule; ``prime(data)`` may return the training batches the
+    Recorder primes BatchNorm on before each capture (``Recorder(prime_batches=...)``). Returns the
     :class:`~pipelines.train.TrainResult`, the :class:`~pipelines.train.TrainData` and the store
     path. A resumed run continues from its checkpoint and its last committed store step.
     """
@@ -350,8 +342,10 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
 
     cap = config["capture"]
     seed = config["seed"]
-    tc = TrainConfig(model=config["model"], noise=noise, seed=seed, lr=config["lr"],
-                     batch_size=config["batch_size"], steps=config["steps"], eval_every=config["eval_every"],
+    model_name = model_name or config["model"]
+    tc = TrainConfig(model=model_name, noise=noise, seed=seed, lr=config["lr"], batch_size=config["batch_size"],
+                     steps=config["steps"] if steps is None else steps,
+                     eval_every=config["eval_every"] if eval_every is None else eval_every,
                      optimizer=optimizer, optimizer_options=dict(optimizer_options or {}), device=ctx.device)
     tc.validate()
     data = TrainData.from_mnist(mnist, noise=noise, seed=seed, device=ctx.device)
@@ -361,7 +355,7 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
     checkpoint = folder.claim(run_dir, "checkpoint.pt")
     history, learned = folder.claim(run_dir, "history.csv"), folder.claim(run_dir, "learned_times.npz")
     folder.makedirs(run_dir)
-    model = build_model(config["model"], seed=seed).to(ctx.device)
+    model = build_model(model_name, seed=seed).to(ctx.device)
     with folder.errors(f"recording the run store {store}"):
         recorder = make_recorder(  # sharded over the ranks of `gradstore run --nproc N`
             str(store), model,
@@ -371,14 +365,18 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
             test_ids=data.test_ids[te].cpu().numpy() if len(te) else None,
             moments_inputs=data.x_train[mo] if len(mo) else None,
             moments_targets=data.y_train[mo] if len(mo) else None,
-            schedule=schedule_from(cap), coords_per_layer=cap["coords_per_layer"], coord_seed=seed,
-            n_proj=cap["projection_dim"], projection_seed=seed, gram=cap["gram"],
-            config={**config, "noise": noise, "optimizer": optimizer, "optimizer_options": dict(optimizer_options or {})},
+            schedule=schedule if schedule is not None else schedule_from(cap, tc.steps),
+            coords_per_layer=cap.get("coords_per_layer", 0), coord_seed=seed,
+            n_proj=cap.get("projection_dim", 0), projection_seed=seed, gram=cap.get("gram", False),
+            config={**config, "model": model_name, "noise": noise, "optimizer": optimizer,
+                    "optimizer_options": dict(optimizer_options or {})},
             seeds={"seed": seed}, resume=ctx.resume, autocast=ctx.autocast,
+            prime_batches=prime(data) if prime is not None else None,
         )
         with recorder, tqdm(total=tc.steps, desc=desc, unit="step", disable=not ctx.progress, leave=False) as bar:
             result = train(tc, data, model=model, observers=[recorder], checkpoint=checkpoint,
-                           checkpoint_every=max(tc.eval_every, 1), progress=lambda _s: bar.update(1))
+                           checkpoint_every=checkpoint_every or max(tc.eval_every, 1),
+                           progress=lambda _s: bar.update(1))
     with folder.errors(f"writing {history}"):
         write_csv(history, result.history)
     with folder.errors(f"writing {learned}"):
@@ -392,6 +390,53 @@ RECORDED = (("store.zarr", "dir"), ("checkpoint.pt", "file"), ("history.csv", "f
             ("learned_times.npz", "file"), ("analysis", "dir"))
 
 
+def analyse_store(store: Path, out: Path, *, nulls: int, seed: int, metrics, progress: bool, resume: bool = False):
+    """Analyse one run store into ``out`` (results.zarr, CSVs, PNGs); return the computed results.
+
+    The folder is written under a temporary name and renamed into place when complete. A resumed
+    run recomputes its analysis: with ``resume`` an earlier ``out`` is replaced, only then.
+    """
+    from dask.diagnostics import ProgressBar
+
+    from analysis.output import write_results
+    from analysis.report import analyze, open_store
+
+    lazy = analyze(open_store(store), metrics=metrics, n_permutations=nulls, seed=seed)
+    if progress:
+        with ProgressBar(minimum=1.0):
+            results = lazy.compute()
+    else:
+        results = lazy.compute()
+    write_results(results, out, replace=resume)
+    return results
+
+
+def noise_dirs(folder, levels, key: str = "noise_levels") -> dict[float, Path]:
+    """The checked folder ``noise-P.PP`` of every noise level (before anything is written)."""
+    return {noise: folder.path(name) for noise, name in
+            distinct_dirs({noise: f"noise-{number_label(noise, key)}" for noise in levels}, key).items()}
+
+
+def train_condition(config: dict[str, Any], *, noise: float, optimizer: str, options: dict, mnist, run_dir: Path,
+                    ctx: Context, desc: str):
+    """Train one (noise, optimizer) condition with a Recorder and a checkpoint in ``run_dir``; analyse its store.
+
+    Returns the :class:`~pipelines.train.TrainResult`, the :class:`~pipelines.train.TrainData` and
+    the whole-model coherence summary of the store (:func:`coherence_summary`).
+    """
+    result, data, store = train_recorded(config, noise, mnist, run_dir, ctx, desc=desc, optimizer=optimizer,
+                                         optimizer_options=options)
+    results = analyse_store(store, ctx.folder.claim(run_dir, "analysis", kind="dir"), nulls=config["analysis"]["nulls"],
+                            seed=config["analysis"]["seed"], metrics=tuple(config["analysis"]["metrics"]),
+                            progress=ctx.progress, resume=ctx.resume)
+    return result, data, coherence_summary(results)
+
+
+def binomial_se(acc: float, n: int) -> float:
+    """Standard error of an accuracy measured on n examples (NaN where undefined)."""
+    return math.sqrt(acc * (1 - acc) / n) if n > 0 and math.isfinite(acc) else math.nan
+
+
 def tracked_samples(cap: dict[str, Any], n_train: int, n_test: int, seed: int):
     """The tracked training, tracked test and moments samples of a ``[capture]`` table (indices).
 
@@ -401,7 +446,7 @@ def tracked_samples(cap: dict[str, Any], n_train: int, n_test: int, seed: int):
                             data="training examples"),
             tracked_indices(n_test, cap["tracked_test"], seed + 200, key="[capture] tracked_test",
                             data="test examples"),
-            tracked_indices(n_train, cap["moments_examples"], seed + 300, key="[capture] moments_examples",
+            tracked_indices(n_train, cap.get("moments_examples", 0), seed + 300, key="[capture] moments_examples",
                             data="training examples"))
 
 
@@ -416,12 +461,22 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 @dataclass
 class Claim:
-    """A claim of a paper, what was measured, and whether the data support it."""
+    """A claim of a paper, what was measured, and whether the data support it (a judged
+    :class:`~pipelines.experiments.claims.ClaimSpec`)."""
 
     statement: str
     where: str
     measured: str
-    supported: bool | None  # None: the run cannot decide (say why in ``measured``)
+    supported: bool | None  # None: inconclusive (``measured`` says why)
+    statistic: str = ""
+    test: str = ""
+    p_claim: float = math.nan  # the intersection-union p-value of the claim (largest per-condition p)
+    p_opposite: float = math.nan  # the smallest Holm-adjusted p-value of the opposite direction
+    key: str = ""
+    kind: str = ""
+
+
+VERDICT_WORDS = {True: "supported", False: "**not supported**", None: "inconclusive"}
 
 
 @dataclass
@@ -432,13 +487,17 @@ class Report:
     tables: list[tuple[str, list[str], list[list[Any]]]] = field(default_factory=list)
     figures: list[tuple[str, str]] = field(default_factory=list)  # (caption, relative path)
     notes: list[str] = field(default_factory=list)
+    first_line: str = ""  # the settings statement (pipelines.experiments.provenance), before the title
+    provenance: list[str] = field(default_factory=list)
 
     def write(self, path: Path) -> Path:
-        verdict = {True: "supported", False: "**not supported**", None: "inconclusive"}
-        lines = [f"# {self.title}", "", self.intro, ""]
+        lines = ([self.first_line, ""] if self.first_line else []) + [f"# {self.title}", "", self.intro, ""]
         if self.claims:
-            lines += ["## Claims tested", "", "| claim | paper | measured | verdict |", "|---|---|---|---|"]
-            lines += [f"| {c.statement} | {c.where} | {c.measured} | {verdict[c.supported]} |" for c in self.claims]
+            lines += ["## Claims tested", "",
+                      "| claim | paper | statistic (window) | measured | test | p (claim) | p (opposite, Holm) | verdict |",
+                      "|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {c.statement} | {c.where} | {c.statistic} | {c.measured} | {c.test} | {_pv(c.p_claim)} | "
+                      f"{_pv(c.p_opposite)} | {VERDICT_WORDS[c.supported]} |" for c in self.claims]
             lines.append("")
         for caption, header, rows in self.tables:
             lines += [f"## {caption}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -449,8 +508,16 @@ class Report:
             lines += [f"![{caption}]({rel})\n\n*{caption}*\n" for caption, rel in self.figures]
         if self.notes:
             lines += ["## Notes", ""] + [f"- {n}" for n in self.notes] + [""]
+        if self.provenance:
+            lines += ["## Provenance", ""] + [f"- {n}" for n in self.provenance] + [""]
         path.write_text("\n".join(lines))
         return path
+
+
+def _pv(p: float) -> str:
+    if not math.isfinite(p):
+        return "–"
+    return "< 1e-16" if p < 1e-16 else f"{p:.3g}"
 
 
 def _fmt(v: Any) -> str:

@@ -13,52 +13,69 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.experiments import verdicts
+from pipelines.experiments.claims import ClaimSpec, declare
 from pipelines.experiments.common import (
-    Claim,
-    Context,
     RECORDED,
+    Context,
     Report,
-    distinct_dirs,
+    analyse_store,
     dump_json,
-    experiment,
-    number_label,
+    noise_dirs,
     train_recorded,
 )
+from pipelines.experiments.provenance import PaperSetting
+from pipelines.experiments.runner import Outcome, bind
 
+NAME = "label-noise"
 MODEL_LAYER = "(model)"
-
-
-def analyse_store(store: Path, out: Path, *, nulls: int, seed: int, metrics, progress: bool, resume: bool = False):
-    """Analyse one run store into ``out`` (results.zarr, CSVs, PNGs); return the computed results.
-
-    The folder is written under a temporary name and renamed into place when complete. A resumed
-    run recomputes its analysis: with ``resume`` an earlier ``out`` is replaced, only then.
-    """
-    from dask.diagnostics import ProgressBar
-
-    from analysis.output import write_results
-    from analysis.report import analyze, open_store
-
-    lazy = analyze(open_store(store), metrics=metrics, n_permutations=nulls, seed=seed)
-    if progress:
-        with ProgressBar(minimum=1.0):
-            results = lazy.compute()
-    else:
-        results = lazy.compute()
-    write_results(results, out, replace=resume)
-    return results
-
-
-def noise_dirs(folder, levels, key: str = "noise_levels") -> dict[float, Path]:
-    """The checked folder ``noise-P.PP`` of every noise level (before anything is written)."""
-    return {noise: folder.path(name) for noise, name in
-            distinct_dirs({noise: f"noise-{number_label(noise, key)}" for noise in levels}, key).items()}
+W = verdicts.EARLY_WINDOW
+CG = "Coherent Gradients"
+#: the papers' claims this experiment tests, declared once (the verdicts come from these)
+CLAIMS = declare(
+    NAME,
+    ClaimSpec("fitted_first", "Pristine examples are fitted before corrupt ones", CG, "§2.2, Fig. 1(d)",
+              "P(first-learned step of a pristine example < that of a corrupt one) − ½ (Mann–Whitney effect; "
+              "never learned = after the last step)", "the whole run, at evaluation resolution", "greater",
+              "one-sided Mann–Whitney U", verdicts.fitted_first, kind="fitting",
+              conditions="every noise level strictly between 0 and 100%"),
+    ClaimSpec("cumulative_split", "Per example, pristine examples contribute more to the cumulative loss reduction "
+              f"over the first {W} steps (r_p > r_c)", CG, "§2.4, Fig. 3",
+              "R_p − R_c, the per-example cumulative loss reductions of the groups, gap-weighted over the captures",
+              f"steps 0–{W}", "greater",
+              "one-sided permutation test of R_p against random groups of n_p examples (null mean: the all-example "
+              "mean, so R_p > null iff R_p > R_c)", verdicts.cumulative_split,
+              conditions="every noise level strictly between 0 and 100%"),
+    ClaimSpec("pristine_share", "Early on, pristine examples give more of the loss reduction than their share of "
+              "the sample", CG, "§2.4, Fig. 2", "f_p − n_p/n (n_p/n: the tracked sample's own pristine share)",
+              "step 0 (the gradient of the first update)", "greater",
+              "one-sided permutation test against random pristine/corrupt relabelings of the tracked sample (null "
+              "mean n_p/n)", verdicts.pristine_share, conditions="every noise level strictly between 0 and 100%"),
+    ClaimSpec("coherence_real_vs_random", "Real labels give more coherent gradients than random labels",
+              CG, "§2 (and Making Coherence…)", "log10(peak whole-model m-coherence at 0% / at 100% noise)",
+              "every capture of the run", "greater", "no within-run test (one seed has no uncertainty)",
+              verdicts.peak_higher, conditions="the 0% and 100% noise runs"),
+    ClaimSpec("random_at_chance", "Random labels do not generalize: test accuracy at chance", CG, "§2.2",
+              "test accuracy − 0.1 (chance for 10 classes)", "the end of the run", "equivalent",
+              "TOST of two one-sided z-tests with the binomial standard error, margin ±0.05 fixed beforehand",
+              verdicts.learned_above_chance, margin=0.05, kind="generalization", conditions="100% noise"),
+)
+#: what Coherent Gradients §2 states about its setting (the first line of a report names every difference)
+PAPER = (
+    PaperSetting(("model",), "mlp-cg", "§2.1: 784-2048-10"),
+    PaperSetting(("lr",), 0.1, "§2.1"), PaperSetting(("batch_size",), 100, "§2.1"),
+    PaperSetting(("steps",), 100_000, "§2.1: about 170 epochs, ~10^5 steps", "min"),
+    PaperSetting(("noise_levels",), [0.0, 0.25, 0.5, 0.75, 1.0], "§2.1"),
+    PaperSetting(("capture", "tracked_train"), 400, "§2"),
+    PaperSetting(("capture", "coords_per_layer"), 300, "§2: 300 sampled weights per layer"),
+)
+FIXED_DEVIATIONS: tuple[str, ...] = ()
 
 
 def summarise(noise: float, result, data, results) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The numbers the report's table shows for one noise level, and the inputs of its verdicts
     (:mod:`pipelines.experiments.verdicts`; None where the level has no pristine/corrupt split)."""
-    from pipelines.experiments.verdicts import EARLY_WINDOW, window_weights, increments
+    from pipelines.experiments.verdicts import EARLY_WINDOW, increments, window_weights
 
     final = result.final
     row: dict[str, Any] = {
@@ -68,6 +85,7 @@ def summarise(noise: float, result, data, results) -> tuple[dict[str, Any], dict
         "pristine_acc": final["pristine_acc"],
         "corrupt_acc": final["corrupt_acc"],
         "test_acc": final["test_acc"],
+        "n_test": len(data.y_test),
     }
     mc = results["m_coherence"].sel(source="exact", sample="tracked_train", layer=MODEL_LAYER)
     steps = results["step"].values
@@ -150,16 +168,14 @@ def accuracy_figure(rows, histories, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
-@experiment("label-noise")
-def run(config: dict[str, Any], ctx: Context, *, title: str = "Label noise (Coherent Gradients §2)") -> Path:
-    """Run every noise level, analyse each store, write figures and ``report.md``; return its path."""
+def execute(config: dict[str, Any], ctx: Context) -> Outcome:
+    """Run every noise level, analyse each store and draw the figures; the runner judges and reports."""
     from pipelines.data import load_mnist
 
     folder = ctx.folder
     dirs = noise_dirs(folder, config["noise_levels"])
     folder.claim_all(dirs.values(), RECORDED)  # refused now, not after training, if not the run's own
-    folder.claim_all([folder.out], [(name, "file") for name in ("m_coherence.png", "accuracy.png", "summary.json",
-                                                                "report.md")])
+    folder.claim_all([folder.out], [(name, "file") for name in ("m_coherence.png", "accuracy.png", "summary.json")])
     mnist = load_mnist(ctx.data_dir)
     rows, all_results, histories, inputs = [], [], [], []
     for noise, run_dir in dirs.items():
@@ -179,15 +195,33 @@ def run(config: dict[str, Any], ctx: Context, *, title: str = "Label noise (Cohe
         accuracy_figure(rows, histories, path)
     with folder.writing("summary.json") as path:
         dump_json(path, rows)
-    report = build_report(title, config, ctx, rows, mnist.source, inputs)
-    with folder.writing("report.md") as path:
-        return report.write(path)
+    curves = {r["noise"]: {"steps": res["step"].values, "values": res["m_coherence"].sel(
+        source="exact", sample="tracked_train", layer=MODEL_LAYER).values} for r, res in zip(rows, all_results)}
+    report = build_report("Label noise (Coherent Gradients §2)", config, ctx, rows, mnist.source)
+    return Outcome(report, claim_inputs(rows, inputs, curves), mnist.source)
 
 
-def build_report(title: str, config, ctx: Context, rows, source: str, inputs=None) -> Report:
-    """The report; ``inputs`` are the verdict inputs :func:`summarise` returns, one per row (or None)."""
-    from pipelines.experiments import verdicts
+run = bind(__name__)
 
+
+def claim_inputs(rows, inputs, curves=None) -> dict[str, Any]:
+    """The inputs of each declared claim's evidence (a claim whose conditions were not run is left out)."""
+    out: dict[str, Any] = {}
+    given = [i for i in inputs if i]
+    if any(0.0 < r["noise"] < 1.0 for r in rows):
+        out["fitted_first"] = [i["learned"] for i in given if "learned" in i]
+        out["cumulative_split"] = [i["r"] for i in given if "r" in i]
+        out["pristine_share"] = [i["f_p"] for i in given if "f_p" in i]
+    if curves and 0.0 in curves and 1.0 in curves:
+        out["coherence_real_vs_random"] = [{"clean": curves[0.0], "random": curves[1.0]}]
+    rand = next((r for r in rows if r["noise"] == 1.0), None)
+    if rand is not None:
+        out["random_at_chance"] = [{"label": "100% noise", "test_acc": rand["test_acc"], "n_test": rand["n_test"]}]
+    return out
+
+
+def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:
+    """The report without its claims (the runner judges the declared ones and adds them)."""
     cap = config["capture"]
     intro = (
         f"Model `{config['model']}`, SGD lr {config['lr']}, batch {config['batch_size']}, {config['steps']} steps, "
@@ -197,24 +231,7 @@ def build_report(title: str, config, ctx: Context, rows, source: str, inputs=Non
         + (" This is the `--quick` variant: far shorter than the paper's runs." if ctx.quick else "")
     )
     report = Report(title, intro)
-    inputs = list(inputs) if inputs is not None else [None] * len(rows)
     noisy = [r for r in rows if 0.0 < r["noise"] < 1.0]
-    clean = next((r for r in rows if r["noise"] == 0.0), None)
-    rand = next((r for r in rows if r["noise"] == 1.0), None)
-    if noisy:
-        given = [i for i in inputs if i]
-        report.claims.append(verdicts.fitted_first_claim([i["learned"] for i in given if "learned" in i]))
-        report.claims.append(verdicts.cumulative_split_claim([i["r"] for i in given if "r" in i]))
-        report.claims.append(verdicts.pristine_share_claim([i["f_p"] for i in given if "f_p" in i], step=0))
-    if clean and rand:
-        report.claims.append(Claim(
-            "Real labels give more coherent gradients than random labels", "§2 / Making Coherence… §5",
-            f"peak m-coherence {clean['peak_m_coherence']:.3g} (0%) vs {rand['peak_m_coherence']:.3g} (100%)",
-            clean["peak_m_coherence"] > rand["peak_m_coherence"]))
-        report.claims.append(Claim(
-            "Random labels do not generalize: test accuracy near chance", "§2.2",
-            f"test accuracy {clean['test_acc']:.3f} (0%) vs {rand['test_acc']:.3f} (100%)",
-            rand["test_acc"] < 0.2 < clean["test_acc"]))
     w = verdicts.EARLY_WINDOW
     header = ["noise", "proper acc", "train acc", "pristine acc", "corrupt acc", "test acc", "peak m-coherence",
               "peak step", "final m-coherence", "f_p at step 0", "pristine share of the sample",
@@ -243,9 +260,11 @@ def build_report(title: str, config, ctx: Context, rows, source: str, inputs=Non
     report.notes.append("First-learned time: the first evaluated step (evaluations at every capture and every "
                         "eval_every steps) at which a training example is classified as its training label; "
                         "examples never learned count as learned after the last step.")
-    report.notes.append("Verdicts: directional claims are one-sided; a claim made at every noise level is supported when "
-                        "each level's test rejects at 0.05 and not supported when the opposite direction is "
-                        "significant at some level after a Holm correction; otherwise inconclusive ('undecided').")
+    report.notes.append("Verdicts come from each claim's declaration (`CLAIMS` in pipelines/experiments/label_noise.py, "
+                        "judged by pipelines/experiments/claims.py): one-sided in the claim's direction; a claim made "
+                        "at every noise level is supported when each level's test rejects at 0.05 and not supported "
+                        "when the opposite is significant at some level after Holm; otherwise inconclusive. A claim "
+                        "without a within-run test is inconclusive on one seed (give --seeds N).")
     report.notes.append("Per-noise stores, analysis results (results.zarr, CSV, PNG) and training histories are in "
                         "the noise-*/ folders.")
     return report

@@ -13,24 +13,63 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipelines.experiments import verdicts
+from pipelines.experiments.claims import ClaimSpec, declare
 from pipelines.experiments.common import (
     RECORDED,
-    Claim,
     Context,
     Report,
+    binomial_se,
     coherence_table,
     dump_json,
-    experiment,
+    noise_dirs,
+    train_condition,
     write_csv,
 )
-from pipelines.experiments.verdicts import equivalence_claim, noninferiority_claim
-from pipelines.experiments.winsorize import binomial_se, train_condition, verdict_less
+from pipelines.experiments.runner import Outcome, bind
 
+NAME = "median-of-means"
 #: a fixed margin, chosen before any run, for "keeps test accuracy" (non-inferiority)
 TEST_ACC_TOLERANCE = 0.02
 #: a fixed margin, chosen before any run (our choice: the same 2 accuracy points), for "RA3 behaves like SGD" (TOST)
 EQUIVALENCE_MARGIN = 0.02
 LABELS = {"sgd": "SGD", "m3": "M3", "rm3": "RM3", "ra3": "RA3"}
+WS = "Weak and Strong Gradient Directions"
+Z = "one-sided z-test with binomial standard errors (independent, conservative for models scored on the same examples)"
+
+
+def _claims(opt: str) -> tuple[ClaimSpec, ...]:
+    o = LABELS[opt]
+    return (
+        ClaimSpec(f"{opt}_matched", f"{o} fits corrupt examples less than SGD at the same pristine accuracy", WS, "§3–4",
+                  f"corrupt accuracy SGD − {o}, each read at its first evaluation reaching the pristine accuracy every "
+                  "optimizer reaches", "the matched evaluation", "greater", Z, verdicts.differences, kind="fitting",
+                  conditions="every noise level strictly between 0 and 100%"),
+        ClaimSpec(f"{opt}_final", f"{o} ends training with fewer corrupt examples fitted than SGD", WS, "§3–4",
+                  f"final corrupt accuracy SGD − {o}", "the end of the run", "greater", Z, verdicts.differences,
+                  kind="fitting", conditions="every noise level strictly between 0 and 100%"),
+        ClaimSpec(f"{opt}_random", f"With random labels {o} memorizes less than SGD (lower train accuracy)", WS,
+                  "§3–4", f"final train accuracy SGD − {o} at 100% noise", "the end of the run", "greater", Z,
+                  verdicts.differences, kind="fitting", conditions="100% noise"),
+        ClaimSpec(f"{opt}_test", f"{o} keeps test accuracy (not below SGD by more than {TEST_ACC_TOLERANCE})", WS,
+                  "§3–4", f"final test accuracy {o} − SGD", "the end of the run", "noninferior",
+                  f"one-sided non-inferiority z-test, margin {TEST_ACC_TOLERANCE} fixed beforehand",
+                  verdicts.differences, margin=TEST_ACC_TOLERANCE, kind="generalization",
+                  conditions="every noise level below 100%"),
+    )
+
+
+CLAIMS = declare(
+    NAME, *_claims("m3"), *_claims("rm3"),
+    ClaimSpec("ra3_like_sgd", f"RA3 (RM3's staleness with the mean instead of the median) behaves like SGD: "
+              f"equivalent within ±{EQUIVALENCE_MARGIN}", WS, "§4 (staleness control)",
+              "RA3 − SGD: corrupt accuracy at matched pristine accuracy and at the end (noisy levels), train accuracy "
+              "at 100% noise", "the matched evaluation and the end of the run", "equivalent",
+              f"TOST (two one-sided z-tests), margin ±{EQUIVALENCE_MARGIN} fixed beforehand", verdicts.differences,
+              margin=EQUIVALENCE_MARGIN, kind="fitting", conditions="every case"),
+)
+PAPER: tuple = ()
+FIXED_DEVIATIONS = ("the paper trains large models on ImageNet; here the Coherent Gradients MLP on MNIST",)
 
 
 def matched(history: list[dict[str, float]], level: float) -> dict[str, float]:
@@ -41,12 +80,10 @@ def matched(history: list[dict[str, float]], level: float) -> dict[str, float]:
     return {"step": math.nan, "pristine_acc": math.nan, "corrupt_acc": math.nan, "test_acc": math.nan}
 
 
-@experiment("median-of-means")
-def run(config: dict[str, Any], ctx: Context) -> Path:
-    """Train every (noise, optimizer) condition, write ``results.csv``, figures and ``report.md``."""
+def execute(config: dict[str, Any], ctx: Context) -> Outcome:
+    """Train every (noise, optimizer) condition, write ``results.csv`` and the figures; the runner reports."""
     from gradstore.errors import GradstoreError
     from pipelines.data import load_mnist
-    from pipelines.experiments.label_noise import noise_dirs
 
     unknown = [o for o in config["optimizers"] if o not in LABELS]
     if unknown or "sgd" not in config["optimizers"]:
@@ -56,7 +93,7 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
     dirs = {(p, opt): folder.path(noise_dir[p], opt) for p in noise_dir for opt in config["optimizers"]}
     folder.claim_all(dirs.values(), RECORDED)  # refused now, not after training, if not the run's own
     folder.claim_all([folder.out], [(name, "file") for name in ("results.csv", "summary.json", "accuracy_curves.png",
-                                                                "corrupt_vs_pristine.png", "report.md")])
+                                                                "corrupt_vs_pristine.png")])
     mnist = load_mnist(ctx.data_dir)
     rows, histories = [], {}
     for noise in config["noise_levels"]:
@@ -88,8 +125,42 @@ def run(config: dict[str, Any], ctx: Context) -> Path:
         curves_figure(histories, config, path)
     with folder.writing("corrupt_vs_pristine.png") as path:
         tradeoff_figure(histories, config, path)
-    with folder.writing("report.md") as path:
-        return build_report(config, ctx, rows, mnist.source).write(path)
+    return Outcome(build_report(config, ctx, rows, mnist.source), claim_inputs(config, rows), mnist.source)
+
+
+run = bind(__name__)
+
+
+def claim_inputs(config, rows) -> dict[str, Any]:
+    """The (label, a, b, se of a − b) cases of each declared claim the run's optimizers and noise levels allow."""
+    opts = config["optimizers"]
+    by = {(r["noise"], r["optimizer"]): r for r in rows}
+    noisy = [p for p in config["noise_levels"] if 0 < p < 1]
+
+    def case(p, a_opt, b_opt, key, n, what):
+        a, b = by[(p, a_opt)], by[(p, b_opt)]
+        se = math.hypot(binomial_se(a[key], a[n]), binomial_se(b[key], b[n]))
+        return (f"{p:.0%} noise, {what} {LABELS[a_opt]} − {LABELS[b_opt]}", a[key], b[key], se)
+
+    out: dict[str, Any] = {}
+    for opt in (o for o in ("m3", "rm3") if o in opts):
+        if noisy:
+            out[f"{opt}_matched"] = [case(p, "sgd", opt, "matched_corrupt_acc", "n_corrupt", "matched corrupt acc")
+                                     for p in noisy]
+            out[f"{opt}_final"] = [case(p, "sgd", opt, "corrupt_acc", "n_corrupt", "final corrupt acc") for p in noisy]
+        if 1.0 in config["noise_levels"]:
+            out[f"{opt}_random"] = [case(1.0, "sgd", opt, "train_acc", "n_train", "train acc")]
+        clean = [p for p in config["noise_levels"] if p < 1]
+        if clean:
+            out[f"{opt}_test"] = [case(p, opt, "sgd", "test_acc", "n_test", "test acc") for p in clean]
+    if "ra3" in opts:
+        cases = [case(p, "ra3", "sgd", "matched_corrupt_acc", "n_corrupt", "matched corrupt acc") for p in noisy]
+        cases += [case(p, "ra3", "sgd", "corrupt_acc", "n_corrupt", "final corrupt acc") for p in noisy]
+        if 1.0 in config["noise_levels"]:
+            cases.append(case(1.0, "ra3", "sgd", "train_acc", "n_train", "train acc"))
+        if cases:
+            out["ra3_like_sgd"] = cases
+    return out
 
 
 def curves_figure(histories, config, path: Path) -> None:
@@ -141,51 +212,6 @@ def build_report(config, ctx: Context, rows, source: str) -> Report:
         + (" This is the `--quick` variant: far shorter than the paper's runs." if ctx.quick else "")
     )
     report = Report("Median of means: M3, RM3 and RA3 against SGD (Weak and Strong Gradient Directions)", intro)
-    by = {(r["noise"], r["optimizer"]): r for r in rows}
-    noisy = [p for p in config["noise_levels"] if 0 < p < 1]
-
-    def se(p, opt, key="matched_corrupt_acc", n="n_corrupt"):
-        return binomial_se(by[(p, opt)][key], by[(p, opt)][n])
-
-    def vs_sgd(p, opt, key="matched_corrupt_acc", n="n_corrupt"):
-        return by[(p, opt)][key], by[(p, "sgd")][key], math.hypot(se(p, opt, key, n), se(p, "sgd", key, n))
-
-    for opt in (o for o in ("m3", "rm3") if o in opts):
-        if noisy:
-            report.claims.append(Claim(
-                f"{LABELS[opt]} fits corrupt examples less than SGD at the same pristine accuracy", "§3–4",
-                "; ".join(f"{p:.0%}: corrupt acc {by[(p, opt)]['matched_corrupt_acc']:.3f} vs SGD "
-                          f"{by[(p, 'sgd')]['matched_corrupt_acc']:.3f} at pristine acc ≥ {by[(p, opt)]['matched_pristine']:.3f}"
-                          for p in noisy),
-                verdict_less([vs_sgd(p, opt) for p in noisy])))
-            report.claims.append(Claim(
-                f"{LABELS[opt]} ends training with fewer corrupt examples fitted than SGD", "§3–4",
-                "; ".join(f"{p:.0%}: final corrupt acc {by[(p, opt)]['corrupt_acc']:.3f} (pristine "
-                          f"{by[(p, opt)]['pristine_acc']:.3f}) vs SGD {by[(p, 'sgd')]['corrupt_acc']:.3f} "
-                          f"(pristine {by[(p, 'sgd')]['pristine_acc']:.3f})" for p in noisy),
-                verdict_less([vs_sgd(p, opt, "corrupt_acc") for p in noisy])))
-        if 1.0 in config["noise_levels"]:
-            a, b = by[(1.0, opt)]["train_acc"], by[(1.0, "sgd")]["train_acc"]
-            report.claims.append(Claim(
-                f"With random labels {LABELS[opt]} memorizes less than SGD (lower train accuracy)", "§3–4",
-                f"100% noise: train acc {a:.3f} vs SGD {b:.3f}", verdict_less([vs_sgd(1.0, opt, "train_acc", "n_train")])))
-        clean = [p for p in config["noise_levels"] if p < 1]
-        if clean:
-            report.claims.append(noninferiority_claim(
-                f"{LABELS[opt]} keeps test accuracy (not below SGD by more than {TEST_ACC_TOLERANCE}, noise < 100%)",
-                "§3–4", [(f"{p:.0%} noise, test acc {LABELS[opt]} vs SGD", *vs_sgd(p, opt, "test_acc", "n_test"))
-                         for p in clean], margin=TEST_ACC_TOLERANCE))
-    if "ra3" in opts:
-        cases = [(p, "matched_corrupt_acc", "n_corrupt", "corrupt acc at matched pristine acc") for p in noisy]
-        cases += [(p, "corrupt_acc", "n_corrupt", "final corrupt acc") for p in noisy]
-        if 1.0 in config["noise_levels"]:
-            cases.append((1.0, "train_acc", "n_train", "train acc"))
-        if cases:
-            report.claims.append(equivalence_claim(
-                f"RA3 (RM3's staleness with the mean instead of the median) behaves like SGD: equivalent within "
-                f"±{EQUIVALENCE_MARGIN}", "§4 (staleness control)",
-                [(f"{p:.0%}: {what}, RA3 − SGD", *vs_sgd(p, "ra3", key, n)) for p, key, n, what in cases],
-                margin=EQUIVALENCE_MARGIN))
     header = ["noise", "optimizer", "train acc", "pristine acc", "corrupt acc", "test acc",
               "matched pristine level", "step there", "corrupt acc there", "test acc there"]
     report.tables.append(("Final accuracies, and at matched pristine accuracy", header, [
@@ -202,12 +228,12 @@ def build_report(config, ctx: Context, rows, source: str) -> Report:
         "final comparison reads all after the same number of steps (pristine accuracies shown beside).",
         "M3 splits each minibatch in order into 3 groups as equal as possible; RM3 and RA3 make no update on their "
         "first two steps (they need three gradients).",
-        "Verdicts on differences use binomial standard errors (independent, conservative for models scored on the "
-        "same examples): supported beyond 2 SE in the claimed direction, not supported beyond 2 SE the other way, "
-        "undecided in between.",
+        "Verdicts come from the declared claims (`CLAIMS`): one-sided z-tests with binomial standard errors "
+        "(independent, conservative for models scored on the same examples), intersection-union over the noise levels, "
+        "Holm for the opposite; otherwise inconclusive.",
         f"'Keeps test accuracy' is a one-sided non-inferiority z-test with margin {TEST_ACC_TOLERANCE}; 'behaves like "
         f"SGD' is an equivalence test (TOST, two one-sided z-tests) with margin ±{EQUIVALENCE_MARGIN}, so a difference "
-        "that is merely not significant is 'undecided', never equivalence. Both margins were fixed before running, "
+        "that is merely not significant is inconclusive, never equivalence. Both margins were fixed before running, "
         "not fitted to results.",
         "Per-condition histories are in noise-*/<optimizer>/history.csv; all final numbers in results.csv.",
     ]

@@ -248,7 +248,8 @@ def _sweep(**extra) -> Schema:
     return Schema({**keys, **extra}, (PAIRWISE, *relations))
 
 
-LABEL_NOISE = _sweep()
+#: label-noise only: every step 0..N captured too (Fig. 3 of Coherent Gradients reads the first 10 steps)
+LABEL_NOISE = _sweep(capture={**CAPTURE, "every_step_until": integer(0, note="(0: none)")})
 
 WINSORIZE = _sweep(
     c_values=list_of(integer(0), distinct=int),
