@@ -119,3 +119,22 @@ def test_maybe_record_follows_the_schedule_and_record_now_does_not(tmp_path):
     ds = open_run(tmp_path / "s.zarr")
     assert ds.step.values.tolist() == [0, 5, 8, 10]
     assert ds.lr.values[:2].tolist() == [0.1, 0.1] and np.isnan(ds.lr.values[2])
+
+
+def test_train_mode_masks_do_not_depend_on_the_batch_an_example_is_captured_in(tmp_path):
+    """The same example, tracked with others or nearly alone, gets the same mask, loss and gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3))
+    x, y = _data(5, 1)
+    ids = np.array([40, 7, 12, 3, 99])
+    stores = {}
+    for name, rows in (("all", slice(0, 5)), ("two", slice(2, 4))):
+        with Recorder(tmp_path / f"{name}.zarr", model, train_inputs=x[rows], train_targets=y[rows],
+                      train_ids=ids[rows], mode="train", coords_per_layer=4, coord_seed=1,
+                      background=False) as rec:
+            rec.record_now(2, model)
+        stores[name] = open_run(tmp_path / f"{name}.zarr").load()
+    both = stores["all"].sel(example=[12, 3])
+    np.testing.assert_allclose(stores["two"].loss.values, both.loss.values, rtol=1e-6)
+    np.testing.assert_allclose(stores["two"].sq_norm.values, both.sq_norm.values, rtol=1e-5)
+    np.testing.assert_allclose(stores["two"].grad_coords.values, both.grad_coords.values, rtol=1e-5, atol=1e-8)
