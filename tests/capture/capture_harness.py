@@ -52,7 +52,7 @@ def check_all(model, loss_fn, inputs, targets, *, rtol, k=4, seed=0):
     coords = {n: torch.randint(0, g[0].numel(), (3,), generator=gen) for n, g in ref.items()}
     proj = Projection(k, seed=seed)
     res = capture(model, loss_fn, inputs, targets, coords=coords, projection=proj, gram=True,
-                  dot_with="sum", grad_sum=True, grads=True)
+                  dot_with="sum", grad_sum=True, grads=True, verify=True)  # the engine's self-check on too
     assert set(res.sq_norms) == set(ref)
     for name, g in ref.items():
         m = g.shape[0]
