@@ -263,3 +263,60 @@ def test_capture_module_used_twice():
     a, b = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 2, 3, dtype=torch.float64)
     y = torch.randn(3, 2, dtype=torch.float64)
     check_capture_by_loop(model, _sq, (a, b), y, lambda j: ((a[j:j + 1], b[j:j + 1]), y[j:j + 1]), rtol=1e-6)
+
+
+# ---- cells in the user's own loop --------------------------------------------------------------
+
+CELLS = {"RNNCell": nn.RNNCell, "LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell}
+
+
+class CellLoop(nn.Module):
+    """A cell stepped over time by hand, from a given or a zero state; a head on the last state and,
+    for an LSTM cell, on the last cell state too (so both of its outputs carry gradient)."""
+
+    def __init__(self, kind, bias):
+        super().__init__()
+        self.cell = CELLS[kind](3, 4, bias=bias)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, *h0):
+        state = h0[0] if h0 else None
+        if isinstance(self.cell, nn.LSTMCell) and h0:
+            state = (h0[0], torch.zeros_like(h0[0]))
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        if isinstance(state, tuple):
+            return self.head(state[0]) + torch.sin(state[1]).sum(1, keepdim=True)
+        return self.head(state)
+
+
+@pytest.mark.parametrize("kind", sorted(CELLS))
+@pytest.mark.parametrize(("bias", "with_h0"), [(True, False), (False, True)])
+def test_cell_loop_end_to_end(kind, bias, with_h0):
+    from rules_harness import check_capture_by_loop
+
+    torch.manual_seed(11)
+    model = CellLoop(kind, bias).double()
+    x, y = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    h0 = (torch.randn(3, 4, dtype=torch.float64),) if with_h0 else ()
+    check_capture_by_loop(model, _sq, (x, *h0), y,
+                          lambda j: ((x[j:j + 1], *(h[j:j + 1] for h in h0)), y[j:j + 1]), rtol=1e-6)
+
+
+def test_unbatched_cell_input_is_refused():
+    cell = nn.GRUCell(3, 4).double()
+    x = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(CaptureError, match="batched"):
+        lookup_rule(nn.GRUCell)(cell, (x,), torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "LSTMCell"])
+def test_float32_kernels(kind):
+    """float32 on the CPU runs other kernels (oneDNN for nn.LSTM; a cell whose h' is computed from
+    c' by separate operations, so c''s recorded gradient already holds h''s): both stay exact."""
+    from rules_harness import check_capture_by_loop
+
+    torch.manual_seed(12)
+    model = CellLoop(kind, True) if kind == "LSTMCell" else Classifier(kind, batch_first=True, num_layers=2)
+    x, y = torch.randn(4, 5, 3), torch.randn(4, 2)
+    check_capture_by_loop(model, _sq, x, y, lambda j: (x[j:j + 1], y[j:j + 1]), rtol=1e-4)

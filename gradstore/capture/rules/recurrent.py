@@ -1,4 +1,4 @@
-"""``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``: per-example gradients of recurrent weights, sums over time.
+"""``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (and their cells): per-example gradients of recurrent weights.
 
 Index letters: n = example, t = time step, g = gate pre-activation (G = gates × hidden), i = layer
 input feature, j = recurrent state feature (hidden, or ``proj_size`` for a projected LSTM), u = LSTM
@@ -106,7 +106,7 @@ def _cell(module, kind, xp, h, c, w_hh, b_hh, w_hr, record):
         i, f, _, o = torch.sigmoid(z).chunk(4, 1)  # chunks, not slices: one backward node each
         g = torch.tanh(z.chunk(4, 1)[2])
         c = f * c + i * g
-        out = o * torch.tanh(c)
+        out = o * torch.tanh(c.detach() if record.get("cut_c") else c)
         if w_hr is not None:
             record["cell_out"].append(out.detach())
             out = out @ w_hr.T
@@ -241,3 +241,91 @@ def recurrent_rule(module, inputs, grad_output):
 
 
 register_rule(nn.RNN, nn.LSTM, nn.GRU)(recurrent_rule)
+
+
+# ---- cells: one step, called by the user's own loop (the engine adds the calls' factors over time) ----
+
+
+def _c_feeds_h(module, x, h, c) -> bool:
+    """Whether this LSTMCell kernel (device, dtype) computes h' from c' by separate autograd operations.
+
+    One probe step of the kernel the module calls (``torch.lstm_cell``, not the module, whose hooks
+    capture owns) on the first example: c' strictly below h' in the graph means the gradient
+    recorded at c' includes what reached h'.
+    """
+    bias = [None, None] if module.bias_ih is None else [module.bias_ih.detach(), module.bias_hh.detach()]
+    with torch.enable_grad():
+        probe = x[:1].detach().clone().requires_grad_(True)
+        h2, c2 = torch.lstm_cell(probe, (h[:1], c[:1]), module.weight_ih.detach(), module.weight_hh.detach(), *bias)
+    target, stack, seen = c2.grad_fn, [h2.grad_fn], set()
+    if target is None or target is h2.grad_fn:
+        return False
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if node is target:
+            return True
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
+def cell_rule(module, inputs, grad_output):
+    """Factors of ``weight_ih``, ``weight_hh`` (Outer, one position per call) and the biases (Dense).
+
+    ``nn.RNNCell`` / ``nn.GRUCell`` return h' (``grad_output`` a tensor), ``nn.LSTMCell`` (h', c')
+    (a tuple of two gradients). A cell called at every step of a loop has one use per step; the
+    engine merges the uses' Outer factors by concatenating positions, which is the sum over time.
+    """
+    kind = "LSTM" if isinstance(module, nn.LSTMCell) else "GRU" if isinstance(module, nn.GRUCell) else "RNN"
+    x = inputs[0]
+    if x.dim() != 2:
+        raise CaptureError(
+            f"{type(module).__name__} input of shape {tuple(x.shape)} has no example axis; capture needs "
+            "batched inputs (examples first)"
+        )
+    n = x.shape[0]
+    hx = inputs[1] if len(inputs) > 1 else None
+    if kind == "LSTM":
+        h, c = hx if hx is not None else (None, None)
+        grads = list(grad_output) if isinstance(grad_output, (tuple, list)) else [grad_output, None]
+    else:
+        h, c = hx, None
+        grads = [grad_output]
+    h = x.new_zeros(n, module.hidden_size) if h is None else h
+    if kind == "LSTM" and c is None:
+        c = x.new_zeros(n, module.hidden_size)
+    w_ih, w_hh = module.weight_ih.detach(), module.weight_hh.detach()
+    b_ih = None if module.bias_ih is None else module.bias_ih.detach()
+    b_hh = None if module.bias_hh is None else module.bias_hh.detach()
+    # An LSTMCell's c' gradient already holds the path through h' when the kernel computes h' from
+    # c' as separate autograd operations (the CPU one does; a fused kernel's outputs are independent):
+    # then h' must not pass gradient to c' a second time here.
+    c_holds_h = kind == "LSTM" and grads[0] is not None and grads[1] is not None and _c_feeds_h(module, x, h, c)
+    with torch.enable_grad():
+        xp = x @ w_ih.T
+        if b_ih is not None:
+            xp = xp + (b_ih if kind == "GRU" else b_ih + b_hh)
+        xp.requires_grad_(True)  # a leaf: the gradient w.r.t. it is dz
+        record = {"reset": [], "cut_c": c_holds_h}
+        h_new, c_new = _cell(module, kind, xp, h, c, w_hh, b_hh, None, record)
+        pairs = [(v, g) for v, g in zip((h_new, c_new), grads) if g is not None]
+        if not pairs:
+            return {}
+        (dz,) = torch.autograd.grad([v for v, _ in pairs], [xp], [g.to(xp.dtype) for _, g in pairs])
+    if kind == "GRU":
+        hidden = module.hidden_size
+        dzh = torch.cat([dz[:, :2 * hidden], dz[:, 2 * hidden:] * record["reset"][0]], 1)
+    else:
+        dzh = dz
+    factors = {
+        "weight_ih": Outer(dz[:, None, None, :], x[:, None, None, :], tuple(w_ih.shape)),
+        "weight_hh": Outer(dzh[:, None, None, :], h.detach()[:, None, None, :], tuple(w_hh.shape)),
+    }
+    if b_ih is not None:
+        factors["bias_ih"], factors["bias_hh"] = Dense(dz), Dense(dzh)
+    return factors
+
+
+register_rule(nn.RNNCell, nn.LSTMCell, nn.GRUCell)(cell_rule)
