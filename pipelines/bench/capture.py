@@ -173,6 +173,36 @@ def _lm_case(name: str, *, m: int, device: str, repeats: int) -> dict:
     return {"case": name, "m": m, "device": device, "source": source, "parameters": params, **result}
 
 
+def gram_form_table(n: int = 32, repeats: int = 5) -> list:
+    """||g_n||² of an Outer factor by the pairwise form and by materializing, per (r, c, t): the
+    measured break-even of ``Outer._gram_form_cheaper`` (process time, best of ``repeats``)."""
+    import time
+
+    import torch
+
+    from gradstore.capture.factors import Outer, _batched_dot, _inner_same, _sq_rows
+
+    def best(f):
+        f()
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            f()
+            times.append(time.process_time() - start)
+        return min(times)
+
+    rows = []
+    for r, c in ((128, 128), (384, 128), (512, 512)):
+        for t in (16, 32, 64, 128, 256, 512):
+            left, right = torch.randn(n, t, 1, r), torch.randn(n, t, 1, c)
+            factor = Outer(left, right, (r, c))
+            pairwise = best(lambda: _batched_dot(_inner_same(left, left.dtype), _inner_same(right, right.dtype)))
+            materialize = best(lambda: _sq_rows(factor.materialize().reshape(n, -1)))
+            rows.append({"r": r, "c": c, "t": t, "pairwise_ms": pairwise * 1e3, "materialize_ms": materialize * 1e3,
+                         "rule_picks": "pairwise" if factor._gram_form_cheaper() else "materialize"})
+    return rows
+
+
 def _vmap_per_example(model, loss_fn):
     """torch.func vmap(grad): ``(x, y) ->`` parameter name -> (n, *shape) per-example gradients."""
     from torch.func import functional_call, grad, vmap
@@ -265,6 +295,8 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, 
 
     if threads > 0:
         torch.set_num_threads(threads)
+    if name == "gram-form":
+        return {"case": name, "rows": gram_form_table(n=m, repeats=repeats)}
     if name.startswith(("lm-", "gpt2")):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap over attention
