@@ -21,7 +21,7 @@ from gradstore.record.precision import autocast_forward
 from gradstore.record.reduce import LocalReducer
 from gradstore.record.samples import Sample, check_ids, check_inputs, leaves, map_nest, to_device
 from gradstore.record.step import MODES, StepCapture, sample_coords
-from gradstore.record.tasks import Classification, resolve_task
+from gradstore.record.tasks import Classification, resolve_task, scores_of
 from gradstore.store.schedule import Schedule
 from gradstore.store.schema import RunLayout
 from gradstore.store.writer import check_step_number, create_run
@@ -261,7 +261,7 @@ class Recorder:
             if not isinstance(self.task, Classification):
                 raise StoreError(f"train_true gives clean class labels, which the {self.task.name} task does not "
                                  "have; leave it out")
-            true = _check_labels("train_true", train_true, n, int(outputs.shape[1]))
+            true = _check_labels("train_true", train_true, n, int(scores_of(outputs).shape[1]))
         if test is not None:
             m = len(test)
             t_inputs, t_targets = test.whole()

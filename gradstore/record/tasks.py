@@ -104,6 +104,11 @@ class Task:
         return self.loss(outputs, targets)
 
 
+def scores_of(outputs):
+    """The score tensor of a model output: the tensor itself, or its ``.logits`` (Hugging Face outputs)."""
+    return outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", outputs)
+
+
 def _integer_tensor(name: str, targets, what: str):
     if not isinstance(targets, torch.Tensor):
         raise StoreError(f"{name} must be a torch.Tensor of {what}, got {type(targets).__name__}; "
@@ -119,7 +124,8 @@ def _per_example_cross_entropy(outputs, targets):
 
 @register_task
 class Classification(Task):
-    """One class per example: ``outputs`` (examples, classes), ``targets`` 1-d class indices.
+    """One class per example: ``outputs`` (examples, classes) (or an output with such ``.logits``),
+    ``targets`` 1-d class indices.
 
     Parameters
     ----------
@@ -134,19 +140,20 @@ class Classification(Task):
         self.loss_fn = loss_fn or _per_example_cross_entropy
 
     def loss(self, outputs, targets):
-        return self.loss_fn(outputs, targets)
+        return self.loss_fn(outputs if self.loss_fn is not _per_example_cross_entropy else scores_of(outputs), targets)
 
     def correct(self, outputs, targets):
-        return outputs.argmax(1) == targets
+        return scores_of(outputs).argmax(1) == targets
 
     def check_outputs(self, outputs, name: str) -> None:
+        outputs = scores_of(outputs)
         if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
             raise CaptureError(f"the model returns {_shape(outputs)} for {name}; the classification task needs "
                                "class scores of shape (examples, classes) (task='sequence' for per-token "
                                "scores, 'regression' or 'custom' otherwise)")
 
     def check_targets(self, name: str, targets, n: int, outputs):
-        n_classes = int(outputs.shape[1])
+        n_classes = int(scores_of(outputs).shape[1])
         _integer_tensor(name, targets, "class indices")
         if targets.dim() != 1:
             raise StoreError(f"{name} must be 1-d, one class index per example, got shape {tuple(targets.shape)}; "
@@ -200,7 +207,7 @@ class Sequence(Task):
     @staticmethod
     def scores(outputs):
         """The (examples, positions, vocabulary) scores of ``outputs`` (a tensor or ``.logits``)."""
-        return outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", outputs)
+        return scores_of(outputs)
 
     def loss(self, outputs, targets):
         scores = self.scores(outputs)

@@ -176,3 +176,29 @@ def test_sequence_task_takes_hugging_face_style_outputs():
     y = torch.tensor([[0, 1, -100], [3, 3, 3]])
     np.testing.assert_allclose(task.loss(Out(scores), y).detach().numpy(), task.loss(scores, y).detach().numpy())
     assert task.correct(Out(scores), y).tolist() == task.correct(scores, y).tolist()
+
+
+def test_classification_reads_the_logits_of_a_structured_output(tmp_path):
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return Out(self.lin(x))
+
+    model = Wrapped()
+    x, y = torch.randn(3, 3), torch.tensor([0, 1, 3])
+    with Recorder(tmp_path / "o.zarr", model, train_inputs=x, train_targets=y, train_ids=np.arange(3),
+                  coords_per_layer=0, background=False) as rec:
+        rec.record_now(0, model)
+    ds = open_run(tmp_path / "o.zarr").load()
+    logits = model.lin(x)
+    np.testing.assert_allclose(ds.loss.values[0], F.cross_entropy(logits, y, reduction="none").detach().numpy(),
+                               rtol=1e-6)
+    assert ds.correct.values[0].tolist() == (logits.argmax(1) == y).tolist()
