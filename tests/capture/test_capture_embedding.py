@@ -134,3 +134,26 @@ def test_embedding_bag_keyword_arguments_in_capture():
     idx, w = torch.randint(0, 6, (4, 3)), torch.randn(4, 3, dtype=torch.float64)
     y = torch.randn(4, 2, dtype=torch.float64)
     check_capture_by_loop(model, sq_loss, (idx, w), y, lambda j: ((idx[j:j + 1], w[j:j + 1]), y[j:j + 1]), rtol=1e-6)
+
+
+class FlatBag(nn.Module):
+    """Bags as a 1-d input with offsets passed by keyword, built inside the forward."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(6, 3, mode=mode)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, idx):
+        n, length = idx.shape
+        return self.out(self.bag(idx.reshape(-1), offsets=torch.arange(0, n * length, length)))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_offsets_by_keyword_in_capture(mode):
+    from rules_harness import check_capture_by_loop
+
+    torch.manual_seed(3)
+    model = FlatBag(mode).double()
+    idx, y = torch.randint(0, 6, (4, 3)), torch.randn(4, 2, dtype=torch.float64)
+    check_capture_by_loop(model, sq_loss, idx, y, lambda j: (idx[j:j + 1], y[j:j + 1]), rtol=1e-6)
