@@ -36,6 +36,19 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
+def _measurement(m) -> str:
+    """The ``measurement`` attribute in words: mode, BatchNorm priming, dropout seed."""
+    if not m:
+        return "not recorded"
+    text = f"{m.get('mode', '?')} mode"
+    priming = m.get("bn_priming")
+    text += (f", BatchNorm primed on {priming['batches']} batch(es)" + (" (reset)" if priming.get("reset") else "")
+             if priming else ", no BatchNorm priming")
+    if "dropout_seed" in m:
+        text += f", seeded per-example dropout (seed {m['dropout_seed']})"
+    return text
+
+
 def summarize(target, *, verify: bool = False) -> str:
     """Multi-line summary: steps, examples, layers, recorded arrays, sizes, schema, configuration.
 
@@ -59,6 +72,9 @@ def summarize(target, *, verify: bool = False) -> str:
         f"examples   {split.size}: {(split == 'train').sum()} train ({int(ds.corrupt.values[split == 'train'].sum())} "
         f"corrupt), {(split == 'test').sum()} test",
         f"layers     {ds.sizes['layer']}: {', '.join(map(str, ds.layer.values))}",
+        f"task       {a.get('task', 'classification')}"
+        + (f" {json.dumps(a['task_options'], sort_keys=True)}" if a.get("task_options") else ""),
+        f"measured   {_measurement(a.get('measurement'))}",
         f"storage    dtype {a['storage']['dtype']}, compression {a['storage']['compression']}",
         f"recorded   coords {ds.sizes.get('coord', 0)}, projection dim {ds.sizes.get('proj', 0)}"
         f" (seed {a.get('projection_seed')}), gram {'yes' if 'gram' in ds else 'no'}",

@@ -10,6 +10,7 @@ from torch import nn
 from gradstore.errors import CaptureError, StoreError
 from gradstore.record import Recorder, Schedule, dropout_mask
 from gradstore.store import open_run
+from gradstore.store.summary import summarize
 from record_helpers import loop_sq_norms
 
 
@@ -34,6 +35,9 @@ def test_batchnorm_priming_is_a_recorder_option_and_leaves_the_model_as_it_was(t
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # statistics restored
     ds = open_run(tmp_path / "p.zarr").load()
     assert ds.attrs["measurement"] == {"mode": "eval", "bn_priming": {"batches": 2, "reset": True}}
+    summary = summarize(tmp_path / "p.zarr")  # what gradstore inspect shows
+    assert "measured   eval mode, BatchNorm primed on 2 batch(es) (reset)" in summary
+    assert "task       classification" in summary
     # independently: reset statistics averaged equally over the priming passes (momentum None)
     oracle = _bn_model()
     with torch.no_grad():
@@ -61,6 +65,8 @@ def test_train_mode_applies_a_seeded_per_example_dropout_mask(tmp_path):
         rec.record_now(4, model)
     ds = open_run(tmp_path / "t.zarr").load()
     assert ds.attrs["measurement"] == {"mode": "train", "bn_priming": None, "dropout_seed": 5}
+    assert ("measured   train mode, no BatchNorm priming, seeded per-example dropout (seed 5)"
+            in summarize(tmp_path / "t.zarr"))
     masks = torch.stack([dropout_mask(5, 4, 0, int(i), 0, (8,), 0.5) for i in ids]).float()
     assert 0 < masks.mean() < 1 and not torch.equal(masks[0], masks[1])
 
