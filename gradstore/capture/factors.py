@@ -199,8 +199,14 @@ class Outer:
         return t, h, _side_dim(self.left), c
 
     def _gram_form_cheaper(self) -> bool:
-        """Pairwise (t × s) inner products beat materializing the (r × c) gradient."""
+        """Pairwise (t × s) inner products beat materializing the (r × c) gradient.
+
+        Dense sides: t²(r + c) against t·r·c per example. A one-hot side: its t × t products are
+        index equalities and materializing is a scatter of t rows, so t²·c against (t + r)·c.
+        """
         t, _, r, c = self._dims
+        if isinstance(self.left, OneHot):
+            return t == 1 or t * t < t + r
         return t == 1 or t * (r + c) < r * c
 
     def merge(self, other):
@@ -216,6 +222,12 @@ class Outer:
         else:
             left = left[rows]
         right = self.right[rows]
+        if isinstance(left, OneHot):  # rows of R added at the looked-up indices: a scatter, no one-hot
+            n, t, _, c = right.shape
+            offset = torch.arange(n, device=right.device)[:, None] * left.size
+            g = right.new_zeros(n * left.size, c)
+            g.index_add_(0, (left.index + offset).reshape(-1), right.reshape(n * t, c))
+            return g.reshape(n, *self.shape)
         g = torch.einsum("ntgr,ntgc->ngrc", _dense(left, right.dtype), right)
         return g.reshape(right.shape[0], *self.shape)
 
