@@ -152,3 +152,21 @@ def test_docs_table_matches_the_registry():
         "docs/layers.md's supported-layers table is out of date; regenerate it with "
         "`python -m gradstore.capture.layers docs/layers.md`"
     )
+
+
+def tiny_gpt2():
+    """A 1-layer GPT-2 from a config (random weights, nothing downloaded), embeddings tied to the head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=32, n_positions=16, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def test_cli_hugging_face_gpt2():
+    pytest.importorskip("transformers")
+    out = CliRunner().invoke(layers_command, ["--model", "test_rules_layers:tiny_gpt2", "--input-shape", "6",
+                                              "--tokens", "32"])
+    assert out.exit_code == 0, out.output
+    rows = {line.split()[0]: line for line in out.output.splitlines() if line.startswith("transformer.")}
+    assert "rule hf.hf_conv1d_rule" in rows["transformer.h.0.attn.c_attn.weight"]
+    assert "rule embedding.embedding_rule + rule linear.linear_rule" in rows["transformer.wte.weight"]  # tied head
