@@ -320,3 +320,32 @@ def test_float32_kernels(kind):
     model = CellLoop(kind, True) if kind == "LSTMCell" else Classifier(kind, batch_first=True, num_layers=2)
     x, y = torch.randn(4, 5, 3), torch.randn(4, 2)
     check_capture_by_loop(model, _sq, x, y, lambda j: (x[j:j + 1], y[j:j + 1]), rtol=1e-4)
+
+
+class KeywordState(nn.Module):
+    """h0 passed by keyword, to a whole-sequence module and to a cell: rnn(x, hx=h0), cell(x_t, hx=h)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.cell = nn.GRUCell(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, h0, c0):
+        out, _ = self.rnn(x, hx=(h0[None], c0[None]))
+        h = h0
+        for t in range(out.shape[1]):
+            h = self.cell(out[:, t], hx=h)
+        return self.head(h)
+
+
+def test_initial_state_by_keyword():
+    from rules_harness import check_capture_by_loop
+
+    torch.manual_seed(13)
+    model = KeywordState().double()
+    x, h0, c0 = (torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64),
+                 torch.randn(3, 4, dtype=torch.float64))
+    y = torch.randn(3, 2, dtype=torch.float64)
+    check_capture_by_loop(model, _sq, (x, h0, c0), y,
+                          lambda j: ((x[j:j + 1], h0[j:j + 1], c0[j:j + 1]), y[j:j + 1]), rtol=1e-6)

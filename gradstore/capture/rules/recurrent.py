@@ -26,7 +26,8 @@ per tensor leaf of the module's output in ``torch.utils._pytree.tree_flatten`` o
 gradient reached that leaf): the output (or a ``PackedSequence``'s data), any packed-sequence index
 leaves, then h_n (and c_n for LSTM), which are (layers × directions, n, j) -- examples on axis 1.
 ``inputs`` are the positional arguments: the input (padded tensor or ``PackedSequence``) and
-optionally h0 (LSTM: (h0, c0)).
+optionally h0 (LSTM: (h0, c0)); the rules are registered with ``kwargs=True``, so ``hx=`` given by
+keyword is seen too.
 
 Packed sequences are supported: the recurrence runs on the padded batch, and a step past an
 example's length leaves its state unchanged (so the reverse direction starts at the example's last
@@ -157,7 +158,15 @@ def _batch_major(seq):
     return seq.transpose(0, 1).unsqueeze(2)
 
 
-def recurrent_rule(module, inputs, grad_output):
+def _bound(inputs, kwargs):
+    """``(input, hx)`` of a call ``module(input, hx=None)``, ``input`` and ``hx`` positional or by keyword."""
+    kwargs = kwargs or {}
+    x = inputs[0] if inputs else kwargs.get("input")
+    hx = inputs[1] if len(inputs) > 1 else kwargs.get("hx")
+    return x, hx
+
+
+def recurrent_rule(module, inputs, grad_output, kwargs=None):
     """Factors of every ``weight_*`` (Outer over time steps) and ``bias_*`` (Dense) of the module."""
     kind = "LSTM" if isinstance(module, nn.LSTM) else "GRU" if isinstance(module, nn.GRU) else "RNN"
     if module.training and module.dropout > 0 and module.num_layers > 1:
@@ -167,9 +176,10 @@ def recurrent_rule(module, inputs, grad_output):
         )
     n_hidden = 2 if kind == "LSTM" else 1
     grad_out, grad_hidden = _split_grads(module, grad_output, n_hidden)
-    x, grad_out, mask = _padded(module, inputs[0], grad_out)
+    x, hx = _bound(inputs, kwargs)
+    x, grad_out, mask = _padded(module, x, grad_out)
     n = x.shape[1]
-    h0, c0 = _initial(module, inputs[1] if len(inputs) > 1 else None)
+    h0, c0 = _initial(module, hx)
     dirs = 2 if module.bidirectional else 1
     proj = getattr(module, "proj_size", 0) or 0
     state_dim = proj or module.hidden_size
@@ -240,7 +250,7 @@ def recurrent_rule(module, inputs, grad_output):
     return factors
 
 
-register_rule(nn.RNN, nn.LSTM, nn.GRU)(recurrent_rule)
+register_rule(nn.RNN, nn.LSTM, nn.GRU, kwargs=True)(recurrent_rule)
 
 
 # ---- cells: one step, called by the user's own loop (the engine adds the calls' factors over time) ----
@@ -271,7 +281,7 @@ def _c_feeds_h(module, x, h, c) -> bool:
     return False
 
 
-def cell_rule(module, inputs, grad_output):
+def cell_rule(module, inputs, grad_output, kwargs=None):
     """Factors of ``weight_ih``, ``weight_hh`` (Outer, one position per call) and the biases (Dense).
 
     ``nn.RNNCell`` / ``nn.GRUCell`` return h' (``grad_output`` a tensor), ``nn.LSTMCell`` (h', c')
@@ -279,14 +289,13 @@ def cell_rule(module, inputs, grad_output):
     engine merges the uses' Outer factors by concatenating positions, which is the sum over time.
     """
     kind = "LSTM" if isinstance(module, nn.LSTMCell) else "GRU" if isinstance(module, nn.GRUCell) else "RNN"
-    x = inputs[0]
+    x, hx = _bound(inputs, kwargs)
     if x.dim() != 2:
         raise CaptureError(
             f"{type(module).__name__} input of shape {tuple(x.shape)} has no example axis; capture needs "
             "batched inputs (examples first)"
         )
     n = x.shape[0]
-    hx = inputs[1] if len(inputs) > 1 else None
     if kind == "LSTM":
         h, c = hx if hx is not None else (None, None)
         grads = list(grad_output) if isinstance(grad_output, (tuple, list)) else [grad_output, None]
@@ -328,4 +337,4 @@ def cell_rule(module, inputs, grad_output):
     return factors
 
 
-register_rule(nn.RNNCell, nn.LSTMCell, nn.GRUCell)(cell_rule)
+register_rule(nn.RNNCell, nn.LSTMCell, nn.GRUCell, kwargs=True)(cell_rule)
