@@ -55,6 +55,14 @@ def _op_coverable(use, m: int) -> bool:
 
 def assign(pl, tap, tracker, rule_paths: set, m: int) -> dict[str, Sources]:
     """Parameter name -> its :class:`Sources`; raises CaptureError for a use nothing covers."""
+    if tracker.nested:
+        name, owner, op, child = tracker.nested[0]
+        kind = type(pl.modules[owner]).__name__
+        raise CaptureError(
+            f"parameter {name!r} of {owner!r} ({kind}, which has a capture rule) is used by {op} inside its child "
+            f"{child!r}, which the rule does not see; register a rule for {kind} (register_rule(..., overwrite=True)) "
+            "that covers its whole forward, or consume the parameter in the module's own forward"
+        )
     out = {name: Sources() for name in pl.params}
     for name, owns in pl.owners.items():
         out[name].modules = [(path, local) for path, local in owns if path in rule_paths]

@@ -171,6 +171,9 @@ class UseTracker(TorchFunctionMode):
         self.axes: list[int] = [0]
         self.types: dict[str, str] = {}
         self.uses: list[OpUse] = []
+        #: (parameter, rule-owning module, operation, running child) of a parameter consumed inside a
+        #: child of its own rule-covered module: refused (the rule and the op would both count it)
+        self.nested: list = []
         self._data: dict[int, weakref.ref] = {}
         #: id(output) -> (ref, use record) of batch-constant uses, module or op, awaiting expansion
         self.constant: dict[int, tuple] = {}
@@ -283,6 +286,10 @@ class UseTracker(TorchFunctionMode):
         if found and torch.is_grad_enabled() and _tracked(out, self.ids):
             running = self.stack[-1] if self.stack else None
             op_level = [n for n in found if running not in self.rule_owner[n]]
+            for n in op_level:  # inside a rule owner's forward, but in a child: the rule would count it too
+                owner = next((p for p in self.rule_owner[n] if p in self.stack), None)
+                if owner is not None and not self.nested:
+                    self.nested.append((n, owner, op_name(func), running))
             if op_level:
                 self._record(func, args, kwargs, out, set(op_level), data)
         return out

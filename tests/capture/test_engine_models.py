@@ -330,3 +330,26 @@ def test_hugging_face_gpt2_is_exact(tie, positions):
             expected = torch.zeros(()) if g is None else g.double().square().sum()
             got = res.sq_norms[name][n]
             assert abs(got - expected) <= 1e-6 * max(expected, 1e-12), (name, n, float(got), float(expected))
+
+
+def test_a_rule_modules_parameter_used_inside_its_child_is_refused():
+    """A Linear subclass (the Linear rule, by the MRO) handing its weight to a child: the rule would
+    count the module's call and the child's operation would be counted again."""
+
+    class Helper(nn.Module):
+        def forward(self, x, w):
+            return x @ w.T
+
+    class Odd(nn.Linear):
+        def __init__(self):
+            super().__init__(4, 3, bias=False)
+            self.helper = Helper()
+
+        def forward(self, x):
+            return self.helper(x, self.weight)
+
+    model = nn.Sequential(Odd(), nn.Linear(3, 2)).double()
+    with pytest.raises(CaptureError) as info:
+        capture(model, sq_loss, torch.randn(M, 4, dtype=torch.float64), torch.randn(M, 2, dtype=torch.float64))
+    message = str(info.value)
+    assert "'0.weight'" in message and "'0.helper'" in message and "\n" not in message
