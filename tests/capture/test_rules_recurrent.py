@@ -323,7 +323,8 @@ def test_float32_kernels(kind):
 
 
 class KeywordState(nn.Module):
-    """h0 passed by keyword, to a whole-sequence module and to a cell: rnn(x, hx=h0), cell(x_t, hx=h)."""
+    """h0 passed by keyword, to a whole-sequence module and to a cell: rnn(x, hx=h0), cell(x_t, hx=h)
+    (the engine binds it to its position; without that, or the rules reading kwargs, h0 would be lost)."""
 
     def __init__(self):
         super().__init__()

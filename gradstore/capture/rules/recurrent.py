@@ -26,8 +26,8 @@ per tensor leaf of the module's output in ``torch.utils._pytree.tree_flatten`` o
 gradient reached that leaf): the output (or a ``PackedSequence``'s data), any packed-sequence index
 leaves, then h_n (and c_n for LSTM), which are (layers × directions, n, j) -- examples on axis 1.
 ``inputs`` are the positional arguments: the input (padded tensor or ``PackedSequence``) and
-optionally h0 (LSTM: (h0, c0)); the rules are registered with ``kwargs=True``, so ``hx=`` given by
-keyword is seen too.
+optionally h0 (LSTM: (h0, c0)); the engine binds ``hx=`` given by keyword to its position, and the
+rules (registered with ``kwargs=True``) also read it from the keyword arguments, whichever arrives.
 
 Packed sequences are supported: the recurrence runs on the padded batch, and a step past an
 example's length leaves its state unchanged (so the reverse direction starts at the example's last
