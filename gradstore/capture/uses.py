@@ -364,7 +364,7 @@ class UseTracker(TorchFunctionMode):
             return args, kwargs, pending
         shape = torch.broadcast_shapes(*(t.shape for t in tensors))
         axis = self.axis
-        if len(shape) <= axis or shape[axis] != self.m:
+        if axis != 0 or len(shape) == 0 or shape[0] != self.m:  # expanded over a leading example axis only
             return args, kwargs, pending
         args, kwargs = list(args), dict(kwargs)
         for key, value, use in hits:
