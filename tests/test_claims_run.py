@@ -66,3 +66,18 @@ def test_the_frozen_run_really_did_not_learn(frozen):
         hist = list(csv.DictReader(fh))
     losses = [float(h["train_loss"]) for h in hist]
     assert max(losses) - min(losses) < 1e-5  # lr 1e-9: the loss does not move
+
+
+def test_sampled_f_p_estimate_matches_the_stored_coordinates(frozen):
+    """The f_p estimate from the sampled weights, recomputed with numpy from the raw stored grad_coords."""
+    import numpy as np
+
+    from gradstore.store import open_run
+
+    ds = open_run(str(frozen / "noise-0.50" / "store.zarr"))
+    x = ds["grad_coords"].isel(step=0).values.astype(np.float64)  # (example, coord), step 0
+    corrupt = ds["corrupt"].values.astype(bool)
+    d = x @ x.sum(0)
+    row = next(r for r in json.loads((frozen / "summary.json").read_text()) if r["noise"] == 0.5)
+    assert row["f_p_step0_sampled"] == pytest.approx(d[~corrupt].sum() / d.sum(), rel=1e-6)
+    assert abs(row["f_p_step0_sampled"] - row["f_p_step0"]) < 0.5  # an estimate of the exact value

@@ -20,6 +20,7 @@ from gradstore.errors import GradstoreError
 from pipelines.experiments import verdicts
 from pipelines.experiments.claims import ClaimSpec, declare
 from pipelines.experiments.common import (
+    pyplot,
     RECORDED,
     Context,
     Report,
@@ -163,9 +164,9 @@ def summarise(model_name: str, noise: float, result, res, steps_per_epoch: int) 
 
 def layer_figure(res, kinds: dict[str, str], path: Path, *, title: str) -> None:
     """m-coherence against step per layer (log-log), train and test panels, lines at 1 and m."""
-    from analysis.plots import _pyplot, save
+    from analysis.plots import save
 
-    plt = _pyplot()
+    plt = pyplot()
     samples = [s for s in ("tracked_train", "tracked_test") if s in res["sample"].values]
     fig, axes = plt.subplots(1, len(samples), figsize=(6.2 * len(samples), 4.4), squeeze=False, sharey=True)
     steps = np.maximum(res["step"].values, 0.5)  # step 0 drawn at 0.5 on the log axis
@@ -190,9 +191,9 @@ def layer_figure(res, kinds: dict[str, str], path: Path, *, title: str) -> None:
 def summary_figure(models, noise_levels, results: dict, path: Path) -> None:
     """Whole-model m-coherence against step: one panel per model, a colour per noise level,
     solid for the training sample and dashed for the held-out test sample."""
-    from analysis.plots import _pyplot, save
+    from analysis.plots import save
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
     for ax, model_name in zip(axes[0], models):
         m = 1

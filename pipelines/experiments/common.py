@@ -528,6 +528,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (figures are saved with analysis.plots.save)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def dump_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float))
 

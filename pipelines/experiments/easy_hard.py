@@ -25,6 +25,7 @@ from gradstore.errors import GradstoreError
 from pipelines.experiments import verdicts
 from pipelines.experiments.claims import ClaimSpec, declare
 from pipelines.experiments.common import (
+    pyplot,
     RECORDED,
     Context,
     Report,
@@ -274,9 +275,9 @@ def _tracked_train_ids(store: Path) -> np.ndarray:
 
 def coherence_figure(res, path: Path, *, rule: str) -> None:
     """Whole-model m-coherence within easy and hard, and pairwise alpha within and across, vs step."""
-    from analysis.plots import _pyplot, save
+    from analysis.plots import save
 
-    plt = _pyplot()
+    plt = pyplot()
     whole = res.sel(layer=MODEL_LAYER)
     steps = np.maximum(whole.step.values, 0.5)  # step 0 drawn at 0.5 on the log axis
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -299,17 +300,19 @@ def coherence_figure(res, path: Path, *, rule: str) -> None:
 
 def accuracy_figure(acc_rows, path: Path) -> None:
     """Held-out accuracy of models retrained on easy or hard, on held-out easy and hard examples."""
-    from analysis.plots import _pyplot, save
+    from analysis.plots import save
 
-    plt = _pyplot()
+    plt = pyplot()
     rules = list(dict.fromkeys(r["rule"] for r in acc_rows))
     fig, axes = plt.subplots(1, len(rules), figsize=(4.2 * len(rules), 3.6), squeeze=False, sharey=True)
     for ax, rule in zip(axes[0], rules):
         rows = [r for r in acc_rows if r["rule"] == rule and r.get("n_fit", 0) > 0]
         x = np.arange(len(rows))
         for k, group in enumerate(GROUPS):
-            ax.bar(x + (k - 0.5) * 0.38, [r[f"held_{group}_acc"] for r in rows], width=0.36,
-                   label=f"held-out {group}")
+            acc = np.array([r[f"held_{group}_acc"] for r in rows], dtype=float)
+            n = np.array([max(r[f"held_{group}_n"], 1) for r in rows], dtype=float)
+            ax.bar(x + (k - 0.5) * 0.38, acc, width=0.36, yerr=1.96 * np.sqrt(acc * (1 - acc) / n), capsize=3,
+                   label=f"held-out {group} (95% binomial interval)")
         ax.set_xticks(x, [f"trained on {r['trained_on']}\n(n = {r['n_fit']})" for r in rows])
         ax.set(ylim=(0, 1), title=f"rule: {rule}")
     axes[0][0].set_ylabel("accuracy")

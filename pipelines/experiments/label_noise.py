@@ -16,6 +16,7 @@ import numpy as np
 from pipelines.experiments import verdicts
 from pipelines.experiments.claims import ClaimSpec, declare
 from pipelines.experiments.common import (
+    pyplot,
     RECORDED,
     Context,
     Report,
@@ -70,6 +71,25 @@ PAPER = (
     PaperSetting(("capture", "coords_per_layer"), 300, "§2: 300 sampled weights per layer"),
 )
 FIXED_DEVIATIONS: tuple[str, ...] = ()
+
+
+def sampled_f_p(store: Path) -> float:
+    """The paper's estimate of f_p at step 0, from the sampled weights of every layer (``grad_coords``),
+    beside the exact f_p (NaN if the store has no sampled coordinates or no step 0).
+
+    d_i = g_i·Σ_j g_j estimated on the sampled coordinates (analysis.sources, source ``coords``), then
+    the same split as the exact one (analysis.losssplit): f_p = Σ_pristine d_i / Σ_i d_i.
+    """
+    from analysis import losssplit, sources
+    from analysis.report import open_store
+
+    ds = open_store(store)
+    if "grad_coords" not in ds or ds.sizes.get("coord", 0) == 0 or int(ds["step"].values[0]) != 0:
+        return float("nan")
+    index = np.flatnonzero(sources.split_mask(ds, "train").values)
+    d = sources.layer_dot_with_sum(ds.isel(step=[0]), "coords").isel(example=index)
+    corrupt = sources.static(ds, "corrupt")[index].astype(bool)
+    return float(losssplit.loss_split(d, corrupt)["f_p"].sel(layer=MODEL_LAYER).values[0])
 
 
 def summarise(noise: float, result, data, results) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -131,9 +151,9 @@ def summarise(noise: float, result, data, results) -> tuple[dict[str, Any], dict
 
 def coherence_figure(rows, all_results, path: Path, *, sample: str = "tracked_train") -> None:
     """Whole-model m-coherence against step, one line per noise level, log scale, lines at 1 and m."""
-    from analysis.plots import _pyplot, save
+    from analysis.plots import save
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for row, res in zip(rows, all_results):
         mc = res["m_coherence"].sel(source="exact", sample=sample, layer=MODEL_LAYER)
@@ -153,9 +173,9 @@ def coherence_figure(rows, all_results, path: Path, *, sample: str = "tracked_tr
 
 def accuracy_figure(rows, histories, path: Path) -> None:
     """Pristine, corrupt and test accuracy against step, one panel per noise level."""
-    from analysis.plots import _pyplot, save
+    from analysis.plots import save
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.2), sharey=True, squeeze=False)
     for ax, row, hist in zip(axes[0], rows, histories):
         steps = [h["step"] for h in hist]
@@ -168,6 +188,57 @@ def accuracy_figure(rows, histories, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
+def figure_1(rows, histories, path: Path) -> None:
+    """Coherent Gradients Fig. 1 (a)–(d): train accuracy (training labels), test accuracy, train loss, and
+    the fraction of pristine (solid) and corrupt (dashed) training examples fitted, against step; a line
+    per noise level."""
+    from analysis.plots import save
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    for k, (row, hist) in enumerate(zip(rows, histories)):
+        steps = [h["step"] for h in hist]
+        label = f"{row['noise']:.0%} noise"
+        for ax, key in zip(axes[:3], ("train_acc", "test_acc", "train_loss")):
+            ax.plot(steps, [h[key] for h in hist], color=f"C{k}", label=label)
+        if 0.0 < row["noise"] < 1.0:
+            axes[3].plot(steps, [h["pristine_acc"] for h in hist], color=f"C{k}", label=f"{label}, pristine")
+            axes[3].plot(steps, [h["corrupt_acc"] for h in hist], color=f"C{k}", ls="--", label=f"{label}, corrupt")
+    for ax, title in zip(axes, ("(a) train accuracy (training labels)", "(b) test accuracy", "(c) train loss",
+                                "(d) fraction fitted: pristine, corrupt")):
+        ax.set(title=title, xlabel="step")
+    axes[0].legend(fontsize=7)
+    if axes[3].lines:
+        axes[3].legend(fontsize=6)
+    save(fig, path, dpi=110)
+
+
+def figure_3(rows, all_results, path: Path, window: int = verdicts.EARLY_WINDOW) -> bool:
+    """Coherent Gradients Fig. 3: r_p and r_c (per-example cumulative loss reduction of the pristine and
+    corrupt groups) over steps 0..``window``, gap-weighted between captures (exact where every step is
+    captured); a panel per noise level strictly between 0 and 1. False if there is nothing to draw."""
+    from analysis.plots import save
+
+    levels = [(r, res) for r, res in zip(rows, all_results) if 0.0 < r["noise"] < 1.0 and "r_p" in res]
+    if not levels:
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.4), squeeze=False)
+    for ax, (row, res) in zip(axes[0], levels):
+        steps = res["step"].values
+        w = verdicts.window_weights(steps, window)
+        keep = w > 0
+        for name, ls in (("r_p", "-"), ("r_c", "--")):
+            inc = verdicts.increments(res[name].sel(layer=MODEL_LAYER).values)
+            ax.plot(steps[keep], np.cumsum((inc * w)[keep]), ls=ls, marker=".", label=name)
+        exact = keep.sum() == window + 1
+        ax.set(title=f"{row['noise']:.0%} noise ({'every step' if exact else 'gap-weighted'})", xlabel="step",
+               ylabel="cumulative loss reduction per example")
+        ax.legend(fontsize=8)
+    save(fig, path, dpi=110)
+    return True
+
+
 def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     """Run every noise level, analyse each store and draw the figures; the runner judges and reports."""
     from pipelines.data import load_mnist
@@ -175,7 +246,8 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     folder = ctx.folder
     dirs = noise_dirs(folder, config["noise_levels"])
     folder.claim_all(dirs.values(), RECORDED)  # refused now, not after training, if not the run's own
-    folder.claim_all([folder.out], [(name, "file") for name in ("m_coherence.png", "accuracy.png", "summary.json")])
+    folder.claim_all([folder.out], [(name, "file") for name in ("m_coherence.png", "accuracy.png", "figure_1.png",
+                                                                "figure_3.png", "summary.json")])
     mnist = load_mnist(ctx.data_dir)
     rows, all_results, histories, inputs = [], [], [], []
     for noise, run_dir in dirs.items():
@@ -185,6 +257,7 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
                                 metrics=tuple(config["analysis"]["metrics"]), progress=ctx.progress,
                                 resume=ctx.resume)
         row, verdict_inputs = summarise(noise, result, data, results)
+        row["f_p_step0_sampled"] = sampled_f_p(store) if 0.0 < noise < 1.0 else float("nan")
         rows.append(row)
         inputs.append(verdict_inputs)
         all_results.append(results)
@@ -193,11 +266,19 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
         coherence_figure(rows, all_results, path)
     with folder.writing("accuracy.png") as path:
         accuracy_figure(rows, histories, path)
+    with folder.writing("figure_1.png") as path:
+        figure_1(rows, histories, path)
+    with folder.writing("figure_3.png") as path:
+        drew_3 = figure_3(rows, all_results, path)
     with folder.writing("summary.json") as path:
         dump_json(path, rows)
     curves = {r["noise"]: {"steps": res["step"].values, "values": res["m_coherence"].sel(
         source="exact", sample="tracked_train", layer=MODEL_LAYER).values} for r, res in zip(rows, all_results)}
     report = build_report("Label noise (Coherent Gradients §2)", config, ctx, rows, mnist.source)
+    report.figures.insert(0, ("Fig. 1 (a)–(d): train accuracy, test accuracy, train loss and the fraction of pristine "
+                              "(solid) and corrupt (dashed) examples fitted, against step", "figure_1.png"))
+    if drew_3:
+        report.figures.insert(1, (f"Fig. 3: r_p and r_c over steps 0–{W}", "figure_3.png"))
     return Outcome(report, claim_inputs(rows, inputs, curves), mnist.source)
 
 
@@ -234,11 +315,13 @@ def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:
     noisy = [r for r in rows if 0.0 < r["noise"] < 1.0]
     w = verdicts.EARLY_WINDOW
     header = ["noise", "proper acc", "train acc", "pristine acc", "corrupt acc", "test acc", "peak m-coherence",
-              "peak step", "final m-coherence", "f_p at step 0", "pristine share of the sample",
+              "peak step", "final m-coherence", "f_p at step 0", f"f_p at step 0, estimated from "
+              f"{config['capture']['coords_per_layer']} sampled weights per layer", "pristine share of the sample",
               "f_c ≥ f_p from step", f"R_p over steps 0–{w}", f"R_c over steps 0–{w}"]
     report.tables.append(("Results per noise level", header, [
         [f"{r['noise']:.0%}", r["proper_acc"], r["train_acc"], r["pristine_acc"], r["corrupt_acc"], r["test_acc"],
-         r["peak_m_coherence"], r["peak_step"], r["final_m_coherence"], r["f_p_step0"], r["pristine_share"],
+         r["peak_m_coherence"], r["peak_step"], r["final_m_coherence"], r["f_p_step0"],
+         r.get("f_p_step0_sampled", float("nan")), r["pristine_share"],
          r["crossing_step"] if r["crossing_step"] is not None else "never", r["R_p_early"], r["R_c_early"]]
         for r in rows]))
     report.figures += [
@@ -253,6 +336,10 @@ def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:
                         "test against random pristine/corrupt relabelings of the tracked sample, whose mean is the "
                         "sample's own pristine share n_p/n (shown per level); the null band of the figures is the "
                         "2.5–97.5% range of the same null.")
+    report.notes.append("f_p estimated from sampled weights: the paper's estimator (§2.4), the same split computed from "
+                        "the per-example gradients restricted to the sampled coordinates of every layer (the store's "
+                        "grad_coords, the same coordinates for every step); it is an estimate, shown beside the exact "
+                        "f_p, which the verdict uses.")
     report.notes.append(f"The analysis stores r_p and r_c as sums over the captured steps only. For the r_p > r_c claim "
                         f"each captured step's contribution is weighted by the number of training steps it stands "
                         f"for up to the next capture (left rectangle rule), over the pre-declared window of steps "

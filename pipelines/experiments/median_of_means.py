@@ -16,6 +16,7 @@ from typing import Any
 from pipelines.experiments import verdicts
 from pipelines.experiments.claims import ClaimSpec, declare
 from pipelines.experiments.common import (
+    pyplot,
     RECORDED,
     Context,
     Report,
@@ -165,9 +166,9 @@ def claim_inputs(config, rows) -> dict[str, Any]:
 
 def curves_figure(histories, config, path: Path) -> None:
     """Pristine, corrupt and test accuracy (rows) against step, one column per noise level."""
-    from analysis.plots import _pyplot, save
+    from analysis.plots import save
 
-    plt = _pyplot()
+    plt = pyplot()
     levels = config["noise_levels"]
     keys = (("pristine_acc", "pristine (train)"), ("corrupt_acc", "corrupt (train)"), ("test_acc", "test"))
     fig, axes = plt.subplots(3, len(levels), figsize=(3.2 * len(levels), 8), sharex=True, sharey=True, squeeze=False)
@@ -187,9 +188,9 @@ def curves_figure(histories, config, path: Path) -> None:
 
 def tradeoff_figure(histories, config, path: Path) -> None:
     """Corrupt against pristine accuracy along training (noise strictly between 0 and 1)."""
-    from analysis.plots import _pyplot, save
+    from analysis.plots import save
 
-    plt = _pyplot()
+    plt = pyplot()
     levels = [p for p in config["noise_levels"] if 0 < p < 1] or config["noise_levels"]
     fig, axes = plt.subplots(1, len(levels), figsize=(3.6 * len(levels), 3.4), squeeze=False)
     for ax, noise in zip(axes[0], levels):

@@ -21,6 +21,7 @@ from typing import Any
 from pipelines.experiments import verdicts
 from pipelines.experiments.claims import ClaimSpec, declare
 from pipelines.experiments.common import (
+    pyplot,
     RECORDED,
     Context,
     Report,
@@ -81,7 +82,7 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     dirs = condition_dirs(folder, config)
     folder.claim_all(dirs.values(), RECORDED)  # refused now, not after training, if not the run's own
     folder.claim_all([folder.out], [(name, "file") for name in ("results.csv", "summary.json", "winsorize.png",
-                                                                "accuracy_curves.png")])
+                                                                "accuracy_curves.png", "figure_4.png")])
     mnist = load_mnist(ctx.data_dir)
     rows, histories = [], {}
     for noise in config["noise_levels"]:
@@ -114,6 +115,8 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
         figure_4(rows, config, path)
     with folder.writing("accuracy_curves.png") as path:
         curves_figure(histories, config, path)
+    with folder.writing("figure_4.png") as path:
+        figure_4_grid(histories, rows, config, path)
     return Outcome(build_report(config, ctx, rows, mnist.source), claim_inputs(config, rows), mnist.source)
 
 
@@ -134,9 +137,9 @@ def claim_inputs(config, rows) -> dict[str, Any]:
 
 def figure_4(rows, config, path: Path) -> None:
     """Train accuracy, test accuracy and overfit against noise, one line per c (Figure 4's layout)."""
-    from analysis.plots import _pyplot, save
+    from analysis.plots import save
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     for c in config["c_values"]:
         sub = sorted((r for r in rows if r["c"] == c), key=lambda r: r["noise"])
@@ -151,11 +154,43 @@ def figure_4(rows, config, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
+def figure_4_grid(histories, rows, config, path: Path) -> None:
+    """Fig. 4's layout: a row per c, a column per noise level; train accuracy (training labels), test
+    accuracy and overfit (train − the expected train accuracy of a perfectly generalizing model)
+    against step."""
+    from analysis.plots import save
+
+    plt = pyplot()
+    cs, levels = sorted(config["c_values"]), config["noise_levels"]
+    proper = {(r["noise"], r["c"]): r["proper_acc"] for r in rows}
+    fig, axes = plt.subplots(len(cs), len(levels), figsize=(2.9 * len(levels), 2.3 * len(cs)), sharex=True,
+                             sharey=True, squeeze=False)
+    for i, c in enumerate(cs):
+        for j, noise in enumerate(levels):
+            ax, hist = axes[i][j], histories[(noise, c)]
+            steps = [h["step"] for h in hist]
+            train = [h["train_acc"] for h in hist]
+            test = [h["test_acc"] for h in hist]
+            q = proper[(noise, c)]
+            ax.plot(steps, train, label="train")
+            ax.plot(steps, test, label="test")
+            ax.plot(steps, [a - expected_train_accuracy(b, q) for a, b in zip(train, test)], label="overfit")
+            ax.axhline(0, color="grey", lw=0.6, ls=":")
+            if i == 0:
+                ax.set_title(f"{noise:.0%} noise", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"c = {c}")
+            if i == len(cs) - 1:
+                ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=6)
+    save(fig, path, dpi=100)
+
+
 def curves_figure(histories, config, path: Path) -> None:
     """Train (solid) and test (dashed) accuracy against step, one panel per noise level, a colour per c."""
-    from analysis.plots import _pyplot, save
+    from analysis.plots import save
 
-    plt = _pyplot()
+    plt = pyplot()
     levels = config["noise_levels"]
     fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.2), sharey=True, squeeze=False)
     for ax, noise in zip(axes[0], levels):
@@ -187,6 +222,8 @@ def build_report(config, ctx: Context, rows, source: str) -> Report:
     report.figures += [
         ("Train accuracy, test accuracy and overfit against label noise, one line per c (cf. Figure 4)", "winsorize.png"),
         ("Train (solid) and test (dashed) accuracy against step", "accuracy_curves.png"),
+        ("Fig. 4's grid: a row per c, a column per noise level; train accuracy, test accuracy and overfit against step",
+         "figure_4.png"),
     ]
     report.notes += [
         "overfit = train accuracy − q·A − (1 − q)(1 − A)/9, with A the test accuracy and q the fraction of training "
