@@ -20,13 +20,7 @@ import math
 from lightning.pytorch.callbacks import Callback
 
 from gradstore.errors import StoreError
-
-
-def trained_module(module):
-    """The module whose parameters training updates: ``torch.compile``'s original module, unwrapped."""
-    while hasattr(module, "_orig_mod"):
-        module = module._orig_mod
-    return module
+from gradstore.record.recorder import trained_module
 
 
 class GradstoreCallback(Callback):

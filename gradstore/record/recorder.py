@@ -86,6 +86,34 @@ def _refuse_train_mode(model) -> None:
                                f"{type(module).__name__}: use mode='eval'")
 
 
+def trained_module(model):
+    """The module training updates, unwrapped: ``DistributedDataParallel.module`` and
+    ``torch.compile``'s original module (capture runs the model's own forward, never a wrapper's)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class _Follower:
+    """What a rank other than 0 keeps of the store rank 0 writes: the committed count and the last step."""
+
+    def __init__(self, committed: int, last_step):
+        self.committed, self.last_step = committed, last_step
+
+    def append_step(self, step: int, **_values) -> int:
+        self.committed, self.last_step = self.committed + 1, step
+        return self.committed
+
+    def close(self) -> None:
+        pass
+
+
 class Recorder:
     """Capture per-example gradient statistics of a fixed tracked sample on a schedule.
 
@@ -146,7 +174,10 @@ class Recorder:
         flight). Call :meth:`close` (or use ``with``) to wait for the last write.
     reducer : optional
         How the capture is combined across processes (:mod:`gradstore.record.reduce`); default one
-        process. :func:`gradstore.record.distributed.DistributedRecorder` passes capture workers.
+        process. ``ProcessGroupReducer()`` on every rank of a process group where every rank trains
+        (DDP under ``torchrun``): each rank captures its shard of every sample, sums are reduced in
+        float64, and rank 0 alone writes (create the Recorder and call it on every rank, at the same
+        steps). :func:`gradstore.record.distributed.DistributedRecorder` passes capture workers.
 
     Raises
     ------
@@ -167,6 +198,7 @@ class Recorder:
         from gradstore.capture import plan
         from gradstore.capture.engine import require_trainable
 
+        model = trained_module(model)
         if autocast not in (None, "bfloat16", "float16"):
             raise StoreError(f"autocast must be None, 'bfloat16' or 'float16', got {autocast!r}")
         if mode not in MODES:
@@ -214,8 +246,8 @@ class Recorder:
             task_options=self.task.describe(), measurement=measurement)
         self.step_capture = StepCapture(self.layout, self.task, train, test, moments, autocast=autocast, mode=mode,
                                         dropout_seed=dropout_seed, moments_chunk=moments_chunk)
-        self.writer = create_run(target, self.layout, config=config, seeds=seeds, overwrite=overwrite,
-                                 resume=resume, storage_options=storage_options)
+        self.writer = self._open_writer(target, config=config, seeds=seeds, overwrite=overwrite, resume=resume,
+                                        storage_options=storage_options)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradstore-writer") if background else None
         self._pending = None  # (step, Future) of the write in flight
         try:
@@ -224,6 +256,24 @@ class Recorder:
         except BaseException:
             self.close()
             raise
+
+    def _open_writer(self, target, **options):
+        """Rank 0 opens the store; with several training ranks, the others learn its state (or its failure)."""
+        share = getattr(self.reducer, "share", None)
+        if self.reducer.rank != 0:
+            status, committed, last = share([0, 0, 0])
+            if status:
+                raise StoreError("rank 0 could not open the run store (its error says why); stopping this rank too")
+            return _Follower(committed, None if last < 0 else last)
+        try:
+            writer = create_run(target, self.layout, **options)
+        except BaseException:
+            if share is not None:
+                share([1, 0, 0])
+            raise
+        if share is not None:
+            share([0, writer.committed, -1 if writer.last_step is None else int(writer.last_step)])
+        return writer
 
     # ---------------------------------------------------------------- argument checks (before any store exists)
     @staticmethod
@@ -358,7 +408,7 @@ class Recorder:
         last = self._last_step()
         if last is not None and step <= last:
             raise StoreError(f"step {step} is not after the last recorded step {last}; steps must increase")
-        values = self.capture_step(model, step)
+        values = self.capture_step(model, step) or {}  # {} on a rank other than 0: rank 0 writes
         self.flush()
         scalars = dict(lr=lr, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc)
         if self._executor is None:
@@ -370,9 +420,12 @@ class Recorder:
     record = record_now
 
     def capture_step(self, model, step: int = 0) -> dict[str, np.ndarray]:
-        """The arrays of one step (numpy, keyed by the schema's names), primed as configured; nothing written."""
+        """The arrays of one step (numpy, keyed by the schema's names), primed as configured; nothing written.
+
+        Collective when the reducer spans several processes; None on ranks other than 0."""
         from gradstore.capture import bn_priming
 
+        model = trained_module(model)
         priming = (bn_priming(model, self._prime, reset=self._prime_reset) if self._prime is not None
                    else nullcontext())
         with priming:

@@ -38,6 +38,10 @@ class LocalReducer:
         """The parts of every process in rank order on rank 0, None elsewhere (here: ``[part]``)."""
         return [part]
 
+    def share(self, values: list[int]) -> list[int]:
+        """Rank 0's ``values`` (a few integers) on every process (here: ``values``)."""
+        return values
+
 
 class ProcessGroupReducer:
     """Every rank of the default torch.distributed process group captures its shard.
@@ -67,3 +71,11 @@ class ProcessGroupReducer:
         from gradstore.record.messages import gather_messages
 
         return gather_messages(part)
+
+    def share(self, values: list[int]) -> list[int]:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.int64)
+        dist.broadcast(tensor, src=0)
+        return tensor.tolist()

@@ -1,0 +1,74 @@
+"""Every rank trains (DDP, 2 processes on gloo): each captures its shard, rank 0 writes the store
+that one process training on the same global batches writes."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gradstore.record import ProcessGroupReducer, Recorder
+from gradstore.record.messages import set_group_key
+from gradstore.store import open_run
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _train(target, model, rank=0, size=1, **options):
+    """Three captured steps with two SGD steps on global batches of 8 between them."""
+    x, y = _data(16, 0)
+    xt, yt = _data(3, 1)
+    xm, ym = _data(11, 2)
+    net = DistributedDataParallel(model) if size > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    rec = Recorder(target, net, train_inputs=x[:7], train_targets=y[:7], train_ids=np.arange(7), test_inputs=xt,
+                   test_targets=yt, test_ids=[20, 21, 22], moments_inputs=xm, moments_targets=ym, coords_per_layer=4,
+                   n_proj=3, gram=True, background=False, **options)
+    with rec:
+        for step in range(3):
+            rec.record_now(step, net, lr=0.3)
+            rows = slice(8 * (step % 2) + 8 // size * rank, 8 * (step % 2) + 8 // size * (rank + 1))
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x[rows]), y[rows]).backward()
+            opt.step()
+
+
+def _rank(rank, size, rendezvous, key, target):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
+    set_group_key(key)
+    try:
+        _train(target, _model(), rank, size, reducer=ProcessGroupReducer())
+    finally:
+        set_group_key(None)
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch: ~40 s on 2 shared cores
+def test_ddp_ranks_capture_their_shards_and_rank_0_writes_the_single_process_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    _train(str(tmp_path / "one.zarr"), _model())
+    mp.spawn(_rank, args=(2, str(tmp_path / "rendezvous"), secrets.token_bytes(32), str(tmp_path / "two.zarr")),
+             nprocs=2, join=True)
+    one, two = open_run(tmp_path / "one.zarr").load(), open_run(tmp_path / "two.zarr").load()
+    assert set(one.variables) == set(two.variables) and two.sizes["step"] == 3
+    for name in one.variables:
+        a, b = one[name].values, two[name].values
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7, equal_nan=True, err_msg=name)
+        else:
+            np.testing.assert_array_equal(b, a, err_msg=name)
+    assert (two.m.sel(sample="moments_train").values == 11).all()
