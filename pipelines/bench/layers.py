@@ -18,6 +18,9 @@ variant once, interleaved):
 * ``hf-conv1d`` -- a GPT-2-style MLP block of Hugging Face ``Conv1D`` layers (d = 64, T = 64,
   4d hidden, GELU): plain forward+backward, ``capture`` with the Conv1D rule, and ``capture``
   through the torch.func fallback (rule unregistered for the run).
+* ``decoder`` -- an image decoder: ConvTranspose2d 16 -> 8 -> 1 (7 -> 14 -> 28) with InstanceNorm2d
+  and PReLU between, the same three variants (the three rules unregistered for the fallback).
+* ``conv3d`` -- two Conv3d layers (1 -> 8 -> 8 channels, 8 x 16 x 16 volumes), the same variants.
 """
 
 from __future__ import annotations
@@ -137,20 +140,12 @@ def lstm(repeats: int, m: int) -> None:
           f"{loop_scaled * 1e3:.0f} ms, {loop_scaled / med['plain']:.1f}x")
 
 
-def hf_conv1d(repeats: int, m: int) -> None:
+def _rule_vs_fallback(model, x, y, types, repeats):
+    """Median seconds of a plain pass, capture with the rules of ``types``, capture by the fallback."""
     import warnings
-
-    import torch
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
 
     from gradstore.capture import capture, lookup_rule, register_rule, unregister_rule
     from gradstore.capture.fallback import CaptureFallbackWarning
-
-    d, t = 64, 64
-    torch.manual_seed(0)
-    model = nn.Sequential(Conv1D(4 * d, d), nn.GELU(), Conv1D(d, 4 * d)).eval()
-    x, y = torch.randn(m, t, d), torch.randn(m, t, d)
 
     def loss_fn(out, targets):
         return ((out - targets) ** 2).flatten(1).sum(1)
@@ -162,26 +157,72 @@ def hf_conv1d(repeats: int, m: int) -> None:
     def ours():
         return capture(model, loss_fn, x, y).sq_norms
 
-    rule = lookup_rule(Conv1D)
+    rules = {t: lookup_rule(t) for t in types}
     med = _median_rounds({"plain": plain, "rule": ours}, repeats)
-    unregister_rule(Conv1D)
+    for t in types:
+        unregister_rule(t)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CaptureFallbackWarning)
             fallback = _median_rounds({"plain": plain, "fallback": ours}, repeats)
     finally:
-        register_rule(Conv1D, overwrite=True)(rule)
-    print(f"hf-conv1d: m = {m}, T = {t}, d = {d}, {torch.get_num_threads()} thread(s)")
+        for t, rule in rules.items():
+            register_rule(t, overwrite=True)(rule)
+    return med, fallback
+
+
+def _report(name, med, fallback):
     print(f"plain {med['plain'] * 1e3:.1f} ms; capture with the rule {med['rule'] * 1e3:.1f} ms "
           f"({med['rule'] / med['plain']:.2f}x); capture by the fallback {fallback['fallback'] * 1e3:.1f} ms "
           f"({fallback['fallback'] / fallback['plain']:.2f}x of its own paired plain pass)")
+
+
+def hf_conv1d(repeats: int, m: int) -> None:
+    import torch
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    d, t = 64, 64
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(4 * d, d), nn.GELU(), Conv1D(d, 4 * d)).eval()
+    x, y = torch.randn(m, t, d), torch.randn(m, t, d)
+    print(f"hf-conv1d: m = {m}, T = {t}, d = {d}, {torch.get_num_threads()} thread(s)")
+    _report("hf-conv1d", *_rule_vs_fallback(model, x, y, [Conv1D], repeats))
+
+
+def decoder(repeats: int, m: int) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Unflatten(1, (16, 7, 7)),
+        nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1), nn.InstanceNorm2d(8, affine=True), nn.PReLU(8),
+        nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1),
+    ).eval()
+    x, y = torch.randn(m, 16 * 49), torch.rand(m, 1, 28, 28)
+    print(f"decoder: m = {m}, ConvTranspose2d 16->8->1 (7 -> 14 -> 28) + InstanceNorm2d + PReLU, "
+          f"{torch.get_num_threads()} thread(s)")
+    _report("decoder", *_rule_vs_fallback(model, x, y, [nn.ConvTranspose2d, nn.InstanceNorm2d, nn.PReLU], repeats))
+
+
+def conv3d(repeats: int, m: int) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, stride=2, padding=1)).eval()
+    x = torch.randn(m, 1, 8, 16, 16)
+    y = torch.randn(m, 8, 4, 8, 8)
+    print(f"conv3d: m = {m}, Conv3d 1->8->8 on 8x16x16 volumes, {torch.get_num_threads()} thread(s)")
+    _report("conv3d", *_rule_vs_fallback(model, x, y, [nn.Conv3d], repeats))
 
 
 def main(argv=None) -> None:
     import torch
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench.layers", description=__doc__.splitlines()[0])
-    parser.add_argument("case", choices=["gram-form", "lstm", "hf-conv1d"])
+    parser.add_argument("case", choices=["gram-form", "lstm", "hf-conv1d", "decoder", "conv3d"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--m", type=int, default=256)
@@ -194,7 +235,7 @@ def main(argv=None) -> None:
     elif args.case == "lstm":
         lstm(args.repeats, args.m)
     else:
-        hf_conv1d(args.repeats, args.m)
+        {"hf-conv1d": hf_conv1d, "decoder": decoder, "conv3d": conv3d}[args.case](args.repeats, args.m)
 
 
 if __name__ == "__main__":
