@@ -170,3 +170,13 @@ def test_cli_hugging_face_gpt2():
     rows = {line.split()[0]: line for line in out.output.splitlines() if line.startswith("transformer.")}
     assert "rule hf.hf_conv1d_rule" in rows["transformer.h.0.attn.c_attn.weight"]
     assert "rule embedding.embedding_rule + rule linear.linear_rule" in rows["transformer.wte.weight"]  # tied head
+
+
+@pytest.mark.parametrize("argv", [["gram-form", "--m", "2", "--width", "4", "--repeats", "1"],
+                                  ["lstm", "--m", "2", "--repeats", "1"], ["decoder", "--m", "2", "--repeats", "1"]])
+def test_layer_benchmarks_run(argv, capsys):
+    """The benchmark cases of docs/layers.md still run (tiny sizes; no timing is asserted)."""
+    from pipelines.bench.layers import main
+
+    main([*argv, "--threads", str(torch.get_num_threads())])  # leave the process's thread count as it is
+    assert " ms" in capsys.readouterr().out
