@@ -157,3 +157,41 @@ def test_embedding_bag_offsets_by_keyword_in_capture(mode):
     model = FlatBag(mode).double()
     idx, y = torch.randint(0, 6, (4, 3)), torch.randn(4, 2, dtype=torch.float64)
     check_capture_by_loop(model, sq_loss, idx, y, lambda j: (idx[j:j + 1], y[j:j + 1]), rtol=1e-6)
+
+
+def test_embedding_bag_max_never_forms_the_vocabulary_matrix(monkeypatch):
+    """max mode's quantities cost O(d) per example: its (n, V, d) gradient is never formed for them."""
+    from gradstore.capture.rules.embedding import MaxRows
+
+    bag, inputs, bags, _ = _bag_case("max", 4, 50, 3, False, True, False, 1)
+    targets = torch.randn(4, 3, dtype=torch.float64)
+    out = bag(*inputs)
+    b = torch.autograd.grad(((out - targets) ** 2).sum(), out)[0]
+    factor = lookup_rule(nn.EmbeddingBag)(bag, inputs, b)["weight"]
+    ref = _bag_oracle(bag, bags, None, targets).reshape(4, -1)
+    monkeypatch.setattr(MaxRows, "g", property(lambda self: pytest.fail("materialized")))
+    torch.testing.assert_close(factor.sq_norms(), (ref * ref).sum(1))
+    torch.testing.assert_close(factor.gram(), ref @ ref.T)
+    torch.testing.assert_close(factor.sum(), ref.sum(0).reshape(50, 3))
+
+
+class TwoBags(nn.Module):
+    """One max bag over two index sets of each example: its two uses are merged."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(6, 3, mode="max")
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, a, b):
+        return self.out(torch.cat([self.bag(a), self.bag(b)], 1))
+
+
+def test_embedding_bag_max_used_twice_in_capture():
+    from rules_harness import check_capture_by_loop
+
+    torch.manual_seed(4)
+    model = TwoBags().double()
+    a, b = torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (3, 2))
+    y = torch.randn(3, 2, dtype=torch.float64)
+    check_capture_by_loop(model, sq_loss, (a, b), y, lambda j: ((a[j:j + 1], b[j:j + 1]), y[j:j + 1]), rtol=1e-6)

@@ -10,8 +10,8 @@ EmbeddingBag, bag n with output gradient b[n, d] (the example is the bag):
   (``sum``), 1/(count of non-padding entries) (``mean``) or 1, and 0 at ``padding_idx`` and past the
   end of the bag (bags given by ``offsets`` are padded to the longest);
 * ``max``: g_n[v, d] = [j[n,d] = v] b[n,d], j the row that held the maximum of feature d (the index
-  torch's own backward uses, ties included): an Outer factor over t = d with the one-hot rows j and
-  the diagonal b[n,d]·e_d, zero for an empty bag.
+  torch's own backward uses, ties included), zero for an empty bag: a :class:`MaxRows` factor, one
+  entry per column, whose quantities cost O(d) per example (or pair), never O(V·d).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradstore.capture.factors import OneHot, Outer
+from gradstore.capture.factors import BLOCK_ELEMENTS, Dense, OneHot, Outer
 from gradstore.capture.registry import register_rule
 from gradstore.errors import CaptureError
 
@@ -52,6 +52,60 @@ def embedding_rule(module: nn.Embedding, inputs, grad_output):
 
 
 _BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+class MaxRows(Dense):
+    """g_n[v, d] = b[n, d] · [rows[n, d] = v]: one entry per column (EmbeddingBag ``max``).
+
+    A :class:`Dense` factor whose ``g`` (n, V, d) is formed only when asked for (``materialize``,
+    or merging with another use); its own quantities never form it: ||g_n||² = Σ_d b²_nd (each
+    column holds one entry), g_n·g_m = Σ_d b_nd b_md [rows_nd = rows_md], O(d) per pair.
+    """
+
+    def __init__(self, rows: torch.Tensor, b: torch.Tensor, vocab: int):  # Dense is frozen: set directly
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "b", b)
+        object.__setattr__(self, "vocab", vocab)
+
+    @property
+    def g(self) -> torch.Tensor:
+        n, d = self.b.shape
+        return self.b.new_zeros(n, self.vocab, d).scatter_(1, self.rows[:, None, :], self.b[:, None, :])
+
+    @property
+    def n(self) -> int:
+        return self.b.shape[0]
+
+    def sum(self) -> torch.Tensor:
+        n, d = self.b.shape
+        columns = torch.arange(d, device=self.b.device).repeat(n)
+        out = self.b.new_zeros(self.vocab, d)
+        return out.index_put_((self.rows.reshape(-1), columns), self.b.reshape(-1), accumulate=True)
+
+    def sq_norms(self) -> torch.Tensor:
+        return (self.b * self.b).sum(1)
+
+    def gram(self) -> torch.Tensor:
+        n, d = self.b.shape
+        size = max(1, BLOCK_ELEMENTS // max(1, n * d))  # rows of examples per block of (rows, n, d) products
+        out = []
+        for start in range(0, n, size):
+            rows = slice(start, min(n, start + size))
+            same = (self.rows[rows, None, :] == self.rows[None, :, :]).to(self.b.dtype)
+            out.append((self.b[rows, None, :] * self.b[None, :, :] * same).sum(-1))
+        return torch.cat(out) if out else self.b.new_zeros(0, n)
+
+    def dots(self, v: torch.Tensor) -> torch.Tensor:
+        return (self.b * v.to(self.b.dtype).gather(0, self.rows)).sum(1)
+
+    def coords(self, flat_index: torch.Tensor) -> torch.Tensor:
+        d = self.b.shape[1]
+        row, col = flat_index // d, flat_index % d
+        return self.b[:, col] * (self.rows[:, col] == row).to(self.b.dtype)
+
+    def project(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(n, k) = Σ_d b_nd u[k, rows_nd] v[k, d] on the (V, d) weight."""
+        return torch.einsum("nd,knd,kd->nk", self.b, u.to(self.b.dtype)[:, self.rows], v.to(self.b.dtype))
 
 
 def _arguments(inputs, kwargs):
@@ -108,8 +162,7 @@ def embedding_bag_rule(module: nn.EmbeddingBag, inputs, grad_output, kwargs=None
             module.include_last_offset, module.padding_idx,
         )
         filled = (bag_size > 0).to(b.dtype)[:, None]  # an empty bag's output is a constant 0
-        right = torch.diag_embed(b * filled).unsqueeze(2)  # (n, t = d, 1, d)
-        return {"weight": Outer(OneHot(rows.long(), module.num_embeddings), right, shape)}
+        return {"weight": MaxRows(rows.long(), b * filled, module.num_embeddings)}
     w = mask.to(b.dtype)
     if module.padding_idx is not None:
         w = w * (index != module.padding_idx).to(b.dtype)
