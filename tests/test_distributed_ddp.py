@@ -72,3 +72,33 @@ def test_ddp_ranks_capture_their_shards_and_rank_0_writes_the_single_process_sto
         else:
             np.testing.assert_array_equal(b, a, err_msg=name)
     assert (two.m.sel(sample="moments_train").values == 11).all()
+
+
+@pytest.mark.slow  # torchrun with 2 processes plus one plain process: ~50 s on 2 shared cores
+def test_torchrun_writes_the_store_one_process_writes(tmp_path):
+    """``torchrun --standalone --nproc_per_node 2 examples/ddp_torchrun.py`` = ``python examples/ddp_torchrun.py``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "ddp_torchrun.py"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "GRADSTORE_GROUP_KEY": secrets.token_hex(32)}
+    args = ["--steps", "4", "--every", "2"]
+    runs = {"one": [sys.executable, str(example)],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(example)]}
+    for name, command in runs.items():
+        out = subprocess.run(command + ["--out", str(tmp_path / name), *args], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    one, two = (open_run(tmp_path / name / "store.zarr").load() for name in runs)
+    assert one.step.values.tolist() == two.step.values.tolist() == [0, 2, 4]
+    for name in one.variables:
+        a, b = one[name].values, two[name].values
+        if a.dtype.kind == "f":
+            # 1e-4 relative; values that cancel to near 0 (a dot product) to 1e-6 of the array's scale
+            scale = float(np.abs(a[np.isfinite(a)]).max()) if np.isfinite(a).any() else 0.0
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale, equal_nan=True, err_msg=name)
+        else:
+            np.testing.assert_array_equal(b, a, err_msg=name)
