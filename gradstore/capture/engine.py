@@ -482,10 +482,12 @@ def _backward(loss, module_uses: dict, op_uses: list, sources: dict, pl: Plan, n
         if leaf.grad_fn is None or not _reaches(leaf.grad_fn, below, outputs, asked_ids):
             if not any(leaf is c for c in captured):
                 captured.append(leaf)
-    wanted = [pl.params[n] for n in asked] + captured
-    grads = torch.autograd.grad(loss, wanted, allow_unused=True, retain_graph=retain) if wanted else []
+    del leaves, outputs, below
     for record in records:
         record.leaves = [None] * len(record.leaves)  # the graph keeps what backward needs
+    wanted = [pl.params[n] for n in asked] + captured
+    del captured
+    grads = torch.autograd.grad(loss, wanted, allow_unused=True, retain_graph=retain) if wanted else []
     return {
         name: torch.zeros_like(pl.params[name]) if g is None else (g.to_dense() if g.is_sparse else g)
         for name, g in zip(asked, grads)
