@@ -195,7 +195,7 @@ def test_bench_analysis_workdir_must_exist(tmp_path, capsys):
     from pipelines.bench.analysis import run
 
     with pytest.raises(GradstoreError, match="--workdir"):
-        run(examples=4, coords=2, base_steps=1, workdir=str(tmp_path / "missing"))
+        run(examples=4, base_steps=1, workdir=str(tmp_path / "missing"))
 
 
 def test_cuda_device_without_cuda_is_one_line(tmp_path, capsys, monkeypatch):

@@ -71,9 +71,10 @@ def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, s
                    pair_source=pairwise_source, max_pair_examples=pair_examples)
     for note in plan.attrs["notes"]:
         click.echo(f"{store}: {note}", err=True)
-    click.echo(f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
-               f"{ds.sizes['layer']} layers; computing {', '.join(plan.attrs['metrics'])}", err=True)
-    results = _compute(plan, scheduler, steps_per_batch, null_distributions=null_distributions, retries=retries)
+    what = (f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
+            f"{ds.sizes['layer']} layers; computing {', '.join(plan.attrs['metrics'])}")
+    results = _compute(plan, scheduler, steps_per_batch, null_distributions=null_distributions, retries=retries,
+                       announce=lambda: click.echo(what, err=True))
     if skipped:
         results.attrs["skipped_steps"] = list(skipped)
     files = write_results(results, out)
@@ -95,18 +96,21 @@ def _default_out(store: str) -> Path:
 
 
 def _compute(plan, scheduler: str | None, steps_per_batch: int = 8, *, null_distributions: bool = True,
-             retries: int = 2):
+             retries: int = 2, announce=None):
     """Compute ``plan`` (:func:`analysis.report.prepare`) in step batches (bounded memory) with a
     progress bar, locally or on the cluster of ``scheduler`` (its dashboard link printed, failed
-    tasks retried ``retries`` times)."""
+    tasks retried ``retries`` times); ``announce()`` once ready to compute (after connecting)."""
+    announce = announce or (lambda: None)
     from tqdm import tqdm
 
     def bar(batches):
         return tqdm(batches, desc=f"steps ({steps_per_batch} per batch)", unit="batch", file=sys.stderr)
 
     if scheduler is None:
+        announce()
         return plan.compute(steps_per_batch=steps_per_batch, progress=bar, null_distributions=null_distributions)
     with connect(scheduler) as client:  # the default scheduler while open: every .compute() runs on the cluster
+        announce()
         workers = client.scheduler_info().get("workers", {})
         click.echo(f"Dask cluster at {scheduler}: {len(workers)} workers; dashboard {client.dashboard_link}",
                    err=True)
