@@ -13,7 +13,7 @@ import xarray as xr
 
 from analysis.pairwise import group_coherence, stiffness
 from analysis.registry import metric
-from gradstore.errors import GradstoreError
+from gradstore.errors import AnalysisError
 
 RULES = ("learned", "snapshot")
 
@@ -51,12 +51,12 @@ def easy_mask(correct: xr.DataArray, *, at=None, rule: str = "learned") -> xr.Da
         Easy = learned (permanently) by ``at``, or correct at ``at``.
     """
     if rule not in RULES:
-        raise GradstoreError(f"unknown hardness rule {rule!r}; use one of {', '.join(RULES)}")
+        raise AnalysisError(f"unknown hardness rule {rule!r}; use one of {', '.join(RULES)}")
     steps = correct.step.values
     if at is None:
         at = steps[len(steps) // 2]
     if at not in steps:
-        raise GradstoreError(f"snapshot step {at} was not captured; choose one of the stored steps "
+        raise AnalysisError(f"snapshot step {at} was not captured; choose one of the stored steps "
                              f"({steps[0]}..{steps[-1]})")
     if rule == "snapshot":
         return correct.sel(step=at, drop=True).astype(bool)

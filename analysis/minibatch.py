@@ -14,7 +14,7 @@ import xarray as xr
 
 from analysis.coherence import alpha, gram_moments, pairwise_alpha
 from analysis.registry import metric
-from gradstore.errors import GradstoreError
+from gradstore.errors import AnalysisError
 
 
 def predicted_alpha_k(alpha, k):
@@ -25,7 +25,7 @@ def predicted_alpha_k(alpha, k):
 def batch_counts(m: int, k: int, n_batches: int, *, seed: int = 0, replace: bool = True) -> np.ndarray:
     """(batch, example) counts of ``n_batches`` seeded minibatches of size ``k`` from m examples."""
     if k < 1 or (not replace and k > m):
-        raise GradstoreError(f"minibatch size {k} is impossible with {m} examples")
+        raise AnalysisError(f"minibatch size {k} is impossible with {m} examples")
     rng = np.random.default_rng(seed)
     if replace:
         picks = rng.integers(0, m, size=(n_batches, k))
@@ -57,7 +57,7 @@ def minibatch_coherence(gram: xr.DataArray, sizes=(1, 10, 100), *, n_batches: in
         ``alpha`` (…), ``alpha_k_predicted`` and ``alpha_k_measured`` (…, batch_size).
     """
     if n_batches < 2:
-        raise GradstoreError(f"n_batches must be at least 2, got {n_batches}")
+        raise AnalysisError(f"n_batches must be at least 2, got {n_batches}")
     m = gram.sizes["example"]
     per_example = alpha(*gram_moments(gram))
     measured = []

@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.coherence import gram_moments, m_coherence
-from gradstore.errors import GradstoreError
+from gradstore.errors import AnalysisError
 
 ALTERNATIVES = ("two-sided", "greater", "less")
 #: null worlds per block: block b is drawn from ``default_rng([seed, b])``, so a world's mask does
@@ -68,7 +68,7 @@ def summarize(observed: xr.DataArray, null: xr.DataArray, *, alternative: str = 
     in :func:`permutation_test`.
     """
     if alternative not in ALTERNATIVES:
-        raise GradstoreError(f"unknown alternative {alternative!r}; use one of {', '.join(ALTERNATIVES)}")
+        raise AnalysisError(f"unknown alternative {alternative!r}; use one of {', '.join(ALTERNATIVES)}")
     n_permutations = null.sizes["permutation"]
     if null.chunks:
         null = null.chunk({"permutation": -1})
@@ -119,9 +119,9 @@ def permutation_test(
         smaller one, capped at 1, for "two-sided").
     """
     if alternative not in ALTERNATIVES:
-        raise GradstoreError(f"unknown alternative {alternative!r}; use one of {', '.join(ALTERNATIVES)}")
+        raise AnalysisError(f"unknown alternative {alternative!r}; use one of {', '.join(ALTERNATIVES)}")
     if n_permutations < 1:
-        raise GradstoreError(f"n_permutations must be at least 1, got {n_permutations}")
+        raise AnalysisError(f"n_permutations must be at least 1, got {n_permutations}")
     values = np.asarray(mask.values if isinstance(mask, xr.DataArray) else mask).astype(np.float64)
     observed = statistic(xr.DataArray(values[None, :], dims=("permutation", "example"))).isel(permutation=0)
     null = statistic(permuted_masks(values, n_permutations, seed=seed))
@@ -173,7 +173,7 @@ def class_pair_test(gram: xr.DataArray, labels, a, b, **kwargs) -> xr.Dataset:
     labels = np.asarray(labels.values if isinstance(labels, xr.DataArray) else labels)
     keep = np.flatnonzero((labels == a) | (labels == b))
     if not ((labels == a).any() and (labels == b).any()):
-        raise GradstoreError(f"classes {a!r} and {b!r} both need examples; found "
+        raise AnalysisError(f"classes {a!r} and {b!r} both need examples; found "
                              f"{int((labels == a).sum())} and {int((labels == b).sum())}")
     sub = gram.isel(example=keep, example_=keep)
     return permutation_test(coherence_gap(sub), labels[keep] == a, **kwargs)
