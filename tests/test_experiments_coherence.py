@@ -176,8 +176,27 @@ def test_coherence_evolution_quick_outputs(coherence_run):
     report = (out / "report.md").read_text()
     assert "## Claims tested" in report and "real labels" in report and "rises from a low start" in report
     assert "starts high" not in report and report.startswith("**Not at the paper's settings:**")
-    for name in ("m_coherence.png", "layers_cnn-bn_noise-0.00.png", "layers_cnn-bn_noise-1.00.png", "summary.csv"):
+    for name in ("m_coherence.png", "layers_cnn-bn_noise-0.00.png", "layers_cnn-bn_noise-1.00.png", "summary.csv",
+                 "figure_1_cnn-bn.png", "claims.json", "provenance.json"):
         assert (out / name).exists(), name
+    evidence = json.loads((out / "claims.json").read_text())
+    assert {"rises", "slope_falls", "peak_real", "train_over_test", "conv_over_fc"} <= set(evidence)
+    # one seed: these curve statistics have no within-run test, so they are inconclusive, not read descriptively
+    assert report.count("| inconclusive |") >= 5 and "--seeds >= 2" in report
+    # conv over fc, recomputed from the analysis table: mean over captures after step 0 of log10(conv / fc)
+    from pipelines.models import build_model
+
+    model = build_model("cnn-bn")
+    (fc,) = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    table = [r for r in _read_csv(out / "cnn-bn-noise-0.00" / "analysis" / "coherence.csv")
+             if r["sample"] == "tracked_train" and int(r["step"]) > 0]
+    for cond in (c for c in evidence["conv_over_fc"] if c["label"].startswith("cnn-bn, 0% noise")):
+        conv = cond["label"].split(", ")[-1]
+        by_step = {}
+        for r in table:
+            by_step.setdefault(int(r["step"]), {})[r["layer"]] = float(r["m_coherence"])
+        expected = np.mean([np.log10(v[conv] / v[fc]) for v in by_step.values()])
+        assert cond["estimate"] == pytest.approx(expected, rel=1e-6)
     rows = json.loads((out / "summary.json").read_text())
     assert [(r["model"], r["noise"]) for r in rows] == [("cnn-bn", 0.0), ("cnn-bn", 1.0)]
     for r in rows:

@@ -213,6 +213,46 @@ def summary_figure(models, noise_levels, results: dict, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
+def figure_1(model_name: str, noise_levels, results: dict, histories: dict, steps_per_epoch: int, path: Path) -> None:
+    """Making Coherence Fig. 1's rows for one model: train loss, accuracy (train solid, test dashed), and
+    m-coherence of the whole model and of the first, a middle and the last layer (lines at 1 and m);
+    the first epoch (left) and the rest (right); a colour per noise level."""
+    from analysis.plots import save
+
+    plt = pyplot()
+    first = results[(model_name, noise_levels[0])]
+    layers = [str(v) for v in first["layer"].values if str(v) != MODEL_LAYER]
+    picked = list(dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]])) if layers else []
+    rows = ["loss", "accuracy", MODEL_LAYER, *picked]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.2 * len(rows)), squeeze=False)
+    m = int(first["m"].sel(sample="tracked_train", layer=MODEL_LAYER).values[0])
+    for col, (lo, hi) in enumerate(((0, steps_per_epoch), (steps_per_epoch, None))):
+        for k, noise in enumerate(noise_levels):
+            res, hist = results[(model_name, noise)], histories[(model_name, noise)]
+            h = [r for r in hist if r["step"] >= lo and (hi is None or r["step"] <= hi)]
+            hs = [r["step"] for r in h]
+            axes[0][col].plot(hs, [r["train_loss"] for r in h], color=f"C{k}", label=f"{noise:.0%} noise")
+            axes[1][col].plot(hs, [r["train_acc"] for r in h], color=f"C{k}")
+            axes[1][col].plot(hs, [r["test_acc"] for r in h], color=f"C{k}", ls="--")
+            steps = res["step"].values
+            keep = (steps >= lo) & ((steps <= hi) if hi is not None else True)
+            for row, layer in enumerate(rows[2:], start=2):
+                axes[row][col].plot(steps[keep], _curve(res, layer=layer)[keep], color=f"C{k}")
+        for row, layer in enumerate(rows[2:], start=2):
+            ax = axes[row][col]
+            ax.axhline(1, color="grey", ls="--", lw=0.8)
+            ax.axhline(m, color="black", ls=":", lw=0.8)
+            ax.set_yscale("log")
+            ax.set_ylabel("whole model" if layer == MODEL_LAYER else layer, fontsize=8)
+        axes[0][col].set_title("first epoch" if col == 0 else "after the first epoch", fontsize=9)
+        axes[-1][col].set_xlabel("step")
+    axes[0][0].set_ylabel("train loss")
+    axes[1][0].set_ylabel("accuracy (train solid, test dashed)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{model_name}: m-coherence (lines at 1 and m = {m})")
+    save(fig, path, dpi=100)
+
+
 def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     """Train every (model, noise), analyse each store and draw the figures; the runner judges and reports."""
     from pipelines.data import load_mnist
@@ -225,26 +265,33 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
             for m in config["models"] for p, label in labels.items()}  # checked before any work
     folder.claim_all([run_dir for run_dir, _ in dirs.values()], RECORDED)
     folder.claim_all([folder.out], [(png.name, "file") for _, png in dirs.values()] + [
-        (name, "file") for name in ("m_coherence.png", "summary.csv", "summary.json")])
+        (name, "file") for name in ("m_coherence.png", "summary.csv", "summary.json")] + [
+        (f"figure_1_{m}.png", "file") for m in config["models"]])
     mnist = subsample(load_mnist(ctx.data_dir), config["train_examples"], config["test_examples"], config["seed"])
-    rows, results, all_kinds = [], {}, {}
+    rows, results, all_kinds, histories, per_epoch = [], {}, {}, {}, {}
     for model_name in config["models"]:
         for noise in config["noise_levels"]:
             run_dir, layers_png = dirs[(model_name, noise)]
             result, store, spe, kinds = train_one(config, model_name, noise, mnist, run_dir, ctx)
             res = analyse(store, folder.claim(run_dir, "analysis", kind="dir"), replace=ctx.resume)
             results[(model_name, noise)] = res
-            all_kinds[model_name] = kinds
+            all_kinds[model_name], histories[(model_name, noise)], per_epoch[model_name] = kinds, result.history, spe
             rows.append(summarise(model_name, noise, result, res, spe))
             with folder.writing(layers_png.name) as path:
                 layer_figure(res, kinds, path, title=f"{model_name}, {noise:.0%} label noise: m-coherence per layer")
     with folder.writing("m_coherence.png") as path:
         summary_figure(config["models"], config["noise_levels"], results, path)
+    for model_name in config["models"]:
+        with folder.writing(f"figure_1_{model_name}.png") as path:
+            figure_1(model_name, config["noise_levels"], results, histories, per_epoch[model_name], path)
     with folder.writing("summary.csv") as path:
         write_csv(path, rows)
     with folder.writing("summary.json") as path:
         dump_json(path, rows)
     report = build_report(config, ctx, rows, results, mnist)
+    report.figures[:0] = [(f"{m}: Fig. 1's rows (loss, accuracy, m-coherence of the whole model and of the first, a "
+                           f"middle and the last layer), first epoch and after", f"figure_1_{m}.png")
+                          for m in config["models"]]
     return Outcome(report, claim_inputs(config, results, all_kinds, rows), mnist.source)
 
 

@@ -216,13 +216,19 @@ def figure_1(rows, histories, path: Path) -> None:
 def figure_3(rows, all_results, path: Path, window: int = verdicts.EARLY_WINDOW) -> bool:
     """Coherent Gradients Fig. 3: r_p and r_c (per-example cumulative loss reduction of the pristine and
     corrupt groups) over steps 0..``window``, gap-weighted between captures (exact where every step is
-    captured); a panel per noise level strictly between 0 and 1. False if there is nothing to draw."""
+    captured); a panel per noise level strictly between 0 and 1. False (and a figure saying so) if there
+    is nothing to draw."""
     from analysis.plots import save
 
     levels = [(r, res) for r, res in zip(rows, all_results) if 0.0 < r["noise"] < 1.0 and "r_p" in res]
-    if not levels:
-        return False
     plt = pyplot()
+    if not levels:  # the file is the run's (listed in its marker): say why it is empty
+        fig, ax = plt.subplots(figsize=(4.2, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no noise level strictly between 0 and 1 with the loss_split metric", ha="center",
+                va="center", fontsize=8)
+        save(fig, path, dpi=110)
+        return False
     fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.4), squeeze=False)
     for ax, (row, res) in zip(axes[0], levels):
         steps = res["step"].values
