@@ -209,6 +209,22 @@ class Outer:
             return t == 1 or t * t < t + r
         return t == 1 or t * (r + c) < r * c
 
+    def _gram_block_form_cheaper(self) -> bool:
+        """For the (n, n) Gram block: pairwise products cost t² per *pair* of examples, while
+        materializing costs t·r·c per example plus r·c per pair (``flat @ flat.T``).
+
+        Dense sides: t²(r + c) against r·c·(1 + t/n) per pair; a one-hot side: t²·c against
+        (r + t/n)·c. (Measured by ``python -m pipelines.bench.layers gram-form``: the norm rule
+        applied to Gram blocks was 12× slower than materializing at r = c = 128, t = 64.)
+        """
+        t, _, r, c = self._dims
+        n = max(1, self.n)
+        if t == 1:
+            return True
+        if isinstance(self.left, OneHot):
+            return t * t < r + t / n
+        return t * t * (r + c) < r * c * (1 + t / n)
+
     def merge(self, other):
         """The factor of g + g' (a parameter used twice): positions concatenated when the forms
         agree, else a :class:`Sum` with exact cross terms (see :func:`merge`)."""
@@ -262,7 +278,7 @@ class Outer:
         t, h, r, c = self._dims
         dtype = self.right.dtype
         n = self.n
-        if not self._gram_form_cheaper():
+        if not self._gram_block_form_cheaper():
             flat = self.materialize().reshape(n, -1)
             return flat @ flat.T
         if t == 1 and not isinstance(self.left, OneHot):
