@@ -69,3 +69,25 @@ def test_record_lists_versions_and_commit(tmp_path):
     lines = provenance.lines(rec)
     assert any(line.startswith("git commit:") for line in lines) and lines[-1] == "command: `gradstore run x`"
     assert Path(provenance.__file__).exists()
+
+
+def test_command_line_names_only_what_was_given():
+    import click
+
+    from pipelines.cli.options import command_line
+
+    seen = []
+
+    @click.command()
+    @click.argument("name")
+    @click.option("--quick", is_flag=True)
+    @click.option("--resume", is_flag=True)
+    @click.option("--seeds", type=int, default=1)
+    @click.option("--out", default=None)
+    def cmd(name, quick, resume, seeds, out):
+        seen.append(command_line())
+
+    cmd(["label-noise", "--out", "x y", "--seeds", "2"], standalone_mode=False)
+    cmd(["label-noise", "--quick"], standalone_mode=False)
+    assert seen[0].endswith(" label-noise --seeds 2 --out 'x y'") and "--quick" not in seen[0]
+    assert seen[1].endswith(" label-noise --quick") and "--resume" not in seen[1]

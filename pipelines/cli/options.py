@@ -101,7 +101,9 @@ def command_line() -> str:
         value = ctx.params.get(param.name)
         if isinstance(param, click.Argument):
             parts.append(str(value))
-        elif value != param.default and value is not None:
-            flag = max(param.opts, key=len)
-            parts += [flag] if getattr(param, "is_flag", False) else [flag, str(value)]
+        elif getattr(param, "is_flag", False):
+            if value:  # a flag that was given (click may keep a flag's default as None)
+                parts.append(max(param.opts, key=len))
+        elif value is not None and value != param.default:
+            parts += [max(param.opts, key=len), str(value)]
     return " ".join(shlex.quote(p) for p in parts)
