@@ -92,6 +92,8 @@ def main(argv=None) -> Path:
                 opt.step()
         if rank == 0:
             print(f"recorded {recorder.committed} steps with {size} process(es) to {args.out / 'store.zarr'}")
+        if size > 1:
+            dist.barrier()  # every rank's collectives done before the group is torn down (gloo aborts otherwise)
     finally:
         if size > 1:
             dist.destroy_process_group()

@@ -52,6 +52,7 @@ def _rank(rank, size, rendezvous, key, target):
     set_group_key(key)
     try:
         _train(target, _model(), rank, size, reducer=ProcessGroupReducer())
+        dist.barrier()  # every rank's collectives done before the group is torn down (gloo aborted once without)
     finally:
         set_group_key(None)
         dist.destroy_process_group()
