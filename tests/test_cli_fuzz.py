@@ -109,6 +109,8 @@ def stubs(tmp_path_factory):
         mp.setattr(pipelines.distributed, "capture_workers", lambda nproc, device: contextlib.nullcontext())
         mp.setattr(analysis.output, "write_results", lambda results, out: [])
         mp.setattr(pipelines.bench.capture, "run", lambda **kw: {"mlp-plain": {"source": "stub"}})
+        mp.setattr(pipelines.bench.capture, "run_lm", lambda **kw: {})
+        mp.setattr(pipelines.bench.capture, "lm_markdown", lambda rows, **kw: "")
         mp.setattr(pipelines.bench.store, "run", lambda **kw: {"source": "stub"})
         mp.setattr(pipelines.bench.analysis, "run", lambda **kw: {})
         for module in (pipelines.bench.capture, pipelines.bench.store, pipelines.bench.analysis):
@@ -337,11 +339,14 @@ def test_fuzzed_bench_arguments(paths, data):
     sub = data.draw(mostly(st.sampled_from(["capture", "store", "analysis"])))
     choices = {
         "capture": {"--m": number, "--repeats": number, "--gram-m": number, "--vmap-m": number,
-                    "--gram-small": number, "--threads": number, "--data-dir": JUNK, "--device": device},
+                    "--gram-small": number, "--threads": number, "--lm-m": number,
+                    "--only": mostly(st.sampled_from(["all", "lm"])), "--data-dir": JUNK, "--device": device},
         "store": {"--examples": number, "--coords": number, "--steps": number, "--repeats": number,
                   "--data-dir": JUNK, "--device": device},
-        "analysis": {"--examples": number, "--coords": number, "--base-steps": number, "--nulls": number,
-                     "--null-steps": number, "--null-coords": number,
+        "analysis": {"--examples": number, "--layers": number, "--base-steps": number, "--nulls": number,
+                     "--steps-per-batch": number, "--factors": mostly(st.sampled_from(["1", "1,4", "0", "x"])),
+                     "--worker-memory": mostly(st.sampled_from(["1.5GB", "2GB"])),
+                     "--cases": mostly(st.sampled_from(["threads", "cluster", "threads,cluster"])),
                      "--workdir": mostly(st.sampled_from([str(paths["base"]), paths["missing"], paths["file"], ""]))},
     }.get(sub, {"--device": device})
     argv = ["bench", sub, *data.draw(options(choices))]
