@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_map
 
 from gradstore.capture.factors import Dense, merge
 from gradstore.capture.hooks import Tap
+from gradstore._nest import tensor_leaves
 from gradstore.capture.projection import Projection
 from gradstore.capture.registry import lookup_rule
 from gradstore.capture.sources import assign, module_factors, module_fallback_factors, op_factors
@@ -261,14 +262,6 @@ def _check_dot_with(dot_with, pl: Plan):
     return dot_with
 
 
-def _tensors(value) -> list:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
 
 
 def capture(
@@ -347,7 +340,7 @@ def capture(
     rule_paths = {path for path, module in pl.modules.items() if lookup_rule(type(module)) is not None}
     with preserved_run(model), torch.enable_grad():
         model.eval()
-        tracker = UseTracker(model, pl.params, pl.owners, rule_paths, m, data=_tensors(inputs))
+        tracker = UseTracker(model, pl.params, pl.owners, rule_paths, m, data=tensor_leaves(inputs))
         with Tap(pl.modules, tracker) as tap:
             with tracker:
                 outputs = call_model(model, inputs, pl)

@@ -19,6 +19,7 @@ import torch
 from torch.func import functional_call, grad, vjp, vmap
 
 from gradstore.capture.factors import BLOCK_ELEMENTS, Dense
+from gradstore._nest import tensor_leaves
 from gradstore.errors import CaptureError
 
 
@@ -159,7 +160,7 @@ def op_fallback(use, fill, m: int, per_example=None) -> dict[int, Dense]:
     def f(*views):
         args, kwargs = fill(use.args, use.kwargs, views)
         out = use.func(*args, **kwargs)
-        leaves = [out] if isinstance(out, torch.Tensor) else _tensor_leaves(out)
+        leaves = [out] if isinstance(out, torch.Tensor) else tensor_leaves(out, dicts=False)
         return tuple(leaves[i] for i in where)
 
     primals = tuple(use.views[i][1] for i in slots)
@@ -185,9 +186,3 @@ def op_fallback(use, fill, m: int, per_example=None) -> dict[int, Dense]:
     return {i: Dense(torch.cat([b[i] for b in blocks])) for i in slots}
 
 
-def _tensor_leaves(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [leaf for item in out for leaf in _tensor_leaves(item)]
-    return []

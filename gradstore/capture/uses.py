@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from gradstore._nest import tensor_leaves
 from gradstore.capture.ops import op_name
 
 #: composite functions the tracker enters, with the example axis their tensors use
@@ -317,7 +318,7 @@ class UseTracker(TorchFunctionMode):
         inputs: list = []
         _walk((s_args, s_kwargs), lambda v: v if isinstance(v, torch.Tensor) else None, inputs, keep=True)
         use.inputs_versions = [(t, t._version) for t in inputs]
-        leaves = [leaf for leaf in _leaves(out)]
+        leaves = tensor_leaves(out, dicts=False)
         use.leaves = [leaf if isinstance(leaf, torch.Tensor) and leaf.requires_grad else None for leaf in leaves]
         use.versions = [leaf._version if leaf is not None else 0 for leaf in use.leaves]
         use.grads = [None] * len(use.leaves)
@@ -428,12 +429,6 @@ def _is_packed(value) -> bool:
     return type(value).__name__ == "PackedSequence"
 
 
-def _leaves(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [leaf for item in out for leaf in _leaves(item)]
-    return []
 
 
 def _walk(value, pick, found: list, keep: bool = False) -> None:

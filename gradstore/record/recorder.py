@@ -19,7 +19,8 @@ import torch
 from gradstore.errors import CaptureError, StoreError
 from gradstore.record.precision import autocast_forward
 from gradstore.record.reduce import LocalReducer
-from gradstore.record.samples import Sample, check_ids, check_inputs, leaves, map_nest, to_device
+from gradstore._nest import tensor_leaves
+from gradstore.record.samples import Sample, check_ids, check_inputs, map_nest, to_device
 from gradstore.record.step import MODES, StepCapture, sample_coords
 from gradstore.record.tasks import Classification, resolve_task, scores_of
 from gradstore.store.schedule import Schedule
@@ -337,7 +338,7 @@ class Recorder:
 
     def _checked_targets(self, name, targets, n, outputs):
         """The task's target check; targets that are a nest of tensors are passed to the loss as they are."""
-        if isinstance(targets, torch.Tensor) or not leaves(targets):
+        if isinstance(targets, torch.Tensor) or not tensor_leaves(targets):
             return self.task.check_targets(name, targets, n, outputs)
         return targets
 
@@ -466,7 +467,7 @@ def _first(outputs):
         return outputs
     if hasattr(outputs, "logits"):
         return outputs.logits
-    return leaves(outputs)[0]
+    return tensor_leaves(outputs)[0]
 
 
 def _rows(targets, n: int):

@@ -12,18 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gradstore._nest import tensor_leaves
 from gradstore.errors import StoreError
 
 
-def leaves(nest) -> list:
-    """The tensors of a tensor / tuple / list / dict nest, in order."""
-    if isinstance(nest, torch.Tensor):
-        return [nest]
-    if isinstance(nest, (tuple, list)):
-        return [t for item in nest for t in leaves(item)]
-    if isinstance(nest, dict):
-        return [t for item in nest.values() for t in leaves(item)]
-    return []
 
 
 def map_nest(fn, nest):
@@ -69,7 +61,7 @@ def check_inputs(name: str, inputs, like=None) -> int:
 
     Returns the number of examples.
     """
-    tensors = leaves(inputs)
+    tensors = tensor_leaves(inputs)
     if not tensors or not isinstance(inputs, (torch.Tensor, tuple, list, dict)):
         raise StoreError(f"{name} must be a torch.Tensor with the example axis first (or a tuple or dict of them), "
                          f"got {type(inputs).__name__}; pass torch.as_tensor({name})")
@@ -210,7 +202,7 @@ class Sample:
         if self._dataset is None:
             return
         one, two = self._collated([0]), self._collated([0])
-        same = all(torch.equal(a, b) for a, b in zip(leaves(one), leaves(two)))
+        same = all(torch.equal(a, b) for a, b in zip(tensor_leaves(one), tensor_leaves(two)))
         if not same:
             raise StoreError(f"{self.name}_dataset returns different values for index 0 on two reads (random "
                              "augmentation?); tracked examples must be fixed: give a Dataset without random "
