@@ -12,6 +12,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.pairwise import group_coherence, stiffness
+from analysis import plots
 from analysis.registry import metric
 from gradstore.errors import AnalysisError
 
@@ -87,20 +88,10 @@ def easy_hard(gram: xr.DataArray, easy) -> xr.Dataset:
     return out
 
 
-def _plot(results, folder):
-    from analysis import plots
-
-    if "easy_hard_m_coherence" not in results:
-        return []
-    path = folder / "easy_hard.png"
-    plots.easy_hard_plot(results, path)
-    return [path]
-
-
 @metric("easy_hard", inputs=("gram",), needs=("correct",),
         tables={"easy_hard": ("step", "layer", "group"), "easy_hard_pairs": ("step", "layer", "group", "group_"),
                 "easy_hard_gap": ("step", "layer"), "easy_hard_sizes": ("group",), "examples": ("example",)},
-        plot=_plot)
+        plot=plots.one_plot("easy_hard_m_coherence", "easy_hard.png", plots.easy_hard_plot))
 def easy_hard_metric(ctx) -> xr.Dataset:
     """Coherence and stiffness within and across easy and hard examples, with the gap's permutation null."""
     from analysis import nulls

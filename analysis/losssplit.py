@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import xarray as xr
 
+from analysis import plots
 from analysis.registry import metric
 
 
@@ -64,16 +65,6 @@ def loss_split(dot_with_sum: xr.DataArray, corrupt) -> xr.Dataset:
 _NULLED = ("f_p", "f_c", "r_p", "r_c")
 
 
-def _plot(results, folder):
-    from analysis import plots
-
-    if "f_p" not in results:
-        return []
-    path = folder / "loss_split.png"
-    plots.loss_split_plot(results, path)
-    return [path]
-
-
 def finish(raw: xr.Dataset, state=None):
     """f_p, f_c, r_p, r_c (and their nulls) from the raw per-step group sums, a batch of steps at a time.
 
@@ -122,7 +113,8 @@ def finish(raw: xr.Dataset, state=None):
     return out, new
 
 
-@metric("loss_split", inputs=("dots",), tables={"loss_split": ("step", "layer")}, plot=_plot, finish=finish)
+@metric("loss_split", inputs=("dots",), tables={"loss_split": ("step", "layer")}, plot=plots.one_plot("f_p", "loss_split.png", plots.loss_split_plot),
+        finish=finish)
 def loss_split_metric(ctx) -> xr.Dataset:
     """Pristine/corrupt loss-reduction split f_p, f_c, r_p, r_c with permutation nulls (Coherent Gradients §2.4)."""
     import numpy as np

@@ -17,6 +17,19 @@ def _pyplot():
     return plt
 
 
+def one_plot(needs: str, filename: str, draw):
+    """A metric's declared ``plot``: ``draw(results, folder / filename)`` when the results hold
+    ``needs``, returning the path written (none without ``needs``)."""
+    def plot(results: xr.Dataset, folder: Path) -> list[Path]:
+        if needs not in results:
+            return []
+        path = folder / filename
+        draw(results, path)
+        return [path]
+
+    return plot
+
+
 def save(fig, path: Path, *, dpi: int = 100) -> None:
     """Lay out ``fig``, write it as a PNG to ``path`` and release it (every figure ends here)."""
     fig.tight_layout()
