@@ -179,6 +179,11 @@ class Recorder:
         (DDP under ``torchrun``): each rank captures its shard of every sample, sums are reduced in
         float64, and rank 0 alone writes (create the Recorder and call it on every rank, at the same
         steps). :func:`gradstore.record.distributed.DistributedRecorder` passes capture workers.
+    on_capture : callable, optional
+        ``on_capture(step, values)`` after each capture, on rank 0, once the step's write is under
+        way: ``values`` are the step's arrays as the store gets them (numpy, keyed by the schema's
+        names: ``m``, ``norm_sq_of_sum``, ``sum_of_norm_sq`` by sample and layer, ``sq_norm``, ...);
+        read them, do not change them (the callbacks' TensorBoard scalars use it).
 
     Raises
     ------
@@ -195,7 +200,7 @@ class Recorder:
                  gram: bool = False, dtype: str = "float32", compression: str = "zstd", config: dict | None = None,
                  seeds: dict | None = None, overwrite: bool = False, resume: bool = True,
                  storage_options: dict | None = None, background: bool = True, autocast: str | None = None,
-                 reducer=None):
+                 reducer=None, on_capture=None):
         from gradstore.capture import plan
         from gradstore.capture.engine import require_trainable
 
@@ -210,6 +215,9 @@ class Recorder:
         self.schedule = schedule if schedule is not None else Schedule.every(100)
         self.autocast, self.mode = autocast, mode
         self.reducer = reducer if reducer is not None else LocalReducer()
+        if on_capture is not None and not callable(on_capture):
+            raise StoreError(f"on_capture must be a callable on_capture(step, values), got {type(on_capture).__name__}")
+        self.on_capture = on_capture
         pl = plan(model)
         require_trainable(model, pl)
         if mode == "train":
@@ -416,6 +424,8 @@ class Recorder:
             self.writer.append_step(step, **scalars, **values)
         else:
             self._pending = (step, self._executor.submit(self.writer.append_step, step, **scalars, **values))
+        if values and self.on_capture is not None:
+            self.on_capture(step, values)
 
     #: the unscheduled call under its earlier name (kept for existing loops): :meth:`record_now`
     record = record_now
