@@ -11,7 +11,9 @@ and every array the same length. ``kill -9`` at any moment leaves at most one un
 behind; reopening for writing removes it (and ``*.partial`` files of interrupted writes) and
 refuses, changing nothing, any store a crash cannot have produced.
 
-One writer at a time: a local store is locked for the writer's lifetime (:mod:`._lock`).
+One writer at a time: a store is locked for the writer's lifetime (:mod:`._lock`): a local one by
+the kernel, one on ``s3://`` by a lease object renewed with conditional writes, which the writer checks
+before every step and before every commit; writing to other fsspec protocols is refused.
 
 The writer takes plain numpy arrays; it never imports torch.
 """
@@ -36,7 +38,7 @@ import gradstore
 from gradstore.errors import StoreError
 from gradstore.store import _location
 from gradstore.store._integrity import DIGEST, DIGESTED, crc32_of, damage_message
-from gradstore.store._lock import WriterLock, holder
+from gradstore.store._lock import WriterLock, holder, object_lock
 from gradstore.store._root import (CREATING, check_arrays, check_steps, layout_from_store, missing_chunks, open_root,
                                    with_step_numbers)
 from gradstore.store.schema import (AUX_COORDS, COMMITTED, SAMPLES, SCHEMA_VERSION, RunLayout, array_specs,
@@ -182,6 +184,8 @@ class RunWriter:
             if value is None:
                 raise StoreError(f"{key} is required: the run {self.name!r} records it")
             values[key] = self._cast(key, value)
+        if self._lock is not None:
+            self._lock.check()  # an object-store lease can be lost (taken over after it expired)
         values["nonfinite"] = np.bool_(any(not np.isfinite(values[k]).all() for k in _GRADIENT_STATS if k in values))
         try:
             self._write(values, step)
@@ -229,6 +233,8 @@ class RunWriter:
             await asyncio.gather(*writes, *([digest_then_write()] if self._digested else []))
 
         sync(grow_then_write())
+        if self._lock is not None:
+            self._lock.check()  # never commit without holding the lock (object stores: a fresh lease)
         # (3) the commit, after every write above has completed: one atomic replace of the root
         self._commit(index + 1, step)
 
@@ -307,6 +313,8 @@ def _create_or_resume(target, layout, *, config, seeds, code, overwrite, resume,
     lock = None
     if path is not None:
         lock = WriterLock(path, name, recorded=lambda: _recorded_writer(store))
+    elif not isinstance(target, zarr.abc.store.Store):  # a zarr store object given: the caller's to guard
+        lock = object_lock(store, name)
     try:
         state = _existing(store, path)  # again, under the lock
         _refuse_existing(state, name, overwrite=overwrite, resume=resume)
@@ -353,10 +361,10 @@ def _existing(store, path: Path | None) -> str:
             return "other"
     try:
         group = zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=False)
-    except FileNotFoundError:
-        return "none"
+    except FileNotFoundError:  # no root zarr.json: an object-store prefix may hold other objects
+        return "other" if path is None and _has_entries(store) else "none"
     except zarr.errors.NodeNotFoundError:
-        return "none" if path is None else "other"
+        return "other" if path is not None or _has_entries(store) else "none"
     except zarr.errors.ContainsArrayError:
         return "foreign"
     except Exception:  # damaged metadata: not ours to delete
@@ -367,6 +375,16 @@ def _existing(store, path: Path | None) -> str:
     if CREATING in attrs:
         return "creating"
     return "foreign"
+
+
+def _has_entries(store) -> bool:
+    """Whether a store (an object-store prefix) holds any key at all."""
+    async def first():
+        async for _ in store.list_dir(""):
+            return True
+        return False
+
+    return sync(first())
 
 
 def _remove_owned(store, name: str) -> None:
