@@ -95,6 +95,7 @@ def stubs(tmp_path_factory):
     import analysis.output
     import pipelines.bench.analysis
     import pipelines.bench.capture
+    import pipelines.bench.record
     import pipelines.bench.store
     import pipelines.distributed
     import pipelines.experiments
@@ -113,7 +114,9 @@ def stubs(tmp_path_factory):
         mp.setattr(pipelines.bench.capture, "lm_markdown", lambda rows, **kw: "")
         mp.setattr(pipelines.bench.store, "run", lambda **kw: {"source": "stub"})
         mp.setattr(pipelines.bench.analysis, "run", lambda **kw: {})
-        for module in (pipelines.bench.capture, pipelines.bench.store, pipelines.bench.analysis):
+        mp.setattr(pipelines.bench.record, "run", lambda **kw: [{"source": "stub"}])
+        for module in (pipelines.bench.capture, pipelines.bench.store, pipelines.bench.analysis,
+                       pipelines.bench.record):
             mp.setattr(module, "markdown", lambda rows, **kw: "")
         yield work
 

@@ -109,3 +109,47 @@ def analysis(examples: int, layers: int, base_steps: int, factors: str, nulls: i
     rows = run(**kw, base_steps=base_steps, factors=steps, cases=chosen, workdir=workdir, echo=click.echo)
     click.echo("")
     click.echo(markdown(rows, **kw))
+
+
+@bench.command("record")
+@click.option("--models", default="mlp-cg,cnn-bn", show_default=True, help="Comma-separated: mlp-cg, cnn-bn.")
+@click.option("--m", "ms", default="1000,4000", show_default=True,
+              help="Comma-separated numbers of tracked training examples.")
+@click.option("--steps", type=click.IntRange(min=2), default=60, show_default=True,
+              help="Training steps of each loop (plain, then recorded).")
+@click.option("--every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Capture every N steps (step 0 included).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Training minibatch size.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="torch CPU threads (0: torch's default).")
+@click.option("--workdir", type=NonEmptyPath(exists=True, file_okay=False), default=None,
+              help="Existing folder on the disk the stores are written to [default: the system's temp folder].")
+@data_dir_option
+@device_option
+def record(models: str, ms: str, steps: int, every: int, batch_size: int, threads: int, workdir: str | None,
+           data_dir: str | None, device: str) -> None:
+    """Recorder overhead per step of a user's training loop: idle schedule check, capture, background write."""
+    from pipelines.bench.record import MODELS, markdown, run
+
+    chosen = tuple(name.strip() for name in models.split(",") if name.strip())
+    if not chosen or set(chosen) - set(MODELS):
+        raise click.BadParameter(f"give models from {', '.join(MODELS)}", param_hint="--models")
+    try:
+        sizes = tuple(int(s) for s in ms.split(",") if s.strip())
+    except ValueError:
+        raise click.BadParameter(f"{ms!r} is not a comma-separated list of integers", param_hint="--m")
+    if not sizes or min(sizes) < 2:
+        raise click.BadParameter("give at least one m, each >= 2", param_hint="--m")
+    if every >= steps:
+        raise click.BadParameter(f"--every {every} leaves no capture after step 0 in {steps} steps; make it "
+                                 f"smaller than --steps", param_hint="--every")
+    if workdir is not None:
+        check_out(workdir, "--workdir")
+    check_device(device)
+    click.echo(f"gradstore bench record: models={chosen}, m={sizes}, steps={steps}, every={every}, "
+               f"batch={batch_size}, device={device} (each case in its own process)")
+    rows = run(models=chosen, ms=sizes, steps=steps, every=every, batch_size=batch_size, device=device,
+               threads=threads, data_dir=data_dir, workdir=workdir, echo=click.echo)
+    click.echo(f"data: {rows[0]['source']}\n")
+    click.echo(markdown(rows))
