@@ -121,14 +121,16 @@ def analysis(examples: int, layers: int, base_steps: int, factors: str, nulls: i
               help="Capture every N steps (step 0 included).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Training minibatch size.")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Alternating plain/recorded loops per case (the fastest of each kind is reported).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch CPU threads (0: torch's default).")
 @click.option("--workdir", type=NonEmptyPath(exists=True, file_okay=False), default=None,
               help="Existing folder on the disk the stores are written to [default: the system's temp folder].")
 @data_dir_option
 @device_option
-def record(models: str, ms: str, steps: int, every: int, batch_size: int, threads: int, workdir: str | None,
-           data_dir: str | None, device: str) -> None:
+def record(models: str, ms: str, steps: int, every: int, batch_size: int, rounds: int, threads: int,
+           workdir: str | None, data_dir: str | None, device: str) -> None:
     """Recorder overhead per step of a user's training loop: idle schedule check, capture, background write."""
     from pipelines.bench.record import MODELS, markdown, run
 
@@ -148,8 +150,8 @@ def record(models: str, ms: str, steps: int, every: int, batch_size: int, thread
         check_out(workdir, "--workdir")
     check_device(device)
     click.echo(f"gradstore bench record: models={chosen}, m={sizes}, steps={steps}, every={every}, "
-               f"batch={batch_size}, device={device} (each case in its own process)")
-    rows = run(models=chosen, ms=sizes, steps=steps, every=every, batch_size=batch_size, device=device,
-               threads=threads, data_dir=data_dir, workdir=workdir, echo=click.echo)
+               f"batch={batch_size}, rounds={rounds}, device={device} (each case in its own process)")
+    rows = run(models=chosen, ms=sizes, steps=steps, every=every, batch_size=batch_size, rounds=rounds,
+               device=device, threads=threads, data_dir=data_dir, workdir=workdir, echo=click.echo)
     click.echo(f"data: {rows[0]['source']}\n")
     click.echo(markdown(rows))
