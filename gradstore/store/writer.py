@@ -273,7 +273,8 @@ def create_run(target, layout: RunLayout, *, config: dict | None = None, seeds: 
     Parameters
     ----------
     target : str, path or zarr store
-        Local path, ``file://`` or other fsspec URL (``memory://``, ``s3://``...).
+        Local path, ``file://``, ``memory://`` or ``s3://`` URL (other fsspec protocols are refused:
+        no writer lock can be held there; see ``docs/object-storage.md``).
     layout : RunLayout
         Layers, examples, coordinates, projections, Gram flag, dtype and compression of the run.
     config, seeds : dict, optional
