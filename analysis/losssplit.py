@@ -120,7 +120,7 @@ def loss_split_metric(ctx) -> xr.Dataset:
     import numpy as np
 
     from analysis import sources
-    from analysis.nulls import permuted_masks
+    from analysis.nulls import null_sums
 
     ds, index = ctx.ds, ctx.train_index
     source = sources.best_source(ds, "dot_with_sum")
@@ -138,6 +138,5 @@ def loss_split_metric(ctx) -> xr.Dataset:
         "ls_n_corrupt": int(corrupt.sum()),
     })
     if ctx.n_permutations and 0 < corrupt.sum() < corrupt.size:
-        worlds = permuted_masks(~corrupt, ctx.n_permutations, seed=ctx.seed)
-        raw["ls_null_pristine"] = xr.dot(worlds, d, dim="example", optimize=True)
+        raw["ls_null_pristine"] = null_sums(~corrupt, d, ctx.n_permutations, seed=ctx.seed)
     return ctx.tag(raw, source)

@@ -200,14 +200,21 @@ def write_synthetic_store(path, ds: xr.Dataset | None = None, **kwargs) -> str:
 
 
 def write_per_example_store(path, *, n_steps: int, n_examples: int = 50_000, n_layers: int = 60,
-                            corrupt_fraction: float = 0.25, seed: int = 0, progress=None) -> str:
-    """A run store at the papers' shape holding per-example arrays only (no coordinates, projections, gram).
+                            corrupt_fraction: float = 0.25, seed: int = 0, coords_per_layer: int = 0,
+                            progress=None) -> str:
+    """A run store at the papers' shape holding per-example arrays (no projections or gram).
 
     Every step is drawn from ``default_rng((seed, step))`` and written with the store writer: per
     example and layer ``sq_norm`` > 0 and ``dot_with_sum`` = ``sq_norm`` × a coefficient (pristine
     examples more aligned with the sum early on), with the coherence moments of the tracked
     training sample consistent with them (Σ_i d_i = ||Σ_i g_i||², Σ_i ||g_i||²), ``loss`` and
     ``correct``. Memory is one step (n_examples × n_layers).
+
+    With ``coords_per_layer`` > 0 the store also holds ``grad_coords``, that many sampled
+    coordinates per layer (float32): a class direction shared by the examples of a class (by their
+    trained label) plus each example's own noise, so stiffness by class and gradient confusion have
+    something to find. They are not consistent with ``sq_norm`` (a benchmark of the pairwise
+    metrics' cost needs only their shape).
 
     Returns
     -------
@@ -221,9 +228,13 @@ def write_per_example_store(path, *, n_steps: int, n_examples: int = 50_000, n_l
     labels = rng.integers(0, 10, n_examples)
     corrupt = rng.random(n_examples) < corrupt_fraction
     train_label = np.where(corrupt, (labels + rng.integers(1, 10, n_examples)) % 10, labels)
-    layout = RunLayout(layers=layers, params=tuple((f"{name}.weight", (1,), name) for name in layers),
+    k = int(coords_per_layer)
+    coord = dict(coord_layer=tuple(np.repeat(layers, k)), coord_param=tuple(np.repeat([f"{n}.weight" for n in layers], k)),
+                 coord_index=np.tile(np.arange(k, dtype=np.int64), n_layers)) if k else {}
+    layout = RunLayout(layers=layers, params=tuple((f"{name}.weight", (max(k, 1),), name) for name in layers),
                        example_ids=np.arange(n_examples, dtype=np.int64), n_train=n_examples,
-                       true_label=labels, train_label=train_label)
+                       true_label=labels, train_label=train_label, **coord)
+    directions = np.random.default_rng([seed, 0xC0]).standard_normal((10, n_layers * k)).astype(np.float32)
     writer = create_run(str(path), layout, config={"synthetic": True, "seed": seed, "shape": "per-example"},
                         seeds={"seed": seed}, resume=False)
     zero = np.zeros(n_layers)
@@ -239,7 +250,9 @@ def write_per_example_store(path, *, n_steps: int, n_examples: int = 50_000, n_l
             norms = np.stack([sq.sum(0), zero, sq.sum(0)])
             count = np.stack([np.full(n_layers, float(n_examples)), np.zeros(n_layers), np.full(n_layers, float(n_examples))])
             learned = r.random(n_examples) < np.where(corrupt, 0.1, 0.9) * (1 - early)
+            coords = (directions[train_label] + r.standard_normal((n_examples, n_layers * k), dtype=np.float32)
+                      if k else None)
             writer.append_step(10 * t, loss=np.where(learned, 0.1, 2.3) + r.random(n_examples), correct=learned,
                                sq_norm=sq, dot_with_sum=dot, m=count, norm_sq_of_sum=moments, sum_of_norm_sq=norms,
-                               lr=0.1)
+                               lr=0.1, grad_coords=coords)
     return str(path)

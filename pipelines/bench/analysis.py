@@ -13,7 +13,10 @@ at a time (each deleted before the next is written). On each:
   and ``MALLOC_TRIM_THRESHOLD_=65536`` (as dask.distributed's nanny sets for its workers);
 * ``cluster``: the same through ``gradstore analyze STORE --scheduler ADDRESS`` (which first
   verifies every chunk of the store) on a 2-process ``distributed.LocalCluster`` with
-  ``worker_memory`` per worker, one thread each.
+  ``worker_memory`` per worker, one thread each;
+* ``pairwise``: stiffness and gradient confusion through ``gradstore analyze --scheduler`` on the
+  same kind of cluster, from ``grad_coords`` (the stores then hold ``coords_per_layer``
+  coordinates per layer) over a seeded sample of ``pair_examples`` examples.
 
 The resident memory of every process (the analysing process, and each worker) is sampled every
 0.2 s with psutil; its peak is reported, as are worker restarts (a worker's pid changing) and the
@@ -33,6 +36,8 @@ import time
 from pathlib import Path
 
 METRICS = ("coherence", "loss_split")
+#: the pairwise metrics of the ``pairwise`` case: exact over a seeded sample of examples' pairs
+PAIRWISE = ("stiffness", "confusion")
 
 
 class RssSampler:
@@ -126,15 +131,16 @@ def _worker_state(dask_worker=None):
     return {"pid": os.getpid(), "spilled_bytes": int(getattr(spilled, "disk_write_bytes", 0) if spilled else 0)}
 
 
-def _cluster(store: Path, out: Path, nulls: int, steps_per_batch: int, worker_memory: str) -> dict:
+def _cluster(store: Path, out: Path, nulls: int, steps_per_batch: int, worker_memory: str, metrics=METRICS,
+             extra=("--no-null-distributions",)) -> dict:
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=worker_memory,
                       dashboard_address=":0", silence_logs=50) as cluster, Client(cluster) as client:
         before = client.run(_worker_state)
         cmd = [sys.executable, "-c", "from pipelines.cli import main; main()", "analyze", str(store), "--out", str(out), "--scheduler",
-               cluster.scheduler_address, "--metrics", ",".join(METRICS), "--nulls", str(nulls),
-               "--steps-per-batch", str(steps_per_batch), "--no-null-distributions"]
+               cluster.scheduler_address, "--metrics", ",".join(metrics), "--nulls", str(nulls),
+               "--steps-per-batch", str(steps_per_batch), *extra]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with RssSampler() as rss:
@@ -155,8 +161,12 @@ def _cluster(store: Path, out: Path, nulls: int, steps_per_batch: int, worker_me
 
 def run(*, examples: int = 50_000, layers: int = 60, base_steps: int = 28, factors=(1, 4, 16), nulls: int = 1000,
         steps_per_batch: int = 8, worker_memory: str = "1.5GB", workdir: str | None = None, cases=("threads", "cluster"),
-        echo=print) -> list[dict]:
+        coords_per_layer: int = 16, pair_examples: int = 512, echo=print) -> list[dict]:
     """Write each store, analyse it in every case, delete it; return one row per store.
+
+    The ``pairwise`` case (stiffness and gradient confusion on the cluster, from ``grad_coords``
+    over a seeded sample of ``pair_examples`` examples) needs coordinates: with it in ``cases``
+    every store holds ``coords_per_layer`` float32 coordinates per layer and example.
 
     ``workdir`` (an existing folder) holds the store while it is measured; :class:`GradstoreError`
     if it is missing or has less free space than the largest store needs (with a margin).
@@ -167,7 +177,8 @@ def run(*, examples: int = 50_000, layers: int = 60, base_steps: int = 28, facto
     work = Path(workdir) if workdir is not None else Path.cwd()
     if not work.is_dir():
         raise GradstoreError(f"--workdir {work} is not an existing folder; create it or choose another")
-    need_gb = max(factors) * base_steps * examples * layers * 16 * 1.1 / 1e9  # two float64 arrays, +10%
+    k = coords_per_layer if "pairwise" in cases else 0
+    need_gb = max(factors) * base_steps * examples * layers * (16 + 4 * k) * 1.1 / 1e9  # 2 float64 arrays, coords, +10%
     free_gb = shutil.disk_usage(work).free / 1e9
     if need_gb > free_gb - 5:
         raise GradstoreError(f"the {max(factors)}x store needs about {need_gb:.0f} GB but {work} has {free_gb:.0f} GB "
@@ -178,7 +189,8 @@ def run(*, examples: int = 50_000, layers: int = 60, base_steps: int = 28, facto
         out = work / f"bench-analysis-{factor}x.analysis"
         try:
             t0 = time.perf_counter()
-            write_per_example_store(store, n_steps=factor * base_steps, n_examples=examples, n_layers=layers)
+            write_per_example_store(store, n_steps=factor * base_steps, n_examples=examples, n_layers=layers,
+                                    coords_per_layer=k)
             row = {"factor": factor, "steps": factor * base_steps, "store_gb": _disk_gb(store),
                    "write_s": time.perf_counter() - t0}
             echo(f"  wrote {factor}x store: {row['store_gb']:.1f} GB in {row['write_s']:.0f} s")
@@ -190,6 +202,18 @@ def run(*, examples: int = 50_000, layers: int = 60, base_steps: int = 28, facto
                 row["cluster"] = _cluster(store, out, nulls, steps_per_batch, worker_memory)
                 c = row["cluster"]
                 echo(f"  {factor}x cluster: {c['wall_s']:.0f} s, peak RSS " +
+                     ", ".join(f"{k} {v:.0f} MB" for k, v in c["peak_rss_mb"].items()) +
+                     f", restarts {c['restarts']}, spilled {c['spilled_mb']:.0f} MB")
+            if "pairwise" in cases:
+                pair_out = work / f"bench-analysis-{factor}x-pairwise.analysis"
+                try:
+                    row["pairwise"] = _cluster(store, pair_out, 0, steps_per_batch, worker_memory, metrics=PAIRWISE,
+                                               extra=("--pair-examples", str(pair_examples),
+                                                      "--pairwise-source", "coords"))
+                finally:
+                    shutil.rmtree(pair_out, ignore_errors=True)
+                c = row["pairwise"]
+                echo(f"  {factor}x pairwise: {c['wall_s']:.0f} s, peak RSS " +
                      ", ".join(f"{k} {v:.0f} MB" for k, v in c["peak_rss_mb"].items()) +
                      f", restarts {c['restarts']}, spilled {c['spilled_mb']:.0f} MB")
             rows.append(row)
@@ -223,6 +247,18 @@ def markdown(rows: list[dict], *, examples: int, layers: int, nulls: int, steps_
         else:
             cells += ["", "", "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
+    pairs = [r for r in rows if r.get("pairwise")]
+    if pairs:
+        lines += ["", f"pairwise: {', '.join(PAIRWISE)} from grad_coords over a seeded sample of examples (exact over "
+                  "its pairs, jackknife standard errors), `gradstore analyze --scheduler` on the same cluster:", "",
+                  "| store | steps | size (GB) | wall (s) | s/step | peak RSS main / worker 0 / worker 1 (MB) | "
+                  "restarts | spilled (MB) |", "|---|---|---|---|---|---|---|---|"]
+        for r in pairs:
+            c = r["pairwise"]
+            p = c["peak_rss_mb"]
+            lines.append(f"| {r['factor']}x | {r['steps']} | {r['store_gb']:.1f} | {c['wall_s']:.0f} | "
+                         f"{c['wall_s'] / r['steps']:.2f} | {p['main']:.0f} / {p['worker0']:.0f} / {p['worker1']:.0f} | "
+                         f"{c['restarts']} | {c['spilled_mb']:.0f} |")
     return "\n".join(lines)
 
 

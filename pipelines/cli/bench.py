@@ -86,7 +86,8 @@ def store(examples: int, coords: int, steps: int, repeats: int, data_dir: str | 
 @click.option("--steps-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Steps per compute.")
 @click.option("--worker-memory", default="1.5GB", show_default=True, help="Memory limit of each cluster worker.")
-@click.option("--cases", default="threads,cluster", show_default=True, help="Comma-separated: threads, cluster.")
+@click.option("--cases", default="threads,cluster", show_default=True,
+              help="Comma-separated: threads, cluster, pairwise (stiffness and confusion from coordinates).")
 @click.option("--workdir", type=NonEmptyPath(exists=True, file_okay=False), default=None,
               help="Existing folder where each store goes while measured [default: the working directory].")
 def analysis(examples: int, layers: int, base_steps: int, factors: str, nulls: int, steps_per_batch: int,
@@ -101,8 +102,9 @@ def analysis(examples: int, layers: int, base_steps: int, factors: str, nulls: i
     except ValueError:
         raise click.BadParameter(f"{factors!r} is not a comma-separated list of integers", param_hint="--factors")
     chosen = tuple(c.strip() for c in cases.split(",") if c.strip())
-    if not steps or not chosen or set(chosen) - {"threads", "cluster"}:
-        raise click.BadParameter("give at least one factor and cases from threads, cluster", param_hint="--cases")
+    if not steps or not chosen or set(chosen) - {"threads", "cluster", "pairwise"}:
+        raise click.BadParameter("give at least one factor and cases from threads, cluster, pairwise",
+                                 param_hint="--cases")
     kw = dict(examples=examples, layers=layers, nulls=nulls, steps_per_batch=steps_per_batch,
               worker_memory=worker_memory)
     click.echo(f"gradstore bench analysis: {kw}, base_steps={base_steps}, factors={steps}, cases={chosen}")

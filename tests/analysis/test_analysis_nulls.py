@@ -102,3 +102,32 @@ def test_class_pair_test_restricts_to_the_two_classes():
     np.testing.assert_allclose(test.null.isel(permutation=7), mcoh(g[:, keep[w]]) - mcoh(g[:, keep[~w]]))
     with pytest.raises(GradstoreError, match="both need examples"):
         nulls.class_pair_test(gram, labels, 0, 5)
+
+
+@pytest.mark.parametrize("chunks", [None, {"step": 2, "example": 13}, {"step": 3}])
+def test_null_sums_are_each_worlds_own_sum(chunks):
+    """null_sums = Σ over each world's members, world by world from permuted_masks, eager or lazy
+    (the example dimension split in chunks or not), with more worlds than one block of masks."""
+    rng = np.random.default_rng(4)
+    x = xr.DataArray(rng.standard_normal((5, 40, 3)), dims=("step", "example", "layer"))
+    mask = rng.random(40) < 0.4
+    n = nulls.PERMUTATION_BLOCK + nulls.SUM_BLOCK + 5
+    sums = nulls.null_sums(mask, x if chunks is None else x.chunk(chunks), n, seed=9)
+    assert sums.dims == ("permutation", "step", "layer") and sums.shape == (n, 5, 3)
+    assert (sums.chunks is None) == (chunks is None)  # lazy stays lazy
+    worlds = nulls.permuted_masks(mask, n, seed=9).values.astype(bool)
+    direct = np.stack([x.values[:, w].sum(1) for w in worlds])
+    np.testing.assert_allclose(sums.values, direct, rtol=1e-12, atol=1e-12)
+
+
+def test_null_sums_graph_carries_no_masks():
+    """The graph of a lazy null_sums holds the mask as packed bits, not the worlds: 1000 worlds
+    over 50,000 examples are 50 MB, which a step-by-step computation would send with every batch."""
+    import pickle
+
+    import dask
+
+    x = xr.DataArray(dask.array.zeros((4, 50_000, 2), chunks=(1, -1, -1)), dims=("step", "example", "layer"))
+    mask = np.random.default_rng(0).random(50_000) < 0.75
+    graph = dict(nulls.null_sums(mask, x, 1000).data.__dask_graph__())
+    assert len(pickle.dumps(graph)) < 200_000
