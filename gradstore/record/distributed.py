@@ -60,6 +60,9 @@ class CaptureWorkers:
     def shard(self, n: int) -> slice:
         return self._group.shard(n)
 
+    def check_in(self, doing, step, **header) -> None:
+        self._group.check_in(doing, step, **header)
+
     def sum(self, tensor):
         return self._group.sum(tensor)
 

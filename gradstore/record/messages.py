@@ -107,24 +107,38 @@ def broadcast_message(obj=None):
     return unseal(frame.numpy(), b"B", 0, seq, key)
 
 
-def gather_messages(obj):
-    """Every rank sends ``obj`` to rank 0; rank 0 gets the list in rank order, the others None."""
+def gather_messages(obj, *, group=None, timeout: float | None = None, on_peer=None):
+    """Every rank sends ``obj`` to rank 0; rank 0 gets the list in rank order (its own ``obj`` first, as it is), the others None.
+
+    Point to point over ``group`` (default: the default group): each rank sends its frame's length,
+    then the frame; rank 0 receives them rank by rank, waiting at most ``timeout`` seconds for each
+    (default: the group's own timeout) and calling ``on_peer(rank)`` before it waits for ``rank``
+    (so a failure names the rank that did not answer). Frames are never padded.
+    """
+    import datetime
+
     import torch
     import torch.distributed as dist
 
     rank, size = world()
     key, seq = _key(), _next_seq()
-    frame = seal(obj, b"G", rank, seq, key)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
-    dist.all_gather(sizes, torch.tensor([frame.numel()], dtype=torch.int64))
-    longest = max(int(n) for n in sizes)
-    padded = torch.zeros(longest, dtype=torch.uint8)
-    padded[:frame.numel()] = frame
-    frames = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)] if rank == 0 else None
-    dist.gather(padded, frames, dst=0)
+    waits = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    on_peer = on_peer or (lambda _rank: None)
     if rank != 0:
+        frame = seal(obj, b"G", rank, seq, key)
+        on_peer(0)
+        dist.isend(torch.tensor([frame.numel()], dtype=torch.int64), dst=0, group=group).wait(**waits)
+        dist.isend(frame, dst=0, group=group).wait(**waits)
         return None
-    return [unseal(f[:int(n)].numpy(), b"G", r, seq, key) for r, (f, n) in enumerate(zip(frames, sizes))]
+    out = [obj]
+    for r in range(1, size):
+        on_peer(r)
+        length = torch.zeros(1, dtype=torch.int64)
+        dist.irecv(length, src=r, group=group).wait(**waits)
+        received = torch.empty(int(length), dtype=torch.uint8)
+        dist.irecv(received, src=r, group=group).wait(**waits)
+        out.append(unseal(received.numpy(), b"G", r, seq, key))
+    return out
 
 
 def world() -> tuple[int, int]:

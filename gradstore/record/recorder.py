@@ -255,7 +255,7 @@ class Recorder:
             task_options=self.task.describe(), measurement=measurement)
         self.step_capture = StepCapture(self.layout, self.task, train, test, moments, autocast=autocast, mode=mode,
                                         dropout_seed=dropout_seed, moments_chunk=moments_chunk)
-        self.writer = self._open_writer(target, config=config, seeds=seeds, overwrite=overwrite, resume=resume,
+        self.writer = self._open_writer(target, model, config=config, seeds=seeds, overwrite=overwrite, resume=resume,
                                         storage_options=storage_options)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradstore-writer") if background else None
         self._pending = None  # (step, Future) of the write in flight
@@ -266,9 +266,13 @@ class Recorder:
             self.close()
             raise
 
-    def _open_writer(self, target, **options):
+    def _open_writer(self, target, model, **options):
         """Rank 0 opens the store; with several training ranks, the others learn its state (or its failure)."""
         share = getattr(self.reducer, "share", None)
+        if share is not None and self.reducer.size > 1:  # every rank runs this Recorder: they agree on it first
+            from gradstore.record.reduce import OPEN
+
+            self.reducer.check_in(OPEN, None, **self.step_capture.header(model))
         if self.reducer.rank != 0:
             status, committed, last = share([0, 0, 0])
             if status:

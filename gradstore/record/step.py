@@ -18,6 +18,7 @@ workers as it is.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import numpy as np
@@ -151,6 +152,7 @@ class StepCapture:
         for name, index in zip(layout.coord_param, layout.coord_index):
             self.coords.setdefault(name, []).append(int(index))
         self._projection = None
+        self._fingerprint = None  # of the configuration, made on the first header
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -180,6 +182,10 @@ class StepCapture:
 
         Returns the step's arrays on rank 0, None on the other ranks.
         """
+        from gradstore.record.reduce import CAPTURE
+
+        if reducer.size > 1:  # the ranks agree, or all stop with the same line
+            reducer.check_in(CAPTURE, step, **self.header(model))
         lay = self.layout
         nl = len(lay.layers)
         m, norm_sq_of_sum, sum_of_norm_sq = (np.zeros((len(SAMPLES), nl)) for _ in range(3))
@@ -209,6 +215,25 @@ class StepCapture:
         if lay.gram:
             out["gram"] = self._gram(model, step)
         return out
+
+    def header(self, model) -> dict:
+        """What every rank must agree on before a capture (:meth:`ProcessGroupReducer.check_in`):
+        the samples' sizes, a fingerprint of the run's configuration, and (Σ w, Σ |w|) of the model's
+        floating-point parameters and buffers, in float64."""
+        from gradstore.record.reduce import fingerprint
+
+        if self._fingerprint is None:
+            lay = self.layout
+            fields = [getattr(lay, f.name) for f in dataclasses.fields(lay)]
+            self._fingerprint = fingerprint(*fields, self.autocast, self.mode, self.dropout_seed)
+        sizes = tuple(-1 if s is None else len(s) for s in (self.train, self.test, self.moments))
+        tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        sums = torch.zeros(2, dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
+        for t in tensors:
+            values = t.detach().to(device=sums.device, dtype=torch.float64)
+            sums[0] += values.sum()
+            sums[1] += values.abs().sum()
+        return {"sizes": sizes, "config": self._fingerprint, "weights": tuple(sums.tolist())}
 
     @contextmanager
     def _measured(self, model, step: int, sample: int, keys):
