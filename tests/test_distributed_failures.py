@@ -136,6 +136,13 @@ def _mismatches(rank, size, rendezvous, root):
     else:
         time.sleep(TIMEOUT + 1)
     rec.close()
+    # (f) the other way round, on a new group (another timeout): rank 0 never comes, rank 1 names it
+    rec = _recorder(str(root / "skip0.zarr"), _model(), background=False, reducer=ProcessGroupReducer(timeout=3.0))
+    if rank == 1:
+        _attempt(results, "skip0", lambda: rec.record_now(0, _model()))
+    else:
+        time.sleep(4.0)
+    rec.close()
     (root / f"mismatch-{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -196,7 +203,7 @@ def mismatched(tmp_path_factory):
     return [json.loads((root / f"mismatch-{rank}.json").read_text()) for rank in range(2)], root
 
 
-@pytest.mark.slow  # two spawned processes importing torch, and one 5 s timeout: ~15 s on 2 shared cores
+@pytest.mark.slow  # two spawned processes importing torch, a 5 s and a 3 s timeout: ~25 s on 2 shared cores
 def test_ranks_recording_different_steps_both_stop_with_the_same_line(mismatched):
     results, root = mismatched
     lines = [r["steps"]["error"] for r in results]
@@ -227,6 +234,9 @@ def test_a_rank_that_never_comes_is_named_after_the_timeout_and_the_recorder_ref
     assert skip["error"].startswith(f"rank 1 did not answer the capture of step 0 within {TIMEOUT:g} s")
     assert TIMEOUT - 0.5 < skip["seconds"] < TIMEOUT + 5
     assert "cannot be used again" in results[0]["after"]["error"]
+    skip0 = results[1]["skip0"]  # and a rank waiting for rank 0 names rank 0
+    assert skip0["error"].startswith("rank 0 did not answer the capture of step 0 within 3 s"), skip0
+    assert 2.5 < skip0["seconds"] < 8
 
 
 @pytest.mark.slow  # two spawned processes importing torch: ~12 s on 2 shared cores

@@ -10,7 +10,9 @@ shared by the ranks outside the network: :func:`pipelines.distributed.capture_wo
 run (``secrets.token_bytes``) and hands it to the workers through their spawn arguments; a process
 group started otherwise calls :func:`set_group_key` on every rank, or sets ``GRADSTORE_GROUP_KEY``
 (hex) in every rank's environment. Float64 sums are ``all_reduce``-d as plain tensors (numbers,
-never unpickled).
+never unpickled). The gathered frames travel point to point to rank 0, rank by rank, over the group
+and with the timeout the reducer gives (:class:`gradstore.record.reduce.ProcessGroupReducer`: its
+gloo capture group), so a rank that does not answer is named.
 """
 
 from __future__ import annotations

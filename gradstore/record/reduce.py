@@ -205,7 +205,7 @@ def capture_group(timeout: float):
 
     import torch.distributed as dist
 
-    world = dist.distributed_c10d._get_default_group()
+    world = dist.group.WORLD  # the default group (a new one after destroy/init_process_group)
     if _groups["world"] is not world:
         _groups.update(world=world, by_timeout={})
     key = int(round(timeout * 1000))
