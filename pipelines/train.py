@@ -9,6 +9,13 @@ unbroken run of correct predictions (both at evaluation resolution; -1 = never /
 Observers (for example a :class:`gradstore.store.Recorder`) plug in through :class:`Observer`:
 the trainer evaluates wherever an observer asks to run and hands it the model and the metrics.
 
+With ``ddp=True`` (every rank of a ``torch.distributed`` process group, as under ``gradstore run
+NAME --nproc N`` or ``torchrun``) training is DistributedDataParallel: every rank draws the same
+global batch from the same seeded generator and trains on its contiguous slice, so the averaged
+gradient, and the run, is the one-process run's (to floating-point rounding). Rank 0 alone
+evaluates, keeps the history and saves checkpoints; on resume it sends the checkpoint's state to the
+other ranks. What DDP cannot train like one process is refused (:func:`check_ddp`).
+
 Checkpoints follow the commit order "store write, then checkpoint": before a checkpoint is saved,
 every observer's recorded steps are made durable (:meth:`Observer.flush`), and the checkpoint keeps
 what each observer had committed then (:func:`observer_state`). A checkpoint holds tensors and
@@ -201,6 +208,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     learned: LearnedTimes | None = None
     model: nn.Module | None = None
+    examples: int = 0  # training examples this process trained on (its slices, under DDP)
 
     @property
     def final(self) -> dict[str, float]:
@@ -348,6 +356,49 @@ def _check_observers(path: Path, recorded: list, observers: Sequence[Observer]) 
                 f"back, or remove {path.name} so that --resume replays training from step 0 and records them again")
 
 
+def check_ddp(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, size: int) -> None:
+    """Refuse (one line) a training that DistributedDataParallel over ``size`` ranks would change.
+
+    The global batch must split evenly over the ranks; an optimizer that computes its own gradient
+    from the whole batch (``needs_batch``: winsorized SGD, M3) would see one slice; BatchNorm in
+    training mode normalises each rank's slice (torch's SyncBatchNorm runs on GPUs only, and capture
+    has no rule for it); dropout draws each rank's masks from its own generator.
+    """
+    if size < 2:
+        return
+    if config.batch_size % size:
+        fits = [k for k in range(2, size + 1) if config.batch_size % k == 0]
+        raise GradstoreError(f"batch_size {config.batch_size} does not split over --nproc {size} ranks (each trains "
+                             f"on an equal slice of every batch); give a batch_size divisible by {size}"
+                             + (f", or --nproc {fits[-1]}" if fits else ", or --nproc 1"))
+    if getattr(optimizer, "needs_batch", False):
+        raise GradstoreError(f"optimizer {config.optimizer!r} computes its own gradient from the whole batch, which "
+                             f"--nproc {size} would split over the ranks; run it with --nproc 1")
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.dropout import _DropoutNd
+
+    for path, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+            raise GradstoreError(f"model {config.model!r} has BatchNorm ({path!r}), which under --nproc {size} would "
+                                 "normalise each rank's slice of the batch, not the batch (torch's SyncBatchNorm "
+                                 "runs on GPUs only); run it with --nproc 1")
+        if isinstance(module, (_DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)) and module.p > 0:
+            raise GradstoreError(f"model {config.model!r} has dropout ({path!r}), whose masks each rank would draw "
+                                 f"from its own generator under --nproc {size}; run it with --nproc 1")
+
+
+def moved(obj, device: str | torch.device = "cpu"):
+    """``obj`` (a checkpoint state, a list of batches) with every tensor moved to ``device``
+    (the CPU: to send it to the other ranks)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, dict):
+        return {k: moved(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(moved(v, device) for v in obj)
+    return obj
+
+
 def train(
     config: TrainConfig,
     data: TrainData,
@@ -357,12 +408,19 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     progress: Callable[[int], None] | None = None,
+    ddp: bool = False,
 ) -> TrainResult:
     """Train ``config.model`` on ``data`` with ``config.optimizer``; resume from ``checkpoint`` if it exists.
 
     Deterministic on CPU for a given seed: the model is initialised from ``seed`` (unless a freshly
     built ``model`` is given, e.g. one a Recorder already watches), minibatches come from epoch-wise
     permutations drawn from a generator seeded from ``seed``.
+
+    ``ddp``: called on every rank of the default process group, which trains the model with
+    DistributedDataParallel, each rank on its slice of every global batch (see the module
+    docstring). Only rank 0 evaluates, keeps the history, saves ``checkpoint`` and calls
+    ``progress``; observers are called on every rank at the same steps. ``result.examples`` counts
+    the training examples this rank trained on.
     """
     from pipelines.models import build_model
 
@@ -371,10 +429,16 @@ def train(
     if model is None:
         model = build_model(config.model, seed=config.seed)
     model = model.to(device)
+    rank, size = 0, 1
+    if ddp:
+        import torch.distributed as dist
+
+        rank, size = dist.get_rank(), dist.get_world_size()
     try:
         optimizer = OPTIMIZERS[config.optimizer](model.parameters(), config.lr, **config.optimizer_options)
     except TypeError as exc:
         raise GradstoreError(f"bad optimizer_options {config.optimizer_options} for {config.optimizer!r}: {exc}") from None
+    check_ddp(config, model, optimizer, size)
     gen = torch.Generator().manual_seed(config.seed + 1)
     n = len(data.x_train)
     if n == 0:
@@ -382,20 +446,39 @@ def train(
     result = TrainResult(config, learned=LearnedTimes.empty(n))
     order, cursor, start = torch.randperm(n, generator=gen), 0, 0
 
-    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    ckpt_path = Path(checkpoint) if checkpoint is not None and rank == 0 else None
+    state = None
     if ckpt_path is not None and (ckpt_path.exists() or ckpt_path.is_symlink()):
         state = _load_checkpoint(ckpt_path, device)
         if state["config"] != asdict(config):
             raise RunFolderError(f"checkpoint {ckpt_path} belongs to another configuration; use a new --out or drop --resume")
         _restore(ckpt_path, state, model=model, optimizer=optimizer, gen=gen, n=n, steps=config.steps)
         _check_observers(ckpt_path, state["observers"], observers)
+    if size > 1:  # the other ranks continue from rank 0's checkpoint (or start afresh with it)
+        from gradstore.record.messages import broadcast_message
+
+        state = broadcast_message(moved(state)) if rank == 0 else broadcast_message()
+        if rank != 0 and state is not None:
+            _restore(Path("(rank 0's checkpoint)"), state, model=model, optimizer=optimizer, gen=gen, n=n,
+                     steps=config.steps)
+    if state is not None:
         order, cursor, start = state["order"].cpu(), state["cursor"], state["step"]
         result.history = state["history"]
         result.learned = LearnedTimes(state["first_learned"].cpu().numpy().astype(np.int64),
                                       state["run_start"].cpu().numpy().astype(np.int64))
+    net, share = model, config.batch_size // size
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index if device.index is not None else
+                                                         torch.cuda.current_device()] if device.type == "cuda" else None)
 
     def observe(step: int) -> None:
         wanted = [obs for obs in observers if obs.wants(step)]
+        if rank != 0:  # the other ranks capture with rank 0 (the recorder's collectives), nothing else
+            for obs in wanted:
+                obs(step, model, {"step": step})
+            return
         if not (wanted or step % config.eval_every == 0 or step == config.steps):
             return
         metrics, correct = evaluate(model, data, batch=config.eval_batch)
@@ -414,15 +497,17 @@ def train(
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor : cursor + config.batch_size].to(device)
         cursor += config.batch_size
+        idx = idx[rank * share:(rank + 1) * share]  # this rank's slice of the global batch (all of it on one)
+        result.examples += len(idx)
         optimizer.zero_grad(set_to_none=True)
         if getattr(optimizer, "needs_batch", False):  # winsorized SGD, M3: their own gradient
             optimizer.batch_gradient(model, per_example_loss, data.x_train[idx], data.y_train[idx])
         else:
-            loss = per_example_loss(model(data.x_train[idx]), data.y_train[idx]).mean()
-            loss.backward()
+            loss = per_example_loss(net(data.x_train[idx]), data.y_train[idx]).mean()
+            loss.backward()  # under DDP: the mean over the ranks' slices, i.e. over the global batch
         optimizer.step()
         observe(step)
-        if progress is not None:
+        if progress is not None and rank == 0:
             progress(step)
         if ckpt_path is not None and (step % checkpoint_every == 0 or step == config.steps):
             flush_observers(observers, step)  # store write, then checkpoint

@@ -107,7 +107,7 @@ def stubs(tmp_path_factory):
         mp.setattr(pipelines.experiments, "run_experiment", _fake_experiment)
         mp.setattr(pipelines.experiments.label_noise, "run",
                    lambda config, ctx, title=None: _fake_experiment("demo", config, ctx))
-        mp.setattr(pipelines.distributed, "capture_workers", lambda nproc, device: contextlib.nullcontext())
+        mp.setattr(pipelines.distributed, "launch", lambda nproc, args: None)  # no ranks: --nproc N re-launches
         mp.setattr(analysis.output, "write_results", lambda results, out: [])
         mp.setattr(pipelines.bench.capture, "run", lambda **kw: {"mlp-plain": {"source": "stub"}})
         mp.setattr(pipelines.bench.capture, "run_lm", lambda **kw: {})

@@ -1,4 +1,9 @@
-"""Capture sharded over 2 processes (gloo on 127.0.0.1) writes the single-process store."""
+"""The library's capture-worker design (``pipelines.distributed.capture_workers``, a DistributedRecorder
+on rank 0): capture sharded over 2 processes (gloo on 127.0.0.1) writes the single-process store.
+
+``gradstore run --nproc N``, which trains with DDP on every rank instead, is tested in
+``tests/test_run_nproc.py``.
+"""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import math
 import os
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class Context:
     progress: bool = True
     autocast: str | None = None  # mixed-precision capture (Recorder(autocast=...))
     command: str | None = None  # the command line, for the report's provenance
+    ranks: int = 1  # processes training the recorded runs (DDP under --nproc N or torchrun)
+    trained: list[int] = field(default_factory=list)  # training examples each rank trained on (train_recorded)
     folder: RunFolder | None = field(default=None, repr=False)  # set while an experiment runs (experiment())
 
 
@@ -333,14 +335,16 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
     Recorder primes BatchNorm on before each capture (``Recorder(prime_batches=...)``). Returns the
     :class:`~pipelines.train.TrainResult`, the :class:`~pipelines.train.TrainData` and the store
     path. A resumed run continues from its checkpoint and its last committed store step.
+
+    Under ``gradstore run --nproc N`` (or ``torchrun``) this runs on rank 0, which sends the other
+    ranks (waiting in :func:`pipelines.distributed.follow`) what to train; every rank then runs
+    :func:`recorded_training` (DDP training, each rank capturing its shard), and rank 0 alone writes.
     """
     from tqdm import tqdm
 
-    from gradstore.store.distributed import make_recorder
-    from pipelines.models import build_model
-    from pipelines.train import TrainConfig, TrainData, train
+    from gradstore.record.messages import broadcast_message, world
+    from pipelines.train import TrainConfig, TrainData, moved
 
-    cap = config["capture"]
     seed = config["seed"]
     model_name = model_name or config["model"]
     tc = TrainConfig(model=model_name, noise=noise, seed=seed, lr=config["lr"], batch_size=config["batch_size"],
@@ -349,40 +353,72 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
                      optimizer=optimizer, optimizer_options=dict(optimizer_options or {}), device=ctx.device)
     tc.validate()
     data = TrainData.from_mnist(mnist, noise=noise, seed=seed, device=ctx.device)
-    tr, te, mo = tracked_samples(cap, len(data.y_train), len(data.y_test), seed)
+    tracked_samples(config["capture"], len(data.y_train), len(data.y_test), seed)  # sizes refused before any claim
     folder = ctx.folder
     store = folder.claim(run_dir, "store.zarr", kind="dir")
     checkpoint = folder.claim(run_dir, "checkpoint.pt")
     history, learned = folder.claim(run_dir, "history.csv"), folder.claim(run_dir, "learned_times.npz")
     folder.makedirs(run_dir)
-    model = build_model(model_name, seed=seed).to(ctx.device)
+    job = {"config": config, "noise": noise, "train": asdict(tc), "resume": ctx.resume, "autocast": ctx.autocast,
+           "schedule": schedule if schedule is not None else schedule_from(config["capture"], tc.steps),
+           "prime": prime(data) if prime is not None else None,
+           "checkpoint_every": checkpoint_every or max(tc.eval_every, 1), "target": str(store)}
+    if world()[1] > 1:
+        broadcast_message(("train", {**job, "prime": moved(job["prime"]), "mnist": mnist}))
     with folder.errors(f"recording the run store {store}"):
-        recorder = make_recorder(  # sharded over the ranks of `gradstore run --nproc N`
-            str(store), model,
-            train_inputs=data.x_train[tr], train_targets=data.y_train[tr], train_ids=data.train_ids[tr].cpu().numpy(),
-            train_true=data.y_true[tr].cpu().numpy(),
-            test_inputs=data.x_test[te] if len(te) else None, test_targets=data.y_test[te] if len(te) else None,
-            test_ids=data.test_ids[te].cpu().numpy() if len(te) else None,
-            moments_inputs=data.x_train[mo] if len(mo) else None,
-            moments_targets=data.y_train[mo] if len(mo) else None,
-            schedule=schedule if schedule is not None else schedule_from(cap, tc.steps),
-            coords_per_layer=cap.get("coords_per_layer", 0), coord_seed=seed,
-            n_proj=cap.get("projection_dim", 0), projection_seed=seed, gram=cap.get("gram", False),
-            config={**config, "model": model_name, "noise": noise, "optimizer": optimizer,
-                    "optimizer_options": dict(optimizer_options or {})},
-            seeds={"seed": seed}, resume=ctx.resume, autocast=ctx.autocast,
-            prime_batches=prime(data) if prime is not None else None,
-        )
-        with recorder, tqdm(total=tc.steps, desc=desc, unit="step", disable=not ctx.progress, leave=False) as bar:
-            result = train(tc, data, model=model, observers=[recorder], checkpoint=checkpoint,
-                           checkpoint_every=checkpoint_every or max(tc.eval_every, 1),
-                           progress=lambda _s: bar.update(1))
+        with tqdm(total=tc.steps, desc=desc, unit="step", disable=not ctx.progress, leave=False) as bar:
+            result, per_rank = recorded_training(job, data, checkpoint=checkpoint, progress=lambda _s: bar.update(1))
+    ctx.trained = [a + b for a, b in zip(ctx.trained, per_rank)] if len(ctx.trained) == len(per_rank) else per_rank
     with folder.errors(f"writing {history}"):
         write_csv(history, result.history)
     with folder.errors(f"writing {learned}"):
         np.savez(learned, example_id=data.train_ids.cpu().numpy(), first_learned=result.learned.first_learned,
                  run_start=result.learned.run_start, corrupt=data.corrupt.cpu().numpy())
     return result, data, store
+
+
+def recorded_training(job: dict[str, Any], data, *, checkpoint=None, progress=None):
+    """The training of one :func:`train_recorded` call, on this rank: a Recorder on the tracked
+    samples and :func:`pipelines.train.train` (DDP over the default process group's ranks, if any).
+
+    ``job`` holds plain values (what rank 0 sends the other ranks): the configuration, the noise
+    level, the :class:`~pipelines.train.TrainConfig` fields, the schedule, the priming batches,
+    ``resume``, ``autocast``, ``checkpoint_every`` and the store's ``target`` (written by rank 0
+    only). Collective where there are several ranks: every rank calls it with the same ``job``.
+    Returns the :class:`~pipelines.train.TrainResult` and, per rank, the training examples it
+    trained on (on rank 0; ``[]`` elsewhere).
+    """
+    from gradstore.record import ProcessGroupReducer, Recorder
+    from gradstore.record.messages import gather_messages, world
+    from pipelines.models import build_model
+    from pipelines.train import TrainConfig, moved, train
+
+    config, noise, tc = job["config"], job["noise"], TrainConfig(**job["train"])
+    cap, seed = config["capture"], tc.seed
+    _, size = world()
+    tr, te, mo = tracked_samples(cap, len(data.y_train), len(data.y_test), seed)
+    model = build_model(tc.model, seed=seed).to(tc.device)
+    prime = moved(job["prime"], tc.device) if size > 1 else job["prime"]  # (sent on the CPU)
+    recorder = Recorder(
+        job["target"], model,
+        train_inputs=data.x_train[tr], train_targets=data.y_train[tr], train_ids=data.train_ids[tr].cpu().numpy(),
+        train_true=data.y_true[tr].cpu().numpy(),
+        test_inputs=data.x_test[te] if len(te) else None, test_targets=data.y_test[te] if len(te) else None,
+        test_ids=data.test_ids[te].cpu().numpy() if len(te) else None,
+        moments_inputs=data.x_train[mo] if len(mo) else None,
+        moments_targets=data.y_train[mo] if len(mo) else None,
+        schedule=job["schedule"], coords_per_layer=cap.get("coords_per_layer", 0), coord_seed=seed,
+        n_proj=cap.get("projection_dim", 0), projection_seed=seed, gram=cap.get("gram", False),
+        config={**config, "model": tc.model, "noise": noise, "optimizer": tc.optimizer,
+                "optimizer_options": dict(tc.optimizer_options)},
+        seeds={"seed": seed}, resume=job["resume"], autocast=job["autocast"], prime_batches=prime,
+        reducer=ProcessGroupReducer() if size > 1 else None,  # each rank captures its shard, rank 0 writes
+    )
+    with recorder:
+        result = train(tc, data, model=model, observers=[recorder], checkpoint=checkpoint,
+                       checkpoint_every=job["checkpoint_every"], progress=progress, ddp=size > 1)
+    per_rank = gather_messages(result.examples) if size > 1 else [result.examples]
+    return result, per_rank or []
 
 
 #: what :func:`train_recorded` and the analysis of its store write in a condition's folder

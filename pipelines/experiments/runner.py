@@ -98,6 +98,9 @@ def _finish(exp, config, ctx: Context, report: Report, source: str, claims: list
     rec = provenance.record(config, ctx, command=ctx.command)
     rec["at_paper_settings"] = not found
     rec["deviations"] = found
+    rec["ranks"] = ctx.ranks  # processes that trained (DDP under --nproc N or torchrun)
+    if ctx.trained:
+        rec["examples_trained_per_rank"] = list(ctx.trained)
     report.provenance = provenance.lines(rec)
     with folder.writing("provenance.json") as path:
         path.write_text(json.dumps(rec, indent=1) + "\n")
