@@ -163,14 +163,71 @@ def _lm_case(name: str, *, m: int, device: str, repeats: int) -> dict:
         mom = coherence_moments(model, loss_fn, x, y, chunk_size=m)
         return mom.norm_sq_of_sum("layer"), mom.sum_of_norm_sq("layer"), mom.norm_sq_of_sum("model")
 
+    extra = {}
     if name.endswith("-vmap"):
         fn = lambda: _materialized_moments(_vmap_per_example(model, loss_fn), x, y, chunk=32)  # noqa: E731
         _materialized_moments(_vmap_per_example(model, loss_fn), x[:2], y[:2])  # warm up torch.func
         result = measure_paired(fn, plain, repeats=max(1, repeats // 3), device=device)
+    elif name.endswith(("-opacus", "-ghost")):
+        try:
+            fn = _lm_peer(name, model, loss_fn, x, y)
+            # a cross-check, not a timing: the peer's Σ_n ||g_n||² of the whole model against ours
+            truth = coherence_moments(model, loss_fn, x, y, chunk_size=m).sum_of_norm_sq("model")
+            extra["sum_of_norm_sq_rel_diff"] = abs(sum(fn()[1].values()) - truth) / truth
+        except Exception as exc:  # the peer refuses this model: say so in the table
+            return {"case": name, "m": m, "device": device, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        result = measure_paired(fn, plain, repeats=max(1, repeats // 3), device=device)
     else:
         result = measure_paired(ours, plain, repeats=repeats, device=device)
+    result.update(extra)
     params = sum(p.numel() for p in model.parameters())
     return {"case": name, "m": m, "device": device, "source": source, "parameters": params, **result}
+
+
+def _lm_peer(name: str, model, loss_fn, x, y):
+    """Opacus on a copy of ``model`` (its hooks never touch the model the plain pass times).
+
+    ``*-opacus``: ``GradSampleModule`` per-example gradients (materialized, 32 sequences at a
+    time), moments from them; ``*-ghost``: ``GradSampleModuleFastGradientClipping`` with ghost
+    clipping (per-example norms without per-example gradients, clipping off), Σ_n ||g_n||² from
+    its per-parameter norms and Σ g from ``.grad``. Both in train mode, which is where Opacus
+    records (the models have no dropout). Returns ``fn``: ``fn()`` gives ``(Σ g, Σ_n ||g_n||²)``
+    per parameter, as :func:`_materialized_moments` does.
+    """
+    import copy
+
+    peer = copy.deepcopy(model).train()
+    if name.endswith("-opacus"):
+        from opacus import GradSampleModule
+
+        wrapped = GradSampleModule(peer, loss_reduction="sum", batch_first=True)
+
+        def per_example(xb, yb):
+            wrapped.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus's own hooks
+                loss_fn(wrapped(xb), yb).sum().backward()
+            grads = {k: p.grad_sample for k, p in wrapped.named_parameters()}
+            for p in wrapped.parameters():
+                p.grad_sample = None
+            return grads
+
+        return lambda: _materialized_moments(per_example, x, y, chunk=32)
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    wrapped = GradSampleModuleFastGradientClipping(peer, loss_reduction="sum", batch_first=True, max_grad_norm=1e30,
+                                                   use_ghost_clipping=True)
+
+    def ghost():
+        wrapped.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss_fn(wrapped(x), y).sum().backward()
+        params = [(k, p) for k, p in wrapped.named_parameters() if p.requires_grad]
+        return ({k: p.grad.double() for k, p in params},
+                {k: float(p._norm_sample.double().pow(2).sum()) for k, p in params})
+
+    return ghost
 
 
 def gram_form_table(n: int = 32, repeats: int = 5) -> list:
@@ -371,21 +428,31 @@ def case(name: str, *, m: int, device: str, repeats: int, data_dir: str | None, 
 
 LM_CASES = ("lm-untied", "lm-untied-vmap", "lm-tied", "lm-tied-vmap", "lm-encoder", "lm-encoder-vmap", "gpt2",
             "gpt2-vmap")
+#: Opacus beside them (the optional ``bench`` extra): GradSampleModule and ghost clipping
+LM_PEERS = tuple(f"{case}-{peer}" for case in ("lm-untied", "lm-tied", "lm-encoder", "gpt2")
+                 for peer in ("opacus", "ghost"))
 
 
-def run_lm(*, m: int, device: str, repeats: int, threads: int = 0, echo=print, cases=LM_CASES) -> dict:
-    """The language-model cases, each in a fresh process (``gpt2*`` only if transformers is installed)."""
+def run_lm(*, m: int, device: str, repeats: int, threads: int = 0, echo=print, cases=None) -> dict:
+    """The language-model cases, each in a fresh process (``gpt2*`` only if transformers is installed;
+    by default with Opacus beside them, :data:`LM_PEERS`, if it is installed)."""
     from pipelines.bench import run_case
 
+    if cases is None:
+        cases = LM_CASES + (LM_PEERS if importlib.util.find_spec("opacus") else ())
     rows = {}
     for name in cases:
         if name.startswith("gpt2") and importlib.util.find_spec("transformers") is None:
             continue
         args = [name, "--m", str(m), "--device", device, "--repeats", str(repeats), "--threads", str(threads)]
         row = rows[name] = run_case(__name__, args)
+        if "error" in row:
+            echo(f"  {name:<22} m={m:<5} refused: {row['error']}")
+            continue
         echo(f"  {name:<22} m={m:<5} {row['seconds']:9.3f} s   peak +{row['peak_bytes'] / 2**20:8.1f} MiB   "
              f"paired plain {row['baseline_seconds']:.3f} s, median ratio {row['ratio']:.3f} (wall) "
-             f"{row['cpu_ratio']:.3f} (CPU time)")
+             f"{row['cpu_ratio']:.3f} (CPU time)" +
+             (f", Σ||g||² off ours by {row['sum_of_norm_sq_rel_diff']:.1e}" if "sum_of_norm_sq_rel_diff" in row else ""))
     return rows
 
 
@@ -393,8 +460,18 @@ def lm_markdown(rows: dict, *, m: int) -> str:
     """The language-model cases as a Markdown table (ratios paired with a plain pass of the same model)."""
     titles = {"lm-untied": "GPT-style LM (nn.Linear), untied", "lm-tied": "same, head tied to the embedding",
               "lm-encoder": "same, nn.TransformerEncoder", "gpt2": "HF GPT-2 (2 layers, n_embd 64)"}
+    def peer(row):
+        if row is None:
+            return "–"
+        if "error" in row:
+            return f"refused ({row['error'].split(':')[0]})"
+        off = row["sum_of_norm_sq_rel_diff"]
+        return f"{row['ratio']:.2f}× ({row['cpu_ratio']:.2f}×), {row['peak_bytes'] / 2**20:.0f} MiB" + \
+            (f", **Σ‖g‖² off by {off:.0e}**" if off > 1e-4 else "")
+
     lines = ["| case | m | parameters | capture (s) | ratio (CPU time) | peak MiB | torch.func vmap (s) | "
-             "vmap ratio (CPU time) | vmap peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "vmap ratio (CPU time) | vmap peak MiB | Opacus GradSampleModule | Opacus ghost clipping |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, title in titles.items():
         if name not in rows:
             continue
@@ -402,7 +479,8 @@ def lm_markdown(rows: dict, *, m: int) -> str:
         vmap = (f"{v['seconds']:.2f} | {v['ratio']:.2f}× ({v['cpu_ratio']:.2f}×) | {v['peak_bytes'] / 2**20:.0f}"
                 if v else "– | – | –")
         lines.append(f"| {title} | {m} | {r['parameters']:,} | {r['seconds']:.3f} | **{r['ratio']:.2f}×** "
-                     f"({r['cpu_ratio']:.2f}×) | {r['peak_bytes'] / 2**20:.0f} | {vmap} |")
+                     f"({r['cpu_ratio']:.2f}×) | {r['peak_bytes'] / 2**20:.0f} | {vmap} | "
+                     f"{peer(rows.get(name + '-opacus'))} | {peer(rows.get(name + '-ghost'))} |")
     return "\n".join(lines)
 
 
