@@ -214,6 +214,12 @@ def capture_group(timeout: float):
     return _groups["by_timeout"][key]
 
 
+def forget_capture_group(timeout: float) -> None:
+    """Drop the cached capture group of ``timeout`` (after a failure its state is undefined): the next
+    reducer with this timeout makes a new one, collectively."""
+    _groups["by_timeout"].pop(int(round(timeout * 1000)), None)
+
+
 def _reason(err: BaseException) -> str:
     """torch's error in a few words: the first line, without gloo's source location."""
     text = re.sub(r"^\s*\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
@@ -353,9 +359,11 @@ class ProcessGroupReducer:
             yield
         except RankTimeout:
             self._failed = f"at {self._what}"
+            forget_capture_group(self.timeout)
             raise
         except RuntimeError as err:  # torch.distributed.DistBackendError and gloo's errors
             self._failed = f"at {self._what}"
+            forget_capture_group(self.timeout)
             raise RankTimeout(self._late(self._peer, doing, _reason(err))) from None
 
     # ------------------------------------------------------------------ the collectives
