@@ -179,9 +179,21 @@ def _lm_case(name: str, *, m: int, device: str, repeats: int) -> dict:
         result = measure_paired(fn, plain, repeats=max(1, repeats // 3), device=device)
     else:
         result = measure_paired(ours, plain, repeats=repeats, device=device)
+        extra["flop_ratio"] = _flops(ours) / _flops(plain)
     result.update(extra)
     params = sum(p.numel() for p in model.parameters())
     return {"case": name, "m": m, "device": device, "source": source, "parameters": params, **result}
+
+
+def _flops(fn) -> int:
+    """Matrix-product FLOPs of one call of ``fn`` (``torch.utils.flop_counter``: mm, bmm, addmm,
+    attention, convolutions; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def _lm_peer(name: str, model, loss_fn, x, y):
@@ -469,9 +481,9 @@ def lm_markdown(rows: dict, *, m: int) -> str:
         return f"{row['ratio']:.2f}× ({row['cpu_ratio']:.2f}×), {row['peak_bytes'] / 2**20:.0f} MiB" + \
             (f", **Σ‖g‖² off by {off:.0e}**" if off > 1e-4 else "")
 
-    lines = ["| case | m | parameters | capture (s) | ratio (CPU time) | peak MiB | torch.func vmap (s) | "
-             "vmap ratio (CPU time) | vmap peak MiB | Opacus GradSampleModule | Opacus ghost clipping |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | m | parameters | capture (s) | ratio (CPU time) | matmul FLOPs ratio | peak MiB | "
+             "torch.func vmap (s) | vmap ratio (CPU time) | vmap peak MiB | Opacus GradSampleModule | "
+             "Opacus ghost clipping |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, title in titles.items():
         if name not in rows:
             continue
@@ -479,7 +491,8 @@ def lm_markdown(rows: dict, *, m: int) -> str:
         vmap = (f"{v['seconds']:.2f} | {v['ratio']:.2f}× ({v['cpu_ratio']:.2f}×) | {v['peak_bytes'] / 2**20:.0f}"
                 if v else "– | – | –")
         lines.append(f"| {title} | {m} | {r['parameters']:,} | {r['seconds']:.3f} | **{r['ratio']:.2f}×** "
-                     f"({r['cpu_ratio']:.2f}×) | {r['peak_bytes'] / 2**20:.0f} | {vmap} | "
+                     f"({r['cpu_ratio']:.2f}×) | {r.get('flop_ratio', float('nan')):.3f} | "
+                     f"{r['peak_bytes'] / 2**20:.0f} | {vmap} | "
                      f"{peer(rows.get(name + '-opacus'))} | {peer(rows.get(name + '-ghost'))} |")
     return "\n".join(lines)
 
