@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gradstore.record import ProcessGroupReducer, Recorder
-from gradstore.record.messages import set_group_key
+from gradstore.errors import StoreError
+from gradstore.record.messages import seal_parts, set_group_key, unseal_parts
 from gradstore.store import open_run
 
 
@@ -103,3 +104,42 @@ def test_torchrun_writes_the_store_one_process_writes(tmp_path):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale, equal_nan=True, err_msg=name)
         else:
             np.testing.assert_array_equal(b, a, err_msg=name)
+
+
+class _CreatesFile:
+    """Unpickling this runs ``open(path, "w")``: the file appears only if the pickle was loaded."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_gathered_arrays_travel_out_of_band_and_nothing_forged_is_unpickled(tmp_path):
+    key = secrets.token_bytes(32)
+    part = {"loss": np.arange(5.0), "sq_norm": np.arange(12.0).reshape(6, 2).T, "correct": np.array([True, False]),
+            "grad_coords": np.ones((3, 4), np.float32), "empty": np.zeros((0, 3))}
+    tag, meta, raws = seal_parts(part, b"G", 1, 7, key)
+    assert len(raws) >= 4 and len(meta) < 1000  # the arrays' bytes are not in the pickle
+    received = [np.frombuffer(bytes(r), np.uint8).copy() for r in raws]  # as rank 0 receives them
+    back = unseal_parts(tag, np.frombuffer(meta, np.uint8), received, b"G", 1, 7, key)
+    for name, value in part.items():
+        np.testing.assert_array_equal(back[name], value)
+        assert back[name].dtype == value.dtype and back[name].shape == value.shape
+    evil = _CreatesFile(tmp_path / "ran")
+    tag, meta, raws = seal_parts({"x": np.arange(4.0), "evil": evil}, b"G", 1, 7, key)
+    flipped = bytearray(raws[0])
+    flipped[0] ^= 1
+    other_key = seal_parts({"evil": evil}, b"G", 1, 7, secrets.token_bytes(32))
+    forgeries = {  # (tag, pickle, buffers, sequence number, sender) as rank 0 would check them
+        "flipped array byte": (tag, meta, [flipped], 7, 1), "other sequence number": (tag, meta, raws, 8, 1),
+        "other sender": (tag, meta, raws, 7, 2), "dropped array": (tag, meta, [], 7, 1),
+        "moved bytes": (tag, meta, [bytes(raws[0])[:-8], bytes(raws[0])[-8:]], 7, 1),
+        "other key": (*other_key, 7, 1)}
+    for name, (t, m, r, seq, sender) in forgeries.items():
+        with pytest.raises(StoreError, match="failed authentication"):
+            unseal_parts(t, m, r, b"G", sender, seq, key)
+        assert not (tmp_path / "ran").exists(), name
+    unseal_parts(tag, meta, raws, b"G", 1, 7, key)["evil"].close()  # the payload is live: unsealed, it runs
+    assert (tmp_path / "ran").exists()

@@ -90,6 +90,36 @@ def unseal(frame, kind: bytes, sender: int, seq: int, key: bytes):
     return pickle.loads(payload)
 
 
+def _tag_parts(key: bytes, kind: bytes, sender: int, seq: int, meta, raws) -> bytes:
+    mac = hmac.new(key, kind + struct.pack("<qqq", sender, seq, len(raws)), hashlib.sha256)
+    for part in (meta, *raws):
+        mac.update(struct.pack("<q", len(part)))
+        mac.update(part)
+    return mac.digest()
+
+
+def seal_parts(obj, kind: bytes, sender: int, seq: int, key: bytes):
+    """``obj`` pickled with its large buffers out of band (pickle protocol 5: numpy arrays are sent
+    from their own memory, never copied into a frame): (tag, pickle, buffers), the tag covering the
+    pickle and every buffer with their lengths."""
+    buffers: list = []
+    meta = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = []
+    for buffer in buffers:
+        raw = buffer.raw()
+        raws.append(raw if not raw.readonly else memoryview(bytearray(raw)))
+    return _tag_parts(key, kind, sender, seq, meta, raws), meta, raws
+
+
+def unseal_parts(tag: bytes, meta, raws, kind: bytes, sender: int, seq: int, key: bytes):
+    """The object of :func:`seal_parts`, unpickled over ``raws`` (no copy) only once its tag checks."""
+    raws = [memoryview(r).cast("B") for r in raws]
+    if len(tag) != _TAG or not hmac.compare_digest(bytes(tag), _tag_parts(key, kind, sender, seq, meta, raws)):
+        raise StoreError(f"a capture message from rank {sender} failed authentication (message {seq}): "
+                         "something other than this run's ranks reached the process group; stopping")
+    return pickle.loads(meta, buffers=raws)
+
+
 def broadcast_message(obj=None):
     """Rank 0 sends ``obj`` to every rank (call with the object on rank 0, nothing elsewhere); returns it."""
     import torch
@@ -110,12 +140,14 @@ def broadcast_message(obj=None):
 
 
 def gather_messages(obj, *, group=None, timeout: float | None = None, on_peer=None):
-    """Every rank sends ``obj`` to rank 0; rank 0 gets the list in rank order (its own ``obj`` first, as it is), the others None.
+    """Every rank sends ``obj`` to rank 0; rank 0 gets the list in rank order (its own ``obj`` first,
+    as it is), the others None.
 
-    Point to point over ``group`` (default: the default group): each rank sends its frame's length,
-    then the frame; rank 0 receives them rank by rank, waiting at most ``timeout`` seconds for each
+    Point to point over ``group`` (default: the default group): each rank sends the lengths, the
+    tag and pickle, then each array's bytes; rank 0 receives them rank by rank, waiting at most ``timeout`` seconds for each
     (default: the group's own timeout) and calling ``on_peer(rank)`` before it waits for ``rank``
-    (so a failure names the rank that did not answer). Frames are never padded.
+    (so a failure names the rank that did not answer). The arrays travel out of band
+    (:func:`seal_parts`): no copy into a frame on the sender, none out of one on rank 0.
     """
     import datetime
 
@@ -126,20 +158,32 @@ def gather_messages(obj, *, group=None, timeout: float | None = None, on_peer=No
     key, seq = _key(), _next_seq()
     waits = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
     on_peer = on_peer or (lambda _rank: None)
+
+    def send(tensor):
+        dist.isend(tensor, dst=0, group=group).wait(**waits)
+
+    def recv(tensor, r):
+        dist.irecv(tensor, src=r, group=group).wait(**waits)
+        return tensor
     if rank != 0:
-        frame = seal(obj, b"G", rank, seq, key)
+        tag, meta, raws = seal_parts(obj, b"G", rank, seq, key)
         on_peer(0)
-        dist.isend(torch.tensor([frame.numel()], dtype=torch.int64), dst=0, group=group).wait(**waits)
-        dist.isend(frame, dst=0, group=group).wait(**waits)
+        send(torch.tensor([len(meta), len(raws)], dtype=torch.int64))
+        if raws:
+            send(torch.tensor([len(r) for r in raws], dtype=torch.int64))
+        send(torch.frombuffer(bytearray(tag + meta), dtype=torch.uint8))
+        for raw in raws:
+            if len(raw):
+                send(torch.frombuffer(raw, dtype=torch.uint8))
         return None
     out = [obj]
     for r in range(1, size):
         on_peer(r)
-        length = torch.zeros(1, dtype=torch.int64)
-        dist.irecv(length, src=r, group=group).wait(**waits)
-        received = torch.empty(int(length), dtype=torch.uint8)
-        dist.irecv(received, src=r, group=group).wait(**waits)
-        out.append(unseal(received.numpy(), b"G", r, seq, key))
+        n_meta, n_raws = recv(torch.zeros(2, dtype=torch.int64), r).tolist()
+        lengths = recv(torch.zeros(n_raws, dtype=torch.int64), r).tolist() if n_raws else []
+        head = recv(torch.empty(_TAG + n_meta, dtype=torch.uint8), r).numpy()
+        raws = [recv(torch.empty(n, dtype=torch.uint8), r).numpy() if n else np.empty(0, np.uint8) for n in lengths]
+        out.append(unseal_parts(head[:_TAG].tobytes(), head[_TAG:], raws, b"G", r, seq, key))
     return out
 
 
