@@ -6,8 +6,11 @@
   :class:`Custom`; add one with :func:`register_task`.
 - :class:`Sample` (:mod:`.samples`): tracked and moments examples from tensors or a Dataset.
 - :class:`StepCapture` (:mod:`.step`): the typed arrays of one step, keyed by the schema's names.
-- Reducers (:mod:`.reduce`): :class:`LocalReducer`, :class:`ProcessGroupReducer`.
-- :mod:`.distributed`: capture workers of ``gradstore run --nproc N``.
+- Reducers (:mod:`.reduce`): :class:`LocalReducer`, :class:`ProcessGroupReducer` (DDP: every rank
+  captures its shard, rank 0 writes; docs/ddp.md).
+- :mod:`.distributed`: :class:`~gradstore.record.distributed.DistributedRecorder`, for loops where
+  rank 0 alone trains and the other ranks only capture (capture workers).
+- :mod:`.lightning`, :mod:`.hf`: the Lightning and Hugging Face Trainer callbacks.
 
 The store (:mod:`gradstore.store`) stays torch-free; this package is where torch comes in.
 """
