@@ -92,7 +92,7 @@ def case(model_name: str, *, m: int, steps: int, every: int, batch_size: int, ro
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
             captured = recorder is not None and recorder.maybe_record(step, model, lr=0.05,
-                                                                      train_loss=float(loss))
+                                                                      train_loss=loss.detach().item())
             t2 = time.perf_counter()
             per_step.append((t2 - t0, time.process_time() - c0, captured))
             checks.append(t2 - t1)
