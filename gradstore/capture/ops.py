@@ -220,6 +220,29 @@ def embedding_op(call: OpCall):
     return {"weight": Outer(OneHot(index, weight.shape[0]), b[:, :, None, :], tuple(weight.shape))}
 
 
+def broadcast_op(call: OpCall):
+    """A parameter tiled over the examples: ``bias_k.repeat(1, N, 1)`` inside
+    ``F.multi_head_attention_forward`` (``add_bias_kv``), a class token ``cls.expand(N, -1, -1)``.
+    g_n = the output gradient's slice of example n, summed over the axes where the parameter has
+    size 1 and the output more (Dense). Declined (so the fallback takes it) where an axis of size
+    > 1 is tiled, or the output has no example axis the parameter is broadcast along."""
+    param, grad = call.args["input"], call.grad
+    if "input" not in call.params or not isinstance(grad, torch.Tensor):
+        return None
+    axis = call.layout.axis
+    shape = (1,) * (grad.dim() - param.dim()) + tuple(param.shape)
+    if len(shape) != grad.dim() or axis >= grad.dim() or grad.shape[axis] != call.m or shape[axis] != 1:
+        return None
+    tiled = [k for k, (p, g) in enumerate(zip(shape, grad.shape)) if k != axis and p != g]
+    if any(shape[k] != 1 for k in tiled):
+        return None
+    g = grad.sum(tiled, keepdim=True) if tiled else grad
+    return {"input": Dense(g.movedim(axis, 0).reshape(call.m, *param.shape))}
+
+
+register_op_rule(torch.Tensor.repeat, torch.Tensor.expand, names=("input",))(broadcast_op)
+
+
 def signature_names(func) -> tuple | None:
     """Positional argument names of a Python-level function (None for builtins)."""
     try:

@@ -47,6 +47,12 @@ from gradstore.capture.ops import op_name
 #: composite functions the tracker enters, with the example axis their tensors use
 ENTERED = {F.multi_head_attention_forward: 1}
 
+#: operations that tile a parameter over the examples (``bias_k.repeat(1, N, 1)`` in
+#: ``F.multi_head_attention_forward``, a class token's ``cls.expand(N, -1, -1)``): when the output has
+#: the m examples on the example axis where the parameter has size 1, it is example data (slice n
+#: belongs to example n) and the use is batched, for :func:`gradstore.capture.ops.broadcast_op`
+TILING = {torch.Tensor.repeat, torch.Tensor.expand}
+
 #: module types whose tensors put the example axis second when ``batch_first`` is False
 SEQUENCE_FIRST_TYPES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
                         nn.Transformer)
@@ -254,7 +260,7 @@ class UseTracker(TorchFunctionMode):
     def _param_of(self, value):
         if isinstance(value, torch.Tensor):
             name = self.ids.get(id(value))
-            if name is None and value._is_view():
+            if name is None and value._is_view() and not self.is_data(value):  # cls.expand(n, ...): data
                 name = self.ids.get(id(value._base))
             return name
         return None
@@ -281,10 +287,11 @@ class UseTracker(TorchFunctionMode):
         for value, use in pending:  # a differentiable consumer that is not an expansion
             if out is not value and _tracked(out, self.ids) and torch.is_grad_enabled():
                 use.expanded.escaped.append(op_name(func))
-        data = self.is_data((args, kwargs))
+        tiled = func in TILING and bool(found) and self._tiles_examples(args, out)  # a view of it, but data
+        data = tiled or self.is_data((args, kwargs))
         if data:
             self.tag(out)
-        if found and torch.is_grad_enabled() and _tracked(out, self.ids):
+        if found and torch.is_grad_enabled() and (tiled or _tracked(out, self.ids)):
             running = self.stack[-1] if self.stack else None
             op_level = [n for n in found if running not in self.rule_owner[n]]
             for n in op_level:  # inside a rule owner's forward, but in a child: the rule would count it too
@@ -294,6 +301,14 @@ class UseTracker(TorchFunctionMode):
             if op_level:
                 self._record(func, args, kwargs, out, set(op_level), data)
         return out
+
+    def _tiles_examples(self, args, out) -> bool:
+        """Whether ``args[0].repeat/expand(...)`` put the m examples on the example axis."""
+        src = args[0] if args else None
+        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) or out.dim() <= self.axis:
+            return False
+        shape = (1,) * (out.dim() - src.dim()) + tuple(src.shape)
+        return len(shape) == out.dim() and shape[self.axis] == 1 and out.shape[self.axis] == self.m
 
     def _record(self, func, args, kwargs, out, names: set, data: bool) -> None:
         views: list = []

@@ -146,6 +146,53 @@ def test_multihead_attention_options_are_exact(batch_first, need_weights):
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_bias_kv_is_exact_without_the_fallback(batch_first):
+    """add_bias_kv: bias_k/bias_v are tiled over the examples by ``repeat(1, N, 1)`` inside
+    F.multi_head_attention_forward; per operation, not through the module's torch.func fallback."""
+    torch.manual_seed(5)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(D, 2, batch_first=batch_first, add_bias_kv=True)
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x):
+            q = x if batch_first else x.transpose(0, 1)
+            out = self.attn(q, q, q, need_weights=False)[0]
+            return self.head((out if batch_first else out.transpose(0, 1)).mean(1))
+
+    model = Attn().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # op rules only, no fallback
+        check_all(model, ce_loss, torch.randn(M, T, D, dtype=torch.float64), torch.randint(0, 3, (M,)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tile", ["expand", "repeat"])
+def test_class_token_tiled_over_the_batch_is_exact(tile):
+    """A ViT-style class token (1, 1, D) tiled to (n, 1, D) and prepended: exact per operation."""
+    torch.manual_seed(6)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(torch.randn(1, 1, D))
+            self.mix = nn.Linear(D, D)
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x):
+            n = x.shape[0]
+            cls = self.cls.expand(n, -1, -1) if tile == "expand" else self.cls.repeat(n, 1, 1)
+            h = torch.tanh(self.mix(torch.cat([cls, x], 1)))
+            return self.head(h[:, 0] + h.mean(1))
+
+    model = Net().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # op rules only, no fallback
+        check_all(model, ce_loss, torch.randn(M, T, D, dtype=torch.float64), torch.randint(0, 3, (M,)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
 def test_transformer_encoder_and_decoder_layers_are_exact(batch_first):
     torch.manual_seed(4)
 
