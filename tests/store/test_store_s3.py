@@ -158,7 +158,7 @@ WRITES_PER_STEP = 18
 
 
 def test_killed_writer_resumes_on_s3(s3, tmp_path):
-    layout, fs = small_layout(), s3[1]
+    fs = s3[1]
     want = open_run(local_run(tmp_path / "ref.zarr", 5)).load()  # the uninterrupted run
     store = upload(fs, local_run(tmp_path / "start.zarr", 2), "killed", "store.zarr")
     lease = f"{BUCKET}/killed/store.zarr.gradstore-lock"
@@ -174,10 +174,18 @@ def test_killed_writer_resumes_on_s3(s3, tmp_path):
     # the next one takes the dead writer's lease over at once, drops step 2's leftovers, writes
     # step 2 again and is killed in the middle of step 3
     assert kill_run(store, "write", WRITES_PER_STEP + 5) == -9
-    with create_run(store, layout) as writer:  # resumed here, to the end
-        assert writer.committed == 3
-        for step in range(3, 5):
-            writer.append_step(step, **step_data(layout, step))
+    assert json.loads(fs.cat(f"{BUCKET}/killed/store.zarr/zarr.json"))["attributes"]["committed_steps"] == 3
+
+    # a third one runs to the end, slowly, while this process reads: whole committed steps only
+    seen = []
+    with subprocess.Popen([sys.executable, str(KILL_WORKER), store, "5", "never", "0", "--slow", "0.3"],
+                          env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        while proc.poll() is None:
+            ds = open_run(store).load()
+            assert_same_run(ds, want.isel(step=slice(0, ds.sizes["step"])))
+            seen.append(ds.sizes["step"])
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert seen and seen == sorted(seen) and seen[0] >= 3
     assert_same_run(open_run(store).load(), want)
     assert not fs.exists(lease)
 
