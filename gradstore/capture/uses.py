@@ -287,11 +287,11 @@ class UseTracker(TorchFunctionMode):
         for value, use in pending:  # a differentiable consumer that is not an expansion
             if out is not value and _tracked(out, self.ids) and torch.is_grad_enabled():
                 use.expanded.escaped.append(op_name(func))
-        tiled = func in TILING and bool(found) and self._tiles_examples(args, out)  # a view of it, but data
-        data = tiled or self.is_data((args, kwargs))
+        tiled = self._tiled_axis(args, out) if func in TILING and found else None  # a view of it, but data
+        data = tiled is not None or self.is_data((args, kwargs))
         if data:
             self.tag(out)
-        if found and torch.is_grad_enabled() and (tiled or _tracked(out, self.ids)):
+        if found and torch.is_grad_enabled() and (tiled is not None or _tracked(out, self.ids)):
             running = self.stack[-1] if self.stack else None
             op_level = [n for n in found if running not in self.rule_owner[n]]
             for n in op_level:  # inside a rule owner's forward, but in a child: the rule would count it too
@@ -299,18 +299,26 @@ class UseTracker(TorchFunctionMode):
                 if owner is not None and not self.nested:
                     self.nested.append((n, owner, op_name(func), running))
             if op_level:
-                self._record(func, args, kwargs, out, set(op_level), data)
+                self._record(func, args, kwargs, out, set(op_level), data, axis=tiled)
         return out
 
-    def _tiles_examples(self, args, out) -> bool:
-        """Whether ``args[0].repeat/expand(...)`` put the m examples on the example axis."""
-        src = args[0] if args else None
-        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) or out.dim() <= self.axis:
-            return False
-        shape = (1,) * (out.dim() - src.dim()) + tuple(src.shape)
-        return len(shape) == out.dim() and shape[self.axis] == 1 and out.shape[self.axis] == self.m
+    def _tiled_axis(self, args, out):
+        """The axis along which ``args[0].repeat/expand(...)`` put the m examples, or None.
 
-    def _record(self, func, args, kwargs, out, names: set, data: bool) -> None:
+        An axis where the source has size 1 and the output m: the current example axis if it is
+        one (``bias_k.repeat(1, N, 1)`` in attention, ``cls.expand(n, -1, -1)``), else the only
+        one (``h0.expand(-1, n, -1)``, an RNN's (layers, n, hidden) initial state).
+        """
+        src = args[0] if args else None
+        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) or out.dim() < src.dim():
+            return None
+        shape = (1,) * (out.dim() - src.dim()) + tuple(src.shape)
+        axes = [k for k in range(out.dim()) if shape[k] == 1 and out.shape[k] == self.m]
+        if self.axis in axes:
+            return self.axis
+        return axes[0] if len(axes) == 1 else None
+
+    def _record(self, func, args, kwargs, out, names: set, data: bool, axis: int | None = None) -> None:
         views: list = []
 
         def strip(value):
@@ -328,8 +336,8 @@ class UseTracker(TorchFunctionMode):
 
         s_args, s_kwargs = strip(args), strip(kwargs)
         running = {p for n in names for p in self.all_owner[n] if p in self.stack}
-        use = OpUse(func, s_args, s_kwargs, views, self.axis, self.stack[-1] if self.stack else None,
-                    running, data)
+        use = OpUse(func, s_args, s_kwargs, views, self.axis if axis is None else axis,
+                    self.stack[-1] if self.stack else None, running, data)
         inputs: list = []
         _walk((s_args, s_kwargs), lambda v: v if isinstance(v, torch.Tensor) else None, inputs, keep=True)
         use.inputs_versions = [(t, t._version) for t in inputs]

@@ -350,3 +350,40 @@ def test_initial_state_by_keyword():
     y = torch.randn(3, 2, dtype=torch.float64)
     check_capture_by_loop(model, _sq, (x, h0, c0), y,
                           lambda j: ((x[j:j + 1], h0[j:j + 1], c0[j:j + 1]), y[j:j + 1]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_learned_initial_state_tiled_over_the_batch_is_exact(contiguous):
+    """A learned (layers, 1, hidden) h0/c0 expanded to the batch, ``self.h0.expand(-1, n, -1)``:
+    the examples are on its axis 1; the expansion is example data (g_n = the slice of example n of
+    the LSTM's gradient with respect to its initial state), against a per-example loop."""
+    import warnings
+
+    from rules_harness import check_capture_by_loop
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h0 = nn.Parameter(torch.randn(2, 1, 6))
+            self.c0 = nn.Parameter(torch.randn(2, 1, 6))
+            self.rnn = nn.LSTM(4, 6, num_layers=2, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            n = x.shape[0]
+            h0, c0 = self.h0.expand(-1, n, -1), self.c0.expand(-1, n, -1)
+            if contiguous:
+                h0, c0 = h0.contiguous(), c0.contiguous()
+            return self.head(self.rnn(x, (h0, c0))[0][:, -1])
+
+    model = Net().double().eval()
+    x, y = torch.randn(5, 7, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+
+    def loss(out, target):
+        return ((out - target) ** 2).sum(1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rules and op rules only, no fallback
+        check_capture_by_loop(model, loss, x, y, lambda j: (x[j:j + 1], y[j:j + 1]), rtol=1e-6)
