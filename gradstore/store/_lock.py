@@ -156,7 +156,10 @@ class _Lease:
     def put(self, **condition) -> str:
         """Write the lease (``mode="create"``: If-None-Match; ``IfMatch=etag``); its new ETag."""
         out = sync(self.fs._pipe_file(self.key, self.document(), **condition))
-        return out.get("ETag", "") if isinstance(out, dict) else ""
+        etag = out.get("ETag") if isinstance(out, dict) else None
+        if not etag:  # without it no later write could be conditional
+            raise OSError("the object store returned no ETag for the lease")
+        return etag
 
     def read(self) -> tuple[dict | None, str]:
         """The lease's JSON (None if it is not a lease gradstore wrote) and its ETag."""
@@ -265,23 +268,36 @@ class ObjectLease:
         """Holding the lease: check the endpoint honours both conditions, or give it up and refuse."""
         lease, ignored = self._lease, None
         try:
-            lease.put(mode="create")
-            ignored = "If-None-Match"
-        except FileExistsError:
-            pass
-        if ignored is None:
             try:
-                lease.put(IfMatch='"00000000000000000000000000000000"')
-                ignored = "If-Match"
-            except Exception as exc:
-                if not _precondition(exc):
-                    raise
+                lease.put(mode="create")
+                ignored = "If-None-Match"
+            except FileExistsError:
+                pass
+            if ignored is None:
+                try:
+                    lease.put(IfMatch='"00000000000000000000000000000000"')
+                    ignored = "If-Match"
+                except Exception as exc:
+                    if not _precondition(exc):
+                        raise
+        except Exception as exc:  # botocore/aiohttp errors have no common base class
+            self._drop()
+            raise StoreError(f"cannot write {self.name!r}: checking that its object store honours conditional "
+                             f"writes failed ({_first_line(exc)}); try again, or write locally and copy the "
+                             f"store") from None
         if ignored is not None:
-            sync(lease.fs._rm_file(self.key))
+            self._drop()
             raise StoreError(f"cannot write {self.name!r}: its object store ignores conditional writes "
                              f"({ignored}), so gradstore cannot hold the one-writer lock there; use an endpoint "
                              f"that supports them (AWS S3, MinIO, moto) or write locally and copy the store")
         lease.etag, lease.renewed = etag, time.monotonic()
+
+    def _drop(self) -> None:
+        """Delete the lease this writer just wrote (it gives it up before holding it)."""
+        try:
+            sync(self._lease.fs._rm_file(self.key))
+        except Exception:  # it expires by itself
+            pass
 
     def check(self) -> None:
         """Raise :class:`StoreError` unless this writer still holds a fresh lease."""

@@ -275,20 +275,21 @@ def test_writer_that_lost_its_lease_commits_nothing(s3, monkeypatch):
     assert open_run(store).sizes["step"] == 1
 
 
-def test_endpoint_ignoring_conditional_writes_is_refused(s3, monkeypatch):
+@pytest.mark.parametrize("ignored", ["If-None-Match", "If-Match"])
+def test_endpoint_ignoring_conditional_writes_is_refused(s3, monkeypatch, ignored):
     import s3fs
 
     pipe = s3fs.S3FileSystem._pipe_file
 
-    async def unconditional(self, path, data, mode="overwrite", **kwargs):
+    async def unconditional(self, path, data, mode="overwrite", **kwargs):  # an endpoint ignoring one header
         kwargs.pop("IfMatch", None)
-        return await pipe(self, path, data, **kwargs)
+        return await pipe(self, path, data, mode="overwrite" if ignored == "If-None-Match" else mode, **kwargs)
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", unconditional)
-    with pytest.raises(StoreError, match=r"ignores conditional writes \(If-None-Match\)"):
-        create_run(url("unconditional", "store.zarr"), small_layout())
+    with pytest.raises(StoreError, match=rf"ignores conditional writes \({ignored}\)"):
+        create_run(url("unconditional", ignored, "store.zarr"), small_layout())
     monkeypatch.undo()
-    assert not s3[1].exists(f"{BUCKET}/unconditional/store.zarr.gradstore-lock")
+    assert not s3[1].exists(f"{BUCKET}/unconditional/{ignored}/store.zarr.gradstore-lock")
 
 
 def test_unlockable_places_are_refused_in_one_line(s3):
