@@ -28,7 +28,8 @@ INTEGRITY_VARIABLES = ("step_crc32c",)
 INTEGRITY_DIMS = ("stored",)
 INTEGRITY_ATTRS = ("static_crc32c", "writer")
 #: static per-example / per-coordinate metadata, made coordinates if a plain open left them variables
-STATIC = ("true_label", "train_label", "corrupt", "split", "coord_layer", "coord_param", "coord_index")
+STATIC = ("true_label", "train_label", "corrupt", "split", "coord_layer", "coord_param", "coord_index",
+          "param_layer")
 
 
 def as_run(ds: xr.Dataset) -> xr.Dataset:
@@ -87,6 +88,16 @@ class GradstoreAccessor:
 
         mo = self._by(self.moments(source), by)
         return m_coherence(mo["norm_sq_of_sum"], mo["sum_of_norm_sq"], mo["m"])
+
+    def weights_m_coherence(self, *, by: str = "layer") -> xr.DataArray:
+        """m-coherence of each layer's weights alone, no biases (:func:`analysis.coherence.weights_m_coherence`),
+        per (step, sample, ``by``); exact, from the per-parameter moments (stores written before them lack them)."""
+        from analysis.coherence import has_param_moments, weights_m_coherence
+
+        if not has_param_moments(self.run):
+            raise AnalysisError("this run has no per-parameter moments (param_norm_sq_of_sum), so no weights-only "
+                                "m-coherence; record the run again with this version of gradstore")
+        return self._by(weights_m_coherence(self.run), by)
 
     def alpha(self, *, by: str = "layer", source: str | None = None) -> xr.DataArray:
         """alpha = ||Σ g||² / (m Σ ||g||²) per (step, sample, ``by``)."""

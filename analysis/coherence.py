@@ -3,8 +3,10 @@
 One definition of each quantity, used by capture reports, analysis, theory checks and reports:
 :func:`alpha`, :func:`m_coherence`, :func:`gradient_diversity`, :func:`self_removed_m_coherence`
 and :func:`pairwise_alpha`; the moments they take, from a Gram block (:func:`gram_diagonal`,
-:func:`gram_moments`) or estimated from sampled coordinates or random projections
-(:func:`estimated_moments`, :func:`estimated_gram`). Every other module calls these.
+:func:`gram_moments`), estimated from sampled coordinates or random projections
+(:func:`estimated_moments`, :func:`estimated_gram`), or of a layer's weights alone from the
+per-parameter moments (:func:`weight_moments`, :func:`weights_m_coherence`). Every other module
+calls these.
 
 The public functions are thin: they document the quantity and pass their arguments to a private
 pure function of the same name (``_alpha``, ...), which does the arithmetic. The scalar quantities
@@ -101,6 +103,35 @@ def _estimated_moments(vectors, weights, inner):
     total = xr.dot(vectors, weights, dim="example", optimize=True)
     return (inner(total, total), xr.dot(inner(vectors, vectors), weights, dim="example"),
             float(weights.sum()))
+
+
+def _weight_mask(ds):
+    import xarray as xr
+
+    from analysis.sources import MODEL
+
+    shapes = {p["name"]: (len(p["shape"]), p["layer"]) for p in ds.attrs["model"]["params"]}
+    layers = [str(v) for v in ds["layer"].values]
+    names = [str(v) for v in ds["param"].values]
+    mask = np.zeros((len(names), len(layers) + 1))
+    for i, name in enumerate(names):
+        ndim, layer = shapes[name]
+        if ndim >= 2:
+            mask[i, layers.index(layer)] = mask[i, -1] = 1.0
+    return xr.DataArray(mask, dims=("param", "layer"), coords={"param": names, "layer": [*layers, MODEL]})
+
+
+def _weight_moments(ds):
+    import xarray as xr
+
+    from analysis.sources import layer_moments
+
+    mask = _weight_mask(ds)
+    out = {"m": layer_moments(ds, "exact")["m"]}
+    for name in ("norm_sq_of_sum", "sum_of_norm_sq"):
+        summed = xr.dot(ds[f"param_{name}"].astype(np.float64), mask, dim="param")
+        out[name] = summed.transpose("step", "sample", "layer")
+    return xr.Dataset(out)
 
 
 def _estimated_gram(vectors, dim, layers):
@@ -336,6 +367,58 @@ def estimated_gram(vectors, dim: str, layers=None):
     return _estimated_gram(vectors, dim, layers)
 
 
+#: the stored variables the weights-only quantities read (``docs/store-format.md``, per-parameter moments)
+PARAM_MOMENTS = ("param_norm_sq_of_sum", "param_sum_of_norm_sq")
+
+
+def has_param_moments(ds) -> bool:
+    """Whether ``ds`` holds the per-parameter moments (stores written before them do not)."""
+    return all(name in ds.variables for name in PARAM_MOMENTS) and "param" in ds.variables
+
+
+def weight_moments(ds):
+    r"""``m``, ``norm_sq_of_sum``, ``sum_of_norm_sq`` of each layer's **weights** alone (no biases).
+
+    The weights of a layer are its parameters of dimension ≥ 2 (the shapes in the run's ``model``
+    attribute: ``Linear``/``Conv`` weights, embeddings); parameters of dimension ≤ 1 (biases,
+    BatchNorm/LayerNorm scales and shifts) are left out. Parameter blocks are disjoint, so the
+    weights' moments are sums of the stored per-parameter moments over those parameters:
+    ||Σ_i g_{W,i}||² = Σ_{p ∈ W} ||Σ_i g_{p,i}||² and Σ_i ||g_{W,i}||² = Σ_{p ∈ W} Σ_i ||g_{p,i}||²,
+    as Making Coherence plots per-layer m-coherence of the weights.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A run with ``param_norm_sq_of_sum`` and ``param_sum_of_norm_sq`` (step, sample, param).
+
+    Returns
+    -------
+    xarray.Dataset
+        (step, sample, layer), the whole model's weights appended as layer ``(model)``; lazy. A
+        layer without weights has both sums 0, so its weights-only quantities are NaN.
+
+    Raises
+    ------
+    StoreError
+        If the run has no per-parameter moments (written before they were recorded).
+    """
+    from analysis.sources import require
+
+    require(ds, [*PARAM_MOMENTS, "param"], "weights-only coherence")
+    return _weight_moments(ds)
+
+
+def weights_m_coherence(ds):
+    r"""m-coherence of each layer's weights alone, ||Σ_i g_{W,i}||² / Σ_i ||g_{W,i}||².
+
+    :func:`m_coherence` of :func:`weight_moments` (weights: parameters of dimension ≥ 2), per
+    (step, sample, layer) with the whole model's weights as layer ``(model)``; NaN for a layer
+    without weights. Raises :class:`StoreError` for a run without per-parameter moments.
+    """
+    mo = weight_moments(ds)
+    return m_coherence(mo["norm_sq_of_sum"], mo["sum_of_norm_sq"], mo["m"])
+
+
 def coherence(moments, *, source: str = "exact"):
     """All four coherence quantities from a Dataset of moments.
 
@@ -389,10 +472,16 @@ def _coherence_plots(results, folder):
     return files
 
 
-@metric("coherence", inputs=("moments",), tables={"coherence": ("source", "step", "sample", "layer")},
+@metric("coherence", inputs=("moments",), tables={"coherence": ("source", "step", "sample", "layer"),
+                                                  "weights_coherence": ("step", "sample", "layer")},
         plot=_coherence_plots)
 def coherence_metric(ctx):
-    """alpha, m-coherence, gradient diversity per (source, step, sample, layer): exact and every estimate."""
+    """alpha, m-coherence, gradient diversity per (source, step, sample, layer): exact and every estimate.
+
+    With per-parameter moments in the store, also ``weights_m_coherence`` (step, sample, layer):
+    the exact m-coherence of each layer's weights alone (:func:`weights_m_coherence`), in the table
+    ``weights_coherence``; without them (stores written before), a note says it was left out.
+    """
     import xarray as xr
 
     from analysis import sources
@@ -402,4 +491,11 @@ def coherence_metric(ctx):
     out = xr.concat(per_source, "source", join="outer", combine_attrs="drop").assign_coords(source=found)
     for name in out.data_vars:
         out[name].attrs["source"] = "see the source dimension: exact = stored moments, else an estimate"
+    if has_param_moments(ctx.ds):
+        out["weights_m_coherence"] = weights_m_coherence(ctx.ds)
+        out["weights_m_coherence"].attrs.update(
+            source="exact", description="m-coherence of each layer's weights alone (parameters of dimension >= 2)")
+    else:
+        ctx.note("coherence: weights-only m-coherence left out, the store has no per-parameter moments "
+                 "(param_norm_sq_of_sum; stores written before they were recorded)")
     return out

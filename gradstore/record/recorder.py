@@ -252,7 +252,7 @@ class Recorder:
             train_label=train_label, coord_layer=coord_layer, coord_param=coord_param, coord_index=coord_index,
             n_proj=n_proj, projection_seed=projection_seed if n_proj else None, gram=gram, dtype=dtype,
             compression=compression, task=self.task.name, correct=self.task.correct_kind,
-            task_options=self.task.describe(), measurement=measurement)
+            task_options=self.task.describe(), measurement=measurement, param_moments=True)
         self.step_capture = StepCapture(self.layout, self.task, train, test, moments, autocast=autocast, mode=mode,
                                         dropout_seed=dropout_seed, moments_chunk=moments_chunk)
         self.writer = self._open_writer(target, model, config=config, seeds=seeds, overwrite=overwrite, resume=resume,

@@ -8,7 +8,9 @@ it, so one process and a process group run the same code:
 - Σ g over a tracked sample is reduced in float64 *before* the per-example pass when there are
   several processes, so ``dot_with_sum`` dots with the sum over the whole sample (one process gets
   it from the same pass);
-- the moments (m, Σ g, Σ ||g||²) are sums, reduced in float64;
+- the moments (m, Σ g, Σ ||g||²) are sums, reduced in float64; per layer, and per parameter when the
+  layout stores them (``param_norm_sq_of_sum``, ``param_sum_of_norm_sq``: the same sums before they
+  are added over a layer's parameters);
 - the per-example arrays are gathered to rank 0, which alone gets the step's arrays;
 - Gram blocks need every pair of examples, so rank 0 computes them over the whole tracked sample.
 
@@ -187,8 +189,9 @@ class StepCapture:
         if reducer.size > 1:  # the ranks agree, or all stop with the same line
             reducer.check_in(CAPTURE, step, **self.header(model))
         lay = self.layout
-        nl = len(lay.layers)
+        nl, n_param = len(lay.layers), len(lay.params)
         m, norm_sq_of_sum, sum_of_norm_sq = (np.zeros((len(SAMPLES), nl)) for _ in range(3))
+        param_nss, param_sns = (np.zeros((len(SAMPLES), n_param)) for _ in range(2))
         parts, gathered = [], None
         for row, (sample, offset) in enumerate(((self.train, 0), (self.test, lay.n_train))):
             if sample is None:
@@ -201,17 +204,21 @@ class StepCapture:
                 pieces = [p for p in gathered if p is not None]
                 merged = {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
                 m[row] = len(sample)
-                norm_sq_of_sum[row] = self._by_layer_sq(total)
+                param_nss[row] = self._by_param_sq(total)
+                norm_sq_of_sum[row] = self._by_layer(param_nss[row])
                 sum_of_norm_sq[row] = merged["sq_norm"].sum(axis=0)
+                param_sns[row] = merged.pop("param_sq_norm").sum(axis=0)
                 parts.append(merged)
         if self.moments is not None:
             moments = self._moments(model, step, reducer)
             if moments is not None:
-                m[2], norm_sq_of_sum[2], sum_of_norm_sq[2] = moments
+                m[2], norm_sq_of_sum[2], sum_of_norm_sq[2], param_nss[2], param_sns[2] = moments
         if gathered is None:
             return None
         out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         out.update(m=m, norm_sq_of_sum=norm_sq_of_sum, sum_of_norm_sq=sum_of_norm_sq)
+        if lay.param_moments:
+            out.update(param_norm_sq_of_sum=param_nss, param_sum_of_norm_sq=param_sns)
         if lay.gram:
             out["gram"] = self._gram(model, step)
         return out
@@ -289,6 +296,8 @@ class StepCapture:
             "loss": _np(res.losses),
             "sq_norm": np.stack([_np(sq[layer]) for layer in lay.layers], axis=1),
             "dot_with_sum": np.stack([_np(dots[layer]) for layer in lay.layers], axis=1),
+            # ||g_i||² per parameter (example, param), summed over the sample in __call__, never stored
+            "param_sq_norm": np.stack([_np(res.sq_norms[name]) for name, _, _ in lay.params], axis=1),
         }
         if lay.correct is not None:
             correct = self.task.correct(res.outputs, targets)
@@ -303,19 +312,26 @@ class StepCapture:
             part["grad_proj"] = np.stack([_np(proj[layer], lay.dtype) for layer in lay.layers], axis=1)
         return part
 
-    def _by_layer_sq(self, flat) -> list[float]:
-        """||Σ g||² per layer from the flat float64 Σ g (parameter blocks add)."""
-        acc = dict.fromkeys(self.layout.layers, 0.0)
-        start = 0
-        for name, shape, layer in self.layout.params:
+    def _by_param_sq(self, flat) -> list[float]:
+        """||Σ g||² of each parameter (``layout.params`` order) from the flat float64 Σ g."""
+        out, start = [], 0
+        for _, shape, _ in self.layout.params:
             size = int(np.prod(shape, dtype=np.int64))
             block = flat[start:start + size]
-            acc[layer] += float((block * block).sum())
+            out.append(float((block * block).sum()))
             start += size
+        return out
+
+    def _by_layer(self, per_param) -> list[float]:
+        """A per-parameter quantity summed over each layer's parameters (parameter blocks add)."""
+        acc = dict.fromkeys(self.layout.layers, 0.0)
+        for (_, _, layer), value in zip(self.layout.params, per_param):
+            acc[layer] += float(value)
         return [acc[layer] for layer in self.layout.layers]
 
     def _moments(self, model, step, reducer):
-        """(m, ||Σ g||², Σ ||g||²) per layer over the moments sample, streamed in chunks; rank 0 only."""
+        """(m, ||Σ g||², Σ ||g||²) per layer, then ||Σ g||² and Σ ||g||² per parameter, over the moments
+        sample, streamed in chunks; rank 0 only."""
         from gradstore.capture import capture, plan
 
         params = plan(model).params
@@ -337,14 +353,9 @@ class StepCapture:
         both = reducer.sum(torch.cat([sums, sq]).cpu())
         if reducer.rank != 0:
             return None
-        total, sq = both[:-len(params)], both[-len(params):]
-        by_layer = dict.fromkeys(self.layout.layers, 0.0)
-        for (name, _), value in zip(params.items(), sq.tolist()):
-            by_layer[self._layer_of(name)] += value
-        return len(sample), self._by_layer_sq(total), [by_layer[layer] for layer in self.layout.layers]
-
-    def _layer_of(self, name: str) -> str:
-        return {n: layer for n, _, layer in self.layout.params}[name]
+        total, sq = both[:-len(params)], both[-len(params):].tolist()
+        param_nss = self._by_param_sq(total)
+        return len(sample), self._by_layer(param_nss), self._by_layer(sq), param_nss, sq
 
     def _gram(self, model, step) -> np.ndarray:
         """Exact per-layer Gram blocks over every tracked example (train then test), one pass."""

@@ -126,6 +126,7 @@ def layout_from_store(group: zarr.Group, attrs: dict, name: str) -> RunLayout:
             correct=_correct_kind(group),
             task_options=dict(attrs.get("task_options", {})),
             measurement=attrs.get("measurement"),
+            param_moments=bool(storage.get("param_moments", False)),  # absent: a store without them
         )
     except (KeyError, TypeError) as exc:
         raise StoreError(f"{name!r} is damaged: root attributes are incomplete ({exc!r})") from exc

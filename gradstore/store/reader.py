@@ -12,7 +12,7 @@ from gradstore.store._root import check_steps, located_problems, open_committed
 from gradstore.store.schema import AUX_COORDS, array_specs
 
 #: index coordinates, loaded eagerly (small)
-_INDEX = ("step", "example", "example_", "layer", "sample", "coord", "proj")
+_INDEX = ("step", "example", "example_", "layer", "sample", "coord", "proj", "param")
 #: attributes that describe the on-disk state rather than the run
 _INTERNAL_ATTRS = ("coordinates", "static_crc32c", "writer")
 #: arrays of the integrity protocol, not of the run
@@ -37,7 +37,8 @@ def open_run(target, *, storage_options: dict | None = None, skip_steps=()) -> x
     -------
     xarray.Dataset
         Dimensions ``step`` (committed steps only), ``example``, ``layer``, ``sample`` and, when
-        recorded, ``coord``, ``proj``, ``example_``. Per-step variables are lazy dask arrays with
+        recorded, ``coord``, ``proj``, ``example_``, ``param`` (per-parameter moments, stores
+        with ``storage.param_moments``; older stores lack them). Per-step variables are lazy dask arrays with
         one chunk per stored chunk (one step per chunk for ``grad_coords``, ``grad_proj``,
         ``gram``). Run attributes (``config``, ``model``, ``seeds``...) are in ``attrs``.
 

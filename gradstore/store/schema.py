@@ -43,7 +43,11 @@ TASK_NAMES = ("classification", "sequence", "regression", "custom")
 CORRECT_KINDS = ("bool", "fraction")
 
 #: static coordinates attached to ``example`` and ``coord`` (listed in the root ``coordinates`` attr)
-AUX_COORDS = ("true_label", "train_label", "corrupt", "split", "coord_layer", "coord_param", "coord_index")
+AUX_COORDS = ("true_label", "train_label", "corrupt", "split", "coord_layer", "coord_param", "coord_index",
+              "param_layer")
+
+#: the per-parameter coherence moments (dims (step, sample, param)), stored when ``RunLayout.param_moments``
+PARAM_MOMENTS = ("param_norm_sq_of_sum", "param_sum_of_norm_sq")
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,10 @@ class RunLayout:
         How gradients were measured, ``{"mode": "eval" | "train", "bn_priming": ...}`` (root
         attribute ``measurement``, written by the Recorder); None: not recorded (a writer that does
         not know, or a store written before it was recorded), and the attribute is left out.
+    param_moments : bool, default False
+        Also store the coherence moments of every parameter, :data:`PARAM_MOMENTS` (step, sample,
+        param), with the static ``param`` and ``param_layer`` arrays (``storage.param_moments``; the
+        Recorder stores them). False: a store without them, as every store written before them.
     """
 
     layers: tuple[str, ...]
@@ -138,6 +146,7 @@ class RunLayout:
     correct: str | None = "bool"
     task_options: dict = field(default_factory=dict)
     measurement: dict | None = None
+    param_moments: bool = False
 
     def __post_init__(self):
         ids = np.asarray(self.example_ids)
@@ -178,6 +187,15 @@ class RunLayout:
             raise StoreError(f"task must be one of {TASK_NAMES}, got {self.task!r}")
         if self.correct is not None and self.correct not in CORRECT_KINDS:
             raise StoreError(f"correct must be one of {CORRECT_KINDS} or None, got {self.correct!r}")
+        object.__setattr__(self, "param_moments", bool(self.param_moments))
+        if self.param_moments:
+            names = [n for n, _, _ in self.params]
+            if not names or len(set(names)) != len(names):
+                raise StoreError(f"per-parameter moments need unique parameter names, got {names[:5]}")
+            stray = sorted({la for _, _, la in self.params} - set(self.layers))
+            if stray:
+                raise StoreError(f"per-parameter moments: parameters name layers {stray[:5]} that are not in "
+                                 f"layers; give every parameter's owning layer")
 
     @property
     def n_example(self) -> int:
@@ -197,7 +215,8 @@ class RunLayout:
     def storage_description(self) -> dict:
         """JSON description of the storage options stored as the root attribute ``storage``."""
         return {"dtype": self.dtype, "compression": self.compression, "n_train": self.n_train,
-                "n_proj": self.n_proj, "gram": self.gram, "checksums": self.checksums}
+                "n_proj": self.n_proj, "gram": self.gram, "checksums": self.checksums,
+                "param_moments": self.param_moments}
 
     def task_attrs(self) -> dict:
         """The root attributes that say what the run measures: ``task``, ``task_options``, ``measurement``."""
@@ -249,6 +268,12 @@ def array_specs(layout: RunLayout) -> dict[str, ArraySpec]:
     specs.append(ArraySpec("nonfinite", ("step",), "bool", (STEP_BLOCK,)))
     for name in ("m", "norm_sq_of_sum", "sum_of_norm_sq"):
         specs.append(ArraySpec(name, ("step", "sample", "layer"), "float64", (STEP_BLOCK, ns, nl)))
+    if layout.param_moments:
+        n_param = len(layout.params)
+        specs += [ArraySpec("param", ("param",), "str", (n_param,)),
+                  ArraySpec("param_layer", ("param",), "str", (n_param,))]
+        for name in PARAM_MOMENTS:
+            specs.append(ArraySpec(name, ("step", "sample", "param"), "float64", (STEP_BLOCK, ns, n_param)))
     specs.append(ArraySpec("loss", ("step", "example"), "float64", (_steps(n * 8), n)))
     if layout.correct == "bool":
         specs.append(ArraySpec("correct", ("step", "example"), "bool", (_steps(n), n)))
@@ -293,7 +318,7 @@ def every_array_name() -> frozenset[str]:
     """Every array name a run of any layout may hold (what ``overwrite`` may delete)."""
     full = RunLayout(layers=("a",), params=(("a.w", (1,), "a"),), example_ids=np.arange(1), n_train=1,
                      coord_layer=("a",), coord_param=("a.w",), coord_index=np.zeros(1, np.int64), n_proj=1,
-                     projection_seed=0, gram=True)
+                     projection_seed=0, gram=True, param_moments=True)
     return frozenset(array_specs(full))
 
 
@@ -301,5 +326,5 @@ def static_shape(spec: ArraySpec, layout: RunLayout) -> tuple[int, ...]:
     """Shape of ``spec`` for a run of ``layout`` with zero steps."""
     sizes = {"step": 0, "example": layout.n_example, "example_": layout.n_example,
              "layer": len(layout.layers), "sample": len(SAMPLES), "coord": layout.n_coord,
-             "proj": layout.n_proj, DIGESTED: len(digested_arrays(layout)) if DIGESTED in spec.dims else 0}
+             "proj": layout.n_proj, "param": len(layout.params), DIGESTED: len(digested_arrays(layout)) if DIGESTED in spec.dims else 0}
     return tuple(sizes[d] for d in spec.dims)

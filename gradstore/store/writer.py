@@ -41,12 +41,12 @@ from gradstore.store._integrity import DIGEST, DIGESTED, crc32_of, damage_messag
 from gradstore.store._lock import WriterLock, holder, object_lock
 from gradstore.store._root import (CREATING, check_arrays, check_steps, layout_from_store, missing_chunks, open_root,
                                    with_step_numbers)
-from gradstore.store.schema import (AUX_COORDS, COMMITTED, SAMPLES, SCHEMA_VERSION, RunLayout, array_specs,
-                                    digested_arrays, every_array_name, static_shape)
+from gradstore.store.schema import (AUX_COORDS, COMMITTED, PARAM_MOMENTS, SAMPLES, SCHEMA_VERSION, RunLayout,
+                                    array_specs, digested_arrays, every_array_name, static_shape)
 from gradstore.store.verify import check_step
 
 #: arrays checked for NaN/inf to set the per-step ``nonfinite`` flag
-_GRADIENT_STATS = ("m", "norm_sq_of_sum", "sum_of_norm_sq", "sq_norm", "dot_with_sum",
+_GRADIENT_STATS = ("m", "norm_sq_of_sum", "sum_of_norm_sq", *PARAM_MOMENTS, "sq_norm", "dot_with_sum",
                    "grad_coords", "grad_proj", "gram")
 _SCALARS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc")
 #: zarr runtime option: write every chunk, even one of fill values, so a missing chunk is damage
@@ -121,8 +121,9 @@ class RunWriter:
     """
 
     def __init__(self, store, group: zarr.Group, layout: RunLayout, name: str, attrs: dict,
-                 lock: WriterLock | None):
+                 lock: WriterLock | None, *, ignored: tuple[str, ...] = ()):
         self._store = store
+        self._ignored = frozenset(ignored)  # optional arrays a store created without them does not take
         self.layout = layout
         self.name = name
         self._lock = lock
@@ -139,7 +140,7 @@ class RunWriter:
     def append_step(self, step: int, *, loss, sq_norm, dot_with_sum, m, norm_sq_of_sum,
                     sum_of_norm_sq, correct=None, lr=math.nan, train_loss=math.nan, train_acc=math.nan,
                     test_loss=math.nan, test_acc=math.nan, grad_coords=None, grad_proj=None,
-                    gram=None) -> int:
+                    gram=None, param_norm_sq_of_sum=None, param_sum_of_norm_sq=None) -> int:
         """Write one captured step and commit it.
 
         Parameters
@@ -158,6 +159,11 @@ class RunWriter:
         grad_coords : array, dims (example, coord), required when the layout has coordinates
         grad_proj : array, dims (example, layer, proj), required when the layout has projections
         gram : array, dims (layer, example, example_), required when the layout has Gram blocks
+        param_norm_sq_of_sum, param_sum_of_norm_sq : array, dims (sample, param)
+            ||Σ g||² and Σ ||g||² of each parameter (``layout.params`` order), required when the
+            layout has ``param_moments``. A run created without them and resumed with a layout that
+            has them keeps its own layout: they are not stored (the store says so,
+            ``storage.param_moments`` false).
 
         Returns
         -------
@@ -172,12 +178,13 @@ class RunWriter:
                              f"{self.name!r}; steps must increase")
         given = dict(loss=loss, correct=correct, sq_norm=sq_norm, dot_with_sum=dot_with_sum, m=m,
                      norm_sq_of_sum=norm_sq_of_sum, sum_of_norm_sq=sum_of_norm_sq, grad_coords=grad_coords,
-                     grad_proj=grad_proj, gram=gram, lr=lr, train_loss=train_loss, train_acc=train_acc,
+                     grad_proj=grad_proj, gram=gram, param_norm_sq_of_sum=param_norm_sq_of_sum,
+                     param_sum_of_norm_sq=param_sum_of_norm_sq, lr=lr, train_loss=train_loss, train_acc=train_acc,
                      test_loss=test_loss, test_acc=test_acc)
         values = {"step": np.int64(step)}
         for key, value in given.items():
             if key not in self._specs:
-                if value is not None:
+                if value is not None and key not in self._ignored:
                     raise StoreError(f"{key} was given but the run {self.name!r} does not record it; "
                                      f"create the run with it enabled")
                 continue
@@ -448,6 +455,9 @@ def _create(store, layout: RunLayout, name: str, *, config, seeds, code, lock) -
         static["proj"] = np.arange(layout.n_proj, dtype=np.int64)
     if layout.gram:
         static["example_"] = layout.example_ids
+    if layout.param_moments:
+        static.update(param=np.array([p for p, _, _ in layout.params], dtype=object),
+                      param_layer=np.array([la for _, _, la in layout.params], dtype=object))
     if layout.checksums:
         static[DIGESTED] = np.array(digested_arrays(layout), dtype=object)
     for key, value in static.items():
@@ -490,7 +500,9 @@ def _resume(store, path: Path | None, layout: RunLayout, name: str, lock) -> Run
         arr = arrays[key]
         if spec.per_step and arr.shape[0] != committed:  # the one uncommitted step
             arr.resize((committed,) + tuple(arr.shape[1:]))
-    return RunWriter(store, group, stored, name, attrs, lock)
+    # a run created before per-parameter moments (or without them) keeps its layout when resumed
+    ignored = PARAM_MOMENTS if layout.param_moments and not stored.param_moments else ()
+    return RunWriter(store, group, stored, name, attrs, lock, ignored=ignored)
 
 
 def _check_match(stored: RunLayout, new: RunLayout, name: str) -> None:
@@ -513,6 +525,8 @@ def _check_match(stored: RunLayout, new: RunLayout, name: str) -> None:
         refuse("the projection (dimension or seed)")
     if stored.gram != new.gram:
         refuse("whether Gram blocks are stored")
+    if stored.param_moments and not new.param_moments:
+        refuse("whether per-parameter moments are stored (the run stores them)")
     if stored.measurement is not None and stored.measurement != new.measurement:
         refuse(f"the measurement ({stored.measurement} stored, {new.measurement} given)")
     if stored.dtype != new.dtype:
