@@ -159,6 +159,9 @@ def summarise(model_name: str, noise: float, result, res, steps_per_epoch: int) 
         row[f"{key}_m"] = int(res["m"].sel(sample=sample, layer=MODEL_LAYER).values[0])
         row[f"{key}_initial"], row[f"{key}_final"] = float(mc[0]), float(mc[-1])
         row[f"{key}_peak"], row[f"{key}_peak_step"] = float(mc[k]), int(steps[k])
+        weights = _curve(res, sample, weights=True)
+        if weights is not None and np.isfinite(weights).any():  # the whole model's weights alone (issue 15)
+            row[f"{key}_weights_peak"] = float(np.nanmax(weights))
     return row
 
 
@@ -215,7 +218,8 @@ def summary_figure(models, noise_levels, results: dict, path: Path) -> None:
 
 def figure_1(model_name: str, noise_levels, results: dict, histories: dict, steps_per_epoch: int, path: Path) -> None:
     """Making Coherence Fig. 1's rows for one model: train loss, accuracy (train solid, test dashed), and
-    m-coherence of the whole model and of the first, a middle and the last layer (lines at 1 and m);
+    m-coherence of the whole model and of the first, a middle and the last layer (lines at 1 and m),
+    solid, with the m-coherence of the weights alone (no biases) dashed where the store has it;
     the first epoch (left) and the rest (right); a colour per noise level."""
     from analysis.plots import save
 
@@ -238,6 +242,9 @@ def figure_1(model_name: str, noise_levels, results: dict, histories: dict, step
             keep = (steps >= lo) & ((steps <= hi) if hi is not None else True)
             for row, layer in enumerate(rows[2:], start=2):
                 axes[row][col].plot(steps[keep], _curve(res, layer=layer)[keep], color=f"C{k}")
+                weights = _curve(res, layer=layer, weights=True)
+                if weights is not None and np.isfinite(weights[keep]).any():
+                    axes[row][col].plot(steps[keep], weights[keep], color=f"C{k}", ls="--", lw=0.9)
         for row, layer in enumerate(rows[2:], start=2):
             ax = axes[row][col]
             ax.axhline(1, color="grey", ls="--", lw=0.8)
@@ -249,7 +256,7 @@ def figure_1(model_name: str, noise_levels, results: dict, histories: dict, step
     axes[0][0].set_ylabel("train loss")
     axes[1][0].set_ylabel("accuracy (train solid, test dashed)", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{model_name}: m-coherence (lines at 1 and m = {m})")
+    fig.suptitle(f"{model_name}: m-coherence, solid; of the weights alone, dashed (lines at 1 and m = {m})")
     save(fig, path, dpi=100)
 
 
@@ -290,7 +297,8 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
         dump_json(path, rows)
     report = build_report(config, ctx, rows, results, mnist)
     report.figures[:0] = [(f"{m}: Fig. 1's rows (loss, accuracy, m-coherence of the whole model and of the first, a "
-                           f"middle and the last layer), first epoch and after", f"figure_1_{m}.png")
+                           f"middle and the last layer, solid; of their weights alone, dashed), first epoch and after",
+                           f"figure_1_{m}.png")
                           for m in config["models"]]
     return Outcome(report, claim_inputs(config, results, all_kinds, rows), mnist.source)
 
@@ -298,7 +306,12 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
 run = bind(__name__)
 
 
-def _curve(res, sample: str = "tracked_train", layer: str = MODEL_LAYER):
+def _curve(res, sample: str = "tracked_train", layer: str = MODEL_LAYER, *, weights: bool = False):
+    """m-coherence against step; ``weights``: of the layer's weights alone (None for a store without it)."""
+    if weights:
+        if "weights_m_coherence" not in res:
+            return None
+        return res["weights_m_coherence"].sel(sample=sample, layer=layer).values
     return res["m_coherence"].sel(sample=sample, layer=layer).values
 
 
@@ -348,12 +361,13 @@ def build_report(config, ctx: Context, rows, results, mnist) -> Report:
     )
     report = Report("Coherence evolution (Making Coherence Out of Nothing At All)", intro)
     header = ["model", "noise", "train acc", "test acc", "train m", "train m-coh step 0", "train peak", "peak step",
-              "train last", "test m", "test m-coh step 0", "test peak", "test peak step", "test last"]
+              "train last", "train peak, weights only", "test m", "test m-coh step 0", "test peak", "test peak step",
+              "test last"]
     nan = float("nan")
     report.tables.append(("Whole-model m-coherence per model and noise level", header, [
         [r["model"], f"{r['noise']:.0%}", r["train_acc"], r["test_acc"], r.get("train_m", 0),
          r.get("train_initial", nan), r.get("train_peak", nan), r.get("train_peak_step", "–"), r.get("train_final", nan),
-         r.get("test_m", 0), r.get("test_initial", nan), r.get("test_peak", nan), r.get("test_peak_step", "–"),
+         r.get("train_weights_peak", nan), r.get("test_m", 0), r.get("test_initial", nan), r.get("test_peak", nan), r.get("test_peak_step", "–"),
          r.get("test_final", nan)] for r in rows]))
     report.figures.append(("Whole-model m-coherence against step (solid: training sample, dashed: held-out test "
                            "sample), log-log, lines at 1 and m", "m_coherence.png"))
@@ -361,7 +375,9 @@ def build_report(config, ctx: Context, rows, results, mnist) -> Report:
                         f"held-out test samples", f"layers_{r['model']}_noise-{r['noise']:.2f}.png") for r in rows]
     report.notes += [
         "m-coherence is 1 when the per-example gradients are pairwise orthogonal and m when they are all equal; "
-        "per layer it uses that layer's parameters only.",
+        "per layer it uses that layer's parameters only (weight and bias); *weights only* (Fig. 1 dashed, the "
+        "table's weights-only peak, `weights_coherence.csv`) uses the parameters of dimension >= 2 alone, as Making "
+        "Coherence plots it.",
         "Test examples are scored with their true labels at every noise level; the training sample with its "
         "training labels (random at 100% noise).",
         "Per-run stores, analysis (results.zarr, coherence.csv) and histories are in the MODEL-noise-*/ folders.",

@@ -4,8 +4,10 @@ before the per-parameter moments analyses cleanly, with a note."""
 
 import json
 
+import dask
 import numpy as np
 import pytest
+import xarray as xr
 
 import analysis  # noqa: F401  (registers ds.gs)
 from analysis.output import write_results
@@ -71,13 +73,19 @@ def grads():
     return _gradients(3)
 
 
+def _refuse(*args, **kwargs):
+    raise RuntimeError("a dask computation ran before .compute()")
+
+
 def test_weights_only_m_coherence_is_that_of_the_weights_alone(tmp_path, grads):
-    ds = open_run(_write(tmp_path / "run.zarr", grads, param_moments=True))
-    results = analyze(ds, metrics=("coherence",), n_permutations=0)
-    got = results["weights_m_coherence"]
-    assert got.chunks is not None  # lazy until computed
-    got = got.compute()
-    by_gs = ds.gs.weights_m_coherence().compute()
+    path = _write(tmp_path / "run.zarr", grads, param_moments=True)
+    ds, plain = open_run(path), xr.open_zarr(path)
+    plain.gs.run  # reads the small static metadata, nothing per step
+    with dask.config.set(scheduler=_refuse):  # lazy until computed
+        results = analyze(ds, metrics=("coherence",), n_permutations=0)
+        lazy = plain.gs.weights_m_coherence()
+    got = results["weights_m_coherence"].compute()
+    by_gs = lazy.compute()
     for sample, rows in (("tracked_train", slice(0, N_TRAIN)), ("tracked_test", slice(N_TRAIN, None))):
         for layer, names in (("fc1", ["fc1.weight"]), ("fc2", ["fc2.weight"]),
                              ("(model)", ["fc1.weight", "fc2.weight"])):

@@ -3,10 +3,9 @@ Recorder, against an independent per-example autograd loop (float64, an MLP with
 
 import numpy as np
 import torch
-
-import analysis  # noqa: F401  (registers ds.gs)
 from torch import nn
 
+from analysis.coherence import weights_m_coherence
 from gradstore.record import Recorder
 from gradstore.store import create_run, open_run
 from gradstore.store.schema import PARAM_MOMENTS
@@ -64,7 +63,7 @@ def test_param_moments_equal_a_per_example_loop_and_add_up_to_the_layer_moments(
             summed = got[per_param].groupby("param_layer").sum().rename(param_layer="layer")
             np.testing.assert_allclose(summed.sel(layer=got.layer).values, got[stored].values, rtol=1e-12)
         # weights-only m-coherence (analysis): ||Σ g_W||² / Σ ||g_W||² of the weights alone, no biases
-        weights = ds.gs.weights_m_coherence().sel(step=0, sample=sample)
+        weights = weights_m_coherence(ds).sel(step=0, sample=sample)
         for layer, ws in (("0", ["0.weight"]), ("2", ["2.weight"]), ("(model)", ["0.weight", "2.weight"])):
             want = sum(nss[w] for w in ws) / sum(sns[w] for w in ws)
             np.testing.assert_allclose(float(weights.sel(layer=layer)), want, rtol=1e-10)
@@ -75,6 +74,10 @@ def test_a_store_created_without_param_moments_is_resumed_without_them(tmp_path)
     with _record(tmp_path / "new.zarr", model) as rec:
         layout = rec.layout
         rec.record_now(0, model)
+    with _record(tmp_path / "new.zarr", model) as rec:  # resumed: still with them
+        rec.record_now(1, model)
+    resumed = open_run(tmp_path / "new.zarr")
+    assert resumed.sizes["step"] == 2 and (resumed["param_sum_of_norm_sq"].values > 0).all()
     old = layout.replace(param_moments=False)  # what a store written before them holds
     values = open_run(tmp_path / "new.zarr").isel(step=0).load()
     with create_run(tmp_path / "old.zarr", old) as writer:
