@@ -14,7 +14,7 @@ from zarr.core.sync import sync
 from gradstore.errors import StoreError
 from gradstore.store import _location
 from gradstore.store._integrity import Problem, damage_message, expected_chunks
-from gradstore.store.schema import COMMITTED, SCHEMA_VERSION, RunLayout, array_specs, static_shape
+from gradstore.store.schema import COMMITTED, READABLE_SCHEMAS, RunLayout, array_specs, static_shape
 
 #: root attribute present while a run is being created (removed when creation completes)
 CREATING = "gradstore_creating"
@@ -49,9 +49,12 @@ def open_root(store, name: str, *, writable: bool = False) -> tuple[zarr.Group, 
             raise StoreError(f"{name!r} is a run whose creation was interrupted (no steps); record it again")
         raise StoreError(f"{name!r} is a zarr group but not a gradstore run (no 'gradstore_schema' attribute)")
     version = attrs["gradstore_schema"]
-    if version != SCHEMA_VERSION:
-        raise StoreError(f"{name!r} uses gradstore store schema {version!r}; this gradstore reads schema "
-                         f"{SCHEMA_VERSION} only; use the gradstore version that wrote it")
+    if version not in READABLE_SCHEMAS:
+        raise StoreError(f"{name!r} uses gradstore store schema {version!r}; this gradstore reads schemas "
+                         f"{', '.join(map(str, READABLE_SCHEMAS))} only; use the gradstore version that wrote it")
+    if version == 2 and isinstance(attrs.get("storage"), dict) and attrs["storage"].get("param_moments"):
+        raise StoreError(f"{name!r} is damaged: schema 2 has no per-parameter moments, but its 'storage' "
+                         "attribute says it stores them")
     committed = attrs.get(COMMITTED)
     if not isinstance(committed, int) or isinstance(committed, bool) or committed < 0:
         raise StoreError(f"{name!r} is damaged: root attribute {COMMITTED!r} is {committed!r}, not a count")

@@ -14,8 +14,11 @@ import numpy as np
 from gradstore.errors import StoreError
 from gradstore.store._integrity import DIGEST, DIGESTED
 
-#: version of the on-disk layout; a reader refuses any other value
-SCHEMA_VERSION = 2
+#: version of the on-disk layout new stores are written with (docs/store-format.md, "Versioning"):
+#: 3 adds the per-parameter moments (``storage.param_moments``) to 2
+SCHEMA_VERSION = 3
+#: versions this gradstore reads (and appends to, keeping the store's own version); others are refused
+READABLE_SCHEMAS = (2, 3)
 
 #: root attribute holding the number of committed steps (written last by every append)
 COMMITTED = "committed_steps"

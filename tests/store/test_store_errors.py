@@ -54,8 +54,19 @@ def test_zarr_array_at_root(tmp_path):
 
 
 def test_unknown_schema_version(run):
-    _edit_root(run, gradstore_schema=3)
-    with pytest.raises(StoreError, match="schema 3; this gradstore reads schema 2 only"):
+    _edit_root(run, gradstore_schema=4)
+    with pytest.raises(StoreError, match="schema 4; this gradstore reads schemas 2, 3 only"):
+        open_run(run)
+
+
+def test_schema_2_stores_are_read(run):
+    """Schema 3 adds the optional per-parameter moments to 2: a store of version 2 (none stored)
+    reads as before; one claiming them is refused as damaged."""
+    storage = json.loads((run / "zarr.json").read_text())["attributes"]["storage"]
+    _edit_root(run, gradstore_schema=2, storage={**storage, "param_moments": False})
+    assert open_run(run).attrs["gradstore_schema"] == 2
+    _edit_root(run, gradstore_schema=2, storage={**storage, "param_moments": True})
+    with pytest.raises(StoreError, match="schema 2 has no per-parameter moments"):
         open_run(run)
 
 
@@ -110,7 +121,7 @@ def test_inspect_summary(run, capsys):
     assert "examples   10: 7 train (1 corrupt), 3 test" in out
     assert "layers     2: fc1, fc2" in out
     assert "recorded   coords 5, projection dim 4 (seed 11), gram yes" in out
-    assert "schema     2" in out and "disk " in out
+    assert "schema     3" in out and "disk " in out
 
 
 def test_inspect_exit_2_one_line(tmp_path):

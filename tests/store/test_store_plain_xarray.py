@@ -35,7 +35,7 @@ def test_plain_xarray_reads_the_store_without_gradstore(tmp_path, layout):
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     ds = open_run(tmp_path / "run.zarr")
-    assert got["schema"] == 2 and got["step"] == [0, 5]
+    assert got["schema"] == 3 and got["step"] == [0, 5]
     # xarray.open_datatree sees the same root dataset, plus the integrity arrays gradstore hides
     assert got["tree_sizes"] == {**ds.sizes, "stored": len(got["stored"])}
     assert got["dims"].pop("step_crc32c") == ["step", "stored"] and got["dims"].pop("stored") == ["stored"]

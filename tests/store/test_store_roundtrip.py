@@ -51,7 +51,7 @@ def test_round_trip_every_array(tmp_path, layout):
     assert ds.grad_proj.dims == ("step", "example", "layer", "proj")
     assert ds.gram.dims == ("step", "layer", "example", "example_")
     np.testing.assert_array_equal(ds.example_.values, layout.example_ids)
-    assert ds.attrs["gradstore_schema"] == 2
+    assert ds.attrs["gradstore_schema"] == 3
     assert ds.attrs["config"] == {"lr": 0.1, "model": "tiny"}
     assert ds.attrs["seeds"] == {"train": 0}
     assert ds.attrs["projection_seed"] == 11
