@@ -290,6 +290,7 @@ def _worker(index: int, size: int, rendezvous: str, key: bytes, device: str, thr
     _init(index + 1, size, rendezvous, key)
     try:
         serve(device)
+        dist.barrier()  # with rank 0's, after its close: no rank tears its group down under a peer's traffic
     except GradstoreError as err:  # e.g. a message that failed authentication: one line, exit 2
         print(f"gradstore: error: capture worker {index + 1}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -349,6 +350,8 @@ def _group(nproc: int, rendezvous: str, device: str, threads: int):
         try:
             if ok:
                 stop_workers()
+                dist.barrier()  # every worker has left serve(): then all tear down (a gloo peer torn
+                dist.destroy_process_group()  # down mid-traffic aborts: "terminate called without ...")
                 while not context.join(timeout=60):
                     pass
         finally:

@@ -69,12 +69,16 @@ def analyze(store: str, out: Path | None, metrics: str, nulls: int, seed: int, s
     check_null_memory(nulls, ds.sizes["example"])
     plan = prepare(ds, metrics=chosen, n_permutations=nulls, seed=seed, snapshot=snapshot,
                    pair_source=pairwise_source, max_pair_examples=pair_examples)
-    for note in plan.attrs["notes"]:
-        click.echo(f"{store}: {note}", err=True)
     what = (f"{store}: {ds.sizes['step']} steps, {ds.sizes['example']} examples, "
             f"{ds.sizes['layer']} layers; computing {', '.join(plan.attrs['metrics'])}")
+
+    def announce():  # once connected: an unreachable scheduler is the only line
+        for note in plan.attrs["notes"]:
+            click.echo(f"{store}: {note}", err=True)
+        click.echo(what, err=True)
+
     results = _compute(plan, scheduler, steps_per_batch, null_distributions=null_distributions, retries=retries,
-                       announce=lambda: click.echo(what, err=True))
+                       announce=announce)
     if skipped:
         results.attrs["skipped_steps"] = list(skipped)
     files = write_results(results, out)
