@@ -34,8 +34,9 @@ CONNECT_TIMEOUT = 5
                    "[default: gram if stored, else grad_coords, else grad_proj].")
 @click.option("--scheduler", type=SchedulerAddress(), default=None, metavar="ADDRESS",
               help="dask.distributed scheduler address (e.g. tcp://host:8786); default: local threads.")
-@click.option("--steps-per-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Steps computed together; peak memory grows with it, not with the run's length.")
+@click.option("--steps-per-batch", type=click.IntRange(min=1), default=None,
+              help="Steps per compute (peak memory is about one batch) [default: 8 on local threads; on a "
+                   "cluster, its number of worker threads: each worker then holds about one step]")
 @click.option("--skip-damaged", is_flag=True,
               help="Leave out the steps that fail verification (named in the output) instead of refusing the store.")
 @click.option("--pair-examples", type=click.IntRange(min=2), default=MAX_PAIR_EXAMPLES, show_default=True,
@@ -99,7 +100,11 @@ def _default_out(store: str) -> Path:
     return path.with_name(path.name + ".analysis")
 
 
-def _compute(plan, scheduler: str | None, steps_per_batch: int = 8, *, null_distributions: bool = True,
+#: steps per compute on local threads (threads share one process's memory; fewer was slower here)
+LOCAL_STEPS_PER_BATCH = 8
+
+
+def _compute(plan, scheduler: str | None, steps_per_batch: int | None = None, *, null_distributions: bool = True,
              retries: int = 2, announce=None):
     """Compute ``plan`` (:func:`analysis.report.prepare`) in step batches (bounded memory) with a
     progress bar, locally or on the cluster of ``scheduler`` (its dashboard link printed, failed
@@ -111,11 +116,15 @@ def _compute(plan, scheduler: str | None, steps_per_batch: int = 8, *, null_dist
         return tqdm(batches, desc=f"steps ({steps_per_batch} per batch)", unit="batch", file=sys.stderr)
 
     if scheduler is None:
+        steps_per_batch = steps_per_batch or LOCAL_STEPS_PER_BATCH
         announce()
         return plan.compute(steps_per_batch=steps_per_batch, progress=bar, null_distributions=null_distributions)
     with connect(scheduler) as client:  # the default scheduler while open: every .compute() runs on the cluster
         announce()
         workers = client.scheduler_info().get("workers", {})
+        # one step per worker thread a batch (docs/benchmarks.md, Analysis): at 8, a worker held several
+        # step chunks at once and its peak grew with the run (+17 % over 16x the steps), at 2 it did not
+        steps_per_batch = steps_per_batch or max(1, sum(w.get("nthreads", 1) for w in workers.values()))
         click.echo(f"Dask cluster at {scheduler}: {len(workers)} workers; dashboard {client.dashboard_link}",
                    err=True)
         return plan.compute(steps_per_batch=steps_per_batch, progress=bar, null_distributions=null_distributions,
