@@ -8,6 +8,19 @@ import click
 from pipelines.cli.options import NonEmptyPath, check_device, check_out, data_dir_option, device_option
 
 
+def _names(text: str) -> tuple:
+    """The items of a comma-separated option, stripped, empty ones dropped."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _ints(text: str, hint: str) -> tuple:
+    """A comma-separated option of integers; click's one-line error naming ``hint`` otherwise."""
+    try:
+        return tuple(int(item) for item in _names(text))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=hint) from None
+
+
 @click.group()
 def bench() -> None:
     """Speed and memory benchmarks (figures for docs/benchmarks.md)."""
@@ -97,11 +110,8 @@ def analysis(examples: int, layers: int, base_steps: int, factors: str, nulls: i
 
     if workdir is not None:
         check_out(workdir, "--workdir")
-    try:
-        steps = tuple(int(f) for f in factors.split(",") if f.strip())
-    except ValueError:
-        raise click.BadParameter(f"{factors!r} is not a comma-separated list of integers", param_hint="--factors")
-    chosen = tuple(c.strip() for c in cases.split(",") if c.strip())
+    steps = _ints(factors, "--factors")
+    chosen = _names(cases)
     if not steps or not chosen or set(chosen) - {"threads", "cluster", "pairwise"}:
         raise click.BadParameter("give at least one factor and cases from threads, cluster, pairwise",
                                  param_hint="--cases")
@@ -136,13 +146,10 @@ def record(models: str, ms: str, steps: int, every: int, batch_size: int, rounds
     """Recorder overhead per step of a user's training loop: idle schedule check, capture, background write."""
     from pipelines.bench.record import MODELS, markdown, run
 
-    chosen = tuple(name.strip() for name in models.split(",") if name.strip())
+    chosen = _names(models)
     if not chosen or set(chosen) - set(MODELS):
         raise click.BadParameter(f"give models from {', '.join(MODELS)}", param_hint="--models")
-    try:
-        sizes = tuple(int(s) for s in ms.split(",") if s.strip())
-    except ValueError:
-        raise click.BadParameter(f"{ms!r} is not a comma-separated list of integers", param_hint="--m")
+    sizes = _ints(ms, "--m")
     if not sizes or min(sizes) < 2:
         raise click.BadParameter("give at least one m, each >= 2", param_hint="--m")
     if every >= steps:
