@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ddp_helpers import assert_same_store, tiny_data, tiny_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -19,21 +20,11 @@ from gradstore.record.messages import seal_parts, set_group_key, unseal_parts
 from gradstore.store import open_run
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
 def _train(target, model, rank=0, size=1, **options):
     """Three captured steps with two SGD steps on global batches of 8 between them."""
-    x, y = _data(16, 0)
-    xt, yt = _data(3, 1)
-    xm, ym = _data(11, 2)
+    x, y = tiny_data(16, 0)
+    xt, yt = tiny_data(3, 1)
+    xm, ym = tiny_data(11, 2)
     net = DistributedDataParallel(model) if size > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     rec = Recorder(target, net, train_inputs=x[:7], train_targets=y[:7], train_ids=np.arange(7), test_inputs=xt,
@@ -52,7 +43,7 @@ def _rank(rank, size, rendezvous, key, target):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
     set_group_key(key)
     try:
-        _train(target, _model(), rank, size, reducer=ProcessGroupReducer())
+        _train(target, tiny_model(), rank, size, reducer=ProcessGroupReducer())
         dist.barrier()  # every rank's collectives done before the group is torn down (gloo aborted once without)
     finally:
         set_group_key(None)
@@ -62,7 +53,7 @@ def _rank(rank, size, rendezvous, key, target):
 @pytest.mark.slow  # two spawned processes importing torch: ~40 s on 2 shared cores
 def test_ddp_ranks_capture_their_shards_and_rank_0_writes_the_single_process_store(tmp_path, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    _train(str(tmp_path / "one.zarr"), _model())
+    _train(str(tmp_path / "one.zarr"), tiny_model())
     mp.spawn(_rank, args=(2, str(tmp_path / "rendezvous"), secrets.token_bytes(32), str(tmp_path / "two.zarr")),
              nprocs=2, join=True)
     one, two = open_run(tmp_path / "one.zarr").load(), open_run(tmp_path / "two.zarr").load()
@@ -96,14 +87,7 @@ def test_torchrun_writes_the_store_one_process_writes(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
     one, two = (open_run(tmp_path / name / "store.zarr").load() for name in runs)
     assert one.step.values.tolist() == two.step.values.tolist() == [0, 2, 4]
-    for name in one.variables:
-        a, b = one[name].values, two[name].values
-        if a.dtype.kind == "f":
-            # 1e-4 relative; values that cancel to near 0 (a dot product) to 1e-6 of the array's scale
-            scale = float(np.abs(a[np.isfinite(a)]).max()) if np.isfinite(a).any() else 0.0
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale, equal_nan=True, err_msg=name)
-        else:
-            np.testing.assert_array_equal(b, a, err_msg=name)
+    assert_same_store(two, one)
 
 
 class _CreatesFile:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ddp_helpers import tiny_data, tiny_model
 from torch import nn
 
 from gradstore.errors import GradstoreError
@@ -60,20 +61,10 @@ def test_headers_that_agree_pass_and_every_disagreement_is_named():
 
 
 # ---------------------------------------------------------------- two processes
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
 def _recorder(target, model, *, n_train=7, reducer=None, **options):
-    x, y = _data(16, 0)
-    xt, yt = _data(3, 1)
-    xm, ym = _data(11, 2)
+    x, y = tiny_data(16, 0)
+    xt, yt = tiny_data(3, 1)
+    xm, ym = tiny_data(11, 2)
     return Recorder(target, model, train_inputs=x[:n_train], train_targets=y[:n_train], train_ids=np.arange(n_train),
                     test_inputs=xt, test_targets=yt, test_ids=[20, 21, 22], moments_inputs=xm, moments_targets=ym,
                     coords_per_layer=options.pop("coords_per_layer", 4), n_proj=3,
@@ -82,7 +73,7 @@ def _recorder(target, model, *, n_train=7, reducer=None, **options):
 
 def _sgd(model):
     """The same full-batch step on every rank (so the ranks' weights stay equal without DDP)."""
-    x, y = _data(16, 0)
+    x, y = tiny_data(16, 0)
     grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
     with torch.no_grad():
         for p, g in zip(model.parameters(), grads):
@@ -116,30 +107,30 @@ def _mismatches(rank, size, rendezvous, root):
     _join(rank, size, rendezvous)
     root, results = Path(root), {}
 
-    with _recorder(str(root / "steps.zarr"), _model(), background=False) as rec:  # (a) rank 1 at another step
-        rec.record_now(0, _model())
-        _attempt(results, "steps", lambda: rec.record_now(1 if rank == 0 else 2, _model()))
+    with _recorder(str(root / "steps.zarr"), tiny_model(), background=False) as rec:  # (a) rank 1 at another step
+        rec.record_now(0, tiny_model())
+        _attempt(results, "steps", lambda: rec.record_now(1 if rank == 0 else 2, tiny_model()))
     # (b) another tracked-sample size on rank 1; (c) other coordinates; (d) other weights
-    _attempt(results, "sizes", lambda: _recorder(str(root / "sizes.zarr"), _model(), n_train=7 if rank == 0 else 6))
-    _attempt(results, "config", lambda: _recorder(str(root / "config.zarr"), _model(),
+    _attempt(results, "sizes", lambda: _recorder(str(root / "sizes.zarr"), tiny_model(), n_train=7 if rank == 0 else 6))
+    _attempt(results, "config", lambda: _recorder(str(root / "config.zarr"), tiny_model(),
                                                   coords_per_layer=4 if rank == 0 else 3))
-    other = _model()
+    other = tiny_model()
     if rank == 1:
         with torch.no_grad():
             other[0].weight[0, 0] += 1e-3
     _attempt(results, "weights", lambda: _recorder(str(root / "weights.zarr"), other))
     # (e) rank 1 skips a capture and never comes: rank 0 waits TIMEOUT, then stops with the rank named
-    rec = _recorder(str(root / "skip.zarr"), _model(), background=False)
+    rec = _recorder(str(root / "skip.zarr"), tiny_model(), background=False)
     if rank == 0:
-        _attempt(results, "skip", lambda: rec.record_now(0, _model()))
-        _attempt(results, "after", lambda: rec.record_now(1, _model()))
+        _attempt(results, "skip", lambda: rec.record_now(0, tiny_model()))
+        _attempt(results, "after", lambda: rec.record_now(1, tiny_model()))
     else:
         time.sleep(TIMEOUT + 1)
     rec.close()
     # (f) the other way round, on a new group (another timeout): rank 0 never comes, rank 1 names it
-    rec = _recorder(str(root / "skip0.zarr"), _model(), background=False, reducer=ProcessGroupReducer(timeout=3.0))
+    rec = _recorder(str(root / "skip0.zarr"), tiny_model(), background=False, reducer=ProcessGroupReducer(timeout=3.0))
     if rank == 1:
-        _attempt(results, "skip0", lambda: rec.record_now(0, _model()))
+        _attempt(results, "skip0", lambda: rec.record_now(0, tiny_model()))
     else:
         time.sleep(4.0)
     rec.close()
@@ -164,7 +155,7 @@ def _dies(rank, size, rendezvous, root):
     import torch.distributed as dist
 
     _join(rank, size, rendezvous)
-    root, results, model = Path(root), {}, _model()
+    root, results, model = Path(root), {}, tiny_model()
     reducer = _DiesInStep2(timeout=TIMEOUT) if rank == 1 else ProcessGroupReducer(timeout=TIMEOUT)
     reducer.marker = root / "died-at"
 
@@ -256,7 +247,7 @@ def test_a_rank_dying_mid_capture_stops_the_other_and_leaves_only_committed_step
     assert two.step.values.tolist() == [0, 1]  # step 1's background write finished; step 2 never began
 
     # the same run in one process, all four steps: the independent reference
-    model = _model()
+    model = tiny_model()
     with _recorder(str(tmp_path / "one.zarr"), model, reducer=LocalReducer()) as rec:
         for step in range(4):
             rec.record_now(step, model, lr=0.3)
@@ -265,7 +256,7 @@ def test_a_rank_dying_mid_capture_stops_the_other_and_leaves_only_committed_step
     _close(two, one.isel(step=[0, 1]))
 
     # a restart resumes after the last committed step: training replayed, the stored steps skipped
-    model = _model()
+    model = tiny_model()
     with _recorder(str(target), model, reducer=LocalReducer(), schedule=Schedule.every(1)) as rec:
         assert rec.committed == 2
         for step in range(4):

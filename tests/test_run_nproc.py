@@ -13,9 +13,9 @@ import json
 import signal
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
+from ddp_helpers import assert_same_store
 
 from gradstore.errors import GradstoreError
 from gradstore.store import open_run
@@ -76,14 +76,7 @@ def _compare_stores(one, two):
     a = open_run(one / "noise-0.50" / "store.zarr").load()
     b = open_run(two / "noise-0.50" / "store.zarr").load()
     assert set(a.variables) == set(b.variables) and b.step.values.tolist() == [0, 1, 3, 6]
-    for name in a.variables:
-        x, y = a[name].values, b[name].values
-        if x.dtype.kind == "f":
-            # 1e-4 relative; values that cancel to near 0 (a dot product) to 1e-6 of the array's scale
-            scale = float(np.abs(x[np.isfinite(x)]).max()) if np.isfinite(x).any() else 0.0
-            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6 * scale, equal_nan=True, err_msg=name)
-        else:
-            np.testing.assert_array_equal(y, x, err_msg=name)
+    assert_same_store(b, a)
     assert (b["sum_of_norm_sq"].values > 0).all()
 
 
