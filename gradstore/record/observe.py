@@ -15,6 +15,7 @@ collectives need.
 from __future__ import annotations
 
 from gradstore.errors import StoreError
+from gradstore.record.recorder import check_on_capture
 from gradstore.store.schema import SAMPLES
 
 
@@ -100,9 +101,7 @@ class TrainerObserver:
     def __init__(self, target, who: str, log_dir, options: dict):
         if "model" in options:
             raise StoreError(f"{who} records the model the trainer trains; do not pass model=")
-        hook = options.get("on_capture")
-        if hook is not None and not callable(hook):
-            raise StoreError(f"on_capture must be a callable on_capture(step, values), got {type(hook).__name__}")
+        check_on_capture(options.get("on_capture"))  # at the callback's construction, before any training
         if log_dir is not None:
             require_tensorboard()
         self.target, self.who, self.log_dir, self.options = target, who, log_dir, dict(options)

@@ -115,6 +115,13 @@ class _Follower:
         pass
 
 
+def check_on_capture(hook):
+    """``hook`` itself if it is None or callable; else a one-line StoreError."""
+    if hook is not None and not callable(hook):
+        raise StoreError(f"on_capture must be a callable on_capture(step, values), got {type(hook).__name__}")
+    return hook
+
+
 class Recorder:
     """Capture per-example gradient statistics of a fixed tracked sample on a schedule.
 
@@ -215,9 +222,7 @@ class Recorder:
         self.schedule = schedule if schedule is not None else Schedule.every(100)
         self.autocast, self.mode = autocast, mode
         self.reducer = reducer if reducer is not None else LocalReducer()
-        if on_capture is not None and not callable(on_capture):
-            raise StoreError(f"on_capture must be a callable on_capture(step, values), got {type(on_capture).__name__}")
-        self.on_capture = on_capture
+        self.on_capture = check_on_capture(on_capture)
         pl = plan(model)
         require_trainable(model, pl)
         if mode == "train":
