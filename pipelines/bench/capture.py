@@ -213,18 +213,7 @@ def _lm_peer(name: str, model, loss_fn, x, y):
         from opacus import GradSampleModule
 
         wrapped = GradSampleModule(peer, loss_reduction="sum", batch_first=True)
-
-        def per_example(xb, yb):
-            wrapped.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus's own hooks
-                loss_fn(wrapped(xb), yb).sum().backward()
-            grads = {k: p.grad_sample for k, p in wrapped.named_parameters()}
-            for p in wrapped.parameters():
-                p.grad_sample = None
-            return grads
-
-        return lambda: _materialized_moments(per_example, x, y, chunk=32)
+        return lambda: _materialized_moments(_opacus_per_example(wrapped, loss_fn), x, y, chunk=32)
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
     wrapped = GradSampleModuleFastGradientClipping(peer, loss_reduction="sum", batch_first=True, max_grad_norm=1e30,
@@ -316,13 +305,16 @@ def _backpack_moments(model, x, y):
     return layers
 
 
-def _opacus_per_example(wrapped):
-    """Opacus GradSampleModule: ``(x, y) ->`` parameter name -> its ``grad_sample`` (n, *shape)."""
+def _opacus_per_example(wrapped, loss_fn=None):
+    """Opacus GradSampleModule: ``(x, y) ->`` parameter name -> its ``grad_sample`` (n, *shape).
+
+    ``loss_fn(outputs, targets)`` gives per-example losses (default: cross entropy), summed."""
     import torch.nn.functional as F
 
     def per_example(x, y):
         wrapped.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(wrapped(x), y, reduction="sum")
+        out = wrapped(x)
+        loss = F.cross_entropy(out, y, reduction="sum") if loss_fn is None else loss_fn(out, y).sum()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus's own hooks
             loss.backward()
