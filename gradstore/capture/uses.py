@@ -260,8 +260,10 @@ class UseTracker(TorchFunctionMode):
     def _param_of(self, value):
         if isinstance(value, torch.Tensor):
             name = self.ids.get(id(value))
-            if name is None and value._is_view() and not self.is_data(value):  # cls.expand(n, ...): data
+            if name is None and value._is_view():
                 name = self.ids.get(id(value._base))
+                if name is not None and self.is_data(value):  # cls.expand(n, ...): a view, but example data
+                    name = None
             return name
         return None
 
