@@ -218,11 +218,49 @@ def conv3d(repeats: int, m: int) -> None:
     _report("conv3d", *_rule_vs_fallback(model, x, y, [nn.Conv3d], repeats))
 
 
+def mha_bias_kv(repeats: int, m: int) -> None:
+    """nn.MultiheadAttention with and without add_bias_kv (bias_k/bias_v tiled over the batch inside
+    F.multi_head_attention_forward, captured by the op rule of the tiling), each against its own
+    plain pass."""
+    import torch
+    from torch import nn
+
+    from gradstore.capture import capture
+
+    d, t = 128, 64
+
+    class Attention(nn.Module):
+        def __init__(self, bias_kv):
+            super().__init__()
+            self.att = nn.MultiheadAttention(d, 4, add_bias_kv=bias_kv, batch_first=True)
+            self.head = nn.Linear(d, 10)
+
+        def forward(self, x):
+            return self.head(self.att(x, x, x, need_weights=False)[0].mean(1))
+
+    def loss_fn(out, targets):
+        return nn.functional.cross_entropy(out, targets, reduction="none")
+
+    x, y = torch.randn(m, t, d), torch.randint(0, 10, (m,))
+    print(f"mha-bias-kv: m = {m}, T = {t}, d = {d}, 4 heads, {torch.get_num_threads()} thread(s)")
+    for bias_kv in (False, True):
+        torch.manual_seed(0)
+        model = Attention(bias_kv).eval()
+
+        def plain():
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).sum().backward()
+
+        med = _median_rounds({"plain": plain, "capture": lambda: capture(model, loss_fn, x, y).sq_norms}, repeats)
+        print(f"add_bias_kv={bias_kv}: plain {med['plain'] * 1e3:.1f} ms; capture {med['capture'] * 1e3:.1f} ms "
+              f"({med['capture'] / med['plain']:.2f}x)")
+
+
 def main(argv=None) -> None:
     import torch
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench.layers", description=__doc__.splitlines()[0])
-    parser.add_argument("case", choices=["gram-form", "lstm", "hf-conv1d", "decoder", "conv3d"])
+    parser.add_argument("case", choices=["gram-form", "lstm", "hf-conv1d", "decoder", "conv3d", "mha-bias-kv"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--m", type=int, default=256)
@@ -235,7 +273,7 @@ def main(argv=None) -> None:
     elif args.case == "lstm":
         lstm(args.repeats, args.m)
     else:
-        {"hf-conv1d": hf_conv1d, "decoder": decoder, "conv3d": conv3d}[args.case](args.repeats, args.m)
+        {"hf-conv1d": hf_conv1d, "decoder": decoder, "conv3d": conv3d, "mha-bias-kv": mha_bias_kv}[args.case](args.repeats, args.m)
 
 
 if __name__ == "__main__":
