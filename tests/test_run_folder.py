@@ -3,7 +3,9 @@ from config values kept inside --out (7), hostile or damaged folders refused in 
 second process resuming at once (20), tracked samples above the data size (22), analysis folders
 written under a temporary name (24), and a full disk (19)."""
 
+import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -65,11 +67,25 @@ def tiny(tmp_path):
     return path
 
 
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory):
+    """One finished tiny label-noise run, made once for the module (each test gets a copy)."""
+    root = tmp_path_factory.mktemp("finished")
+    (root / "tiny.toml").write_text(TINY)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            main(["run", "label-noise", "--quick", "--no-progress", "--out", str(root / "run"),
+                  "--config", str(root / "tiny.toml")])
+        except SystemExit as exc:
+            pytest.fail(f"the tiny run failed ({exc.code}): {err.getvalue()}")
+    return root / "run"
+
+
 @pytest.fixture
-def finished(tmp_path, tiny, capsys):
-    """A finished tiny label-noise run folder."""
+def finished(tmp_path, finished_once):
+    """A finished tiny label-noise run folder of this test's own (a copy of the module's run)."""
     out = tmp_path / "run"
-    assert run_cli(capsys, out, config=tiny)[0] == 0
+    shutil.copytree(finished_once, out, symlinks=True)
     return out
 
 

@@ -67,6 +67,18 @@ def _run(capfd, *args):
     return code, out.out, out.err
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The tiny run in one process (no process group): what the 2-rank runs must reproduce."""
+    root = tmp_path_factory.mktemp("one")
+    config = _config(root)
+    try:
+        main(["run", "label-noise", "--no-progress", "--config", config, "--out", str(root / "one")])
+    except SystemExit as exc:
+        pytest.fail(f"the one-process run failed with exit status {exc.code}")
+    return root / "one"
+
+
 def _history(folder):
     with open(folder / "noise-0.50" / "history.csv") as fh:
         return list(csv.DictReader(fh))
@@ -89,11 +101,10 @@ def _compare_histories(one, two):
     assert float(h1[-1]["train_loss"]) != pytest.approx(float(h1[0]["train_loss"]), rel=1e-3)  # it did train
 
 
-@pytest.mark.slow  # one process, then torchrun with 2 ranks: 25-60 s on 2 shared cores
-def test_two_ranks_write_the_one_process_run_and_both_train(tmp_path, capfd):
+@pytest.mark.slow  # torchrun with 2 ranks (the one-process run is shared): 15-40 s on 2 shared cores
+def test_two_ranks_write_the_one_process_run_and_both_train(tmp_path, capfd, one_process):
     config = _config(tmp_path)
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert _run(capfd, "--config", config, "--out", str(one))[0] == 0
+    one, two = one_process, tmp_path / "two"
     code, out, err = _run(capfd, "--config", config, "--out", str(two), "--nproc", "2")
     assert code == 0, err
     assert f"report: {two / 'report.md'}" in out  # printed by rank 0, not twice
@@ -112,15 +123,14 @@ def test_two_ranks_write_the_one_process_run_and_both_train(tmp_path, capfd):
     assert p2["command"].endswith("--nproc 2") and "--nproc 2" in (two / "report.md").read_text()
 
 
-@pytest.mark.slow  # one process twice, then torchrun with 2 ranks: 20-45 s on 2 shared cores
-def test_a_killed_one_process_run_resumes_on_two_ranks(tmp_path, capfd, monkeypatch):
+@pytest.mark.slow  # one process killed, then torchrun with 2 ranks: 15-40 s on 2 shared cores
+def test_a_killed_one_process_run_resumes_on_two_ranks(tmp_path, capfd, monkeypatch, one_process):
     """Killed after its checkpoint at step 3, a 1-process run continues on 2 ranks from that
     checkpoint (rank 0 sends the other its state) and ends as the uninterrupted run."""
     import pipelines.train
 
     config = _config(tmp_path)
-    one, resumed = tmp_path / "one", tmp_path / "resumed"
-    assert _run(capfd, "--config", config, "--out", str(one))[0] == 0
+    one, resumed = one_process, tmp_path / "resumed"
     save = pipelines.train._save_checkpoint
 
     def killed_after_step_3(path, state):

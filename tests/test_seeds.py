@@ -10,7 +10,7 @@ from scipy.stats import t
 
 from pipelines.cli import main
 
-TINY = """noise_levels = [0.5, 1.0]
+TINY = """noise_levels = [0.5]
 steps = 20
 eval_every = 10
 [capture]

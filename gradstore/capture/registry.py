@@ -50,6 +50,31 @@ Rule = Callable  # (module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> 
 
 _RULES: dict[type, Rule] = {}
 _WANTS_KWARGS: set[int] = set()
+#: rule modules for another package's layers, imported once that package is (see :func:`register_lazy`)
+_LAZY: dict[str, str] = {}
+
+
+def register_lazy(package: str, rules_module: str) -> None:
+    """Register the rules of ``rules_module`` (which imports ``package``) without importing either.
+
+    A module of ``package`` can only be in a model once ``package`` was imported, so the rules are
+    imported the first time a lookup misses while ``package`` is in ``sys.modules`` (or when
+    :func:`registered_types` lists every rule): importing gradstore never imports an optional
+    package (transformers takes 0.7 s to import).
+    """
+    _LAZY[package] = rules_module
+
+
+def _load_lazy(*, installed: bool = False) -> None:
+    """Import the lazy rule modules whose package is imported (``installed``: or importable)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    for package, rules_module in list(_LAZY.items()):
+        if package in sys.modules or (installed and importlib.util.find_spec(package) is not None):
+            del _LAZY[package]
+            importlib.import_module(rules_module)
 
 
 def wants_kwargs(rule: Rule) -> bool:
@@ -108,9 +133,16 @@ def lookup_rule(module_type: type) -> Rule | None:
     for base in module_type.__mro__[1:]:
         if base in _RULES:
             return _RULES[base]
+    if _LAZY:
+        before = len(_RULES)
+        _load_lazy()
+        if len(_RULES) != before:
+            return lookup_rule(module_type)
     return None
 
 
 def registered_types() -> tuple[type, ...]:
-    """The module types that have a rule of their own, in registration order."""
+    """The module types that have a rule of their own, in registration order (the rules of every
+    installed optional package included)."""
+    _load_lazy(installed=True)
     return tuple(_RULES)

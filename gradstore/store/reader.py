@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import dask.array as da
+from typing import TYPE_CHECKING
+
 import numpy as np
-import xarray as xr
 
 from gradstore.errors import StoreError
 from gradstore.store._integrity import DIGEST, DIGESTED, damage_message
 from gradstore.store._root import check_steps, located_problems, open_committed
 from gradstore.store.schema import AUX_COORDS, array_specs
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 #: index coordinates, loaded eagerly (small)
 _INDEX = ("step", "example", "example_", "layer", "sample", "coord", "proj", "param")
@@ -54,6 +57,9 @@ def open_run(target, *, storage_options: dict | None = None, skip_steps=()) -> x
     Steps appended while the dataset is open are not seen; open again to see them. Committed
     steps never change, so a dataset opened during a run stays valid.
     """
+    import dask.array as da  # here, not at import: a writer process never needs them (1 s to import)
+    import xarray as xr
+
     run = open_committed(target, storage_options)
     name, attrs, layout, committed, arrays = run.name, run.attrs, run.layout, run.committed, run.arrays
     skip = {int(i) for i in skip_steps}

@@ -17,6 +17,19 @@ def test_registered_for_conv1d():
     assert lookup_rule(pytorch_utils.Conv1D) is hf.hf_conv1d_rule
 
 
+def test_gradstore_does_not_import_transformers_and_conv1d_still_has_its_rule():
+    """The rule is imported the first time a Conv1D is looked up (transformers imported by then)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gradstore.capture as c, gradstore.store, gradstore.record; "
+            "assert 'transformers' not in sys.modules; "
+            "from transformers.pytorch_utils import Conv1D; "
+            "assert c.lookup_rule(Conv1D).__name__ == 'hf_conv1d_rule'; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
 @settings(max_examples=15, deadline=None)
 @given(m=st.integers(1, 4), t=st.integers(0, 3), nx=st.integers(1, 5), nf=st.integers(1, 5))
 def test_conv1d_shapes(m, t, nx, nf):

@@ -5,8 +5,8 @@ i = input feature, o = output feature. With layer input a (n,t,i) and output gra
 weight g_n[i, o] = sum_t a[n,t,i] b[n,t,o] (Outer: L = a, R = b -- nn.Linear's factor with the sides
 swapped, as the weight is stored transposed); bias g_n[o] = sum_t b[n,t,o] (Dense).
 
-Importing this module imports ``transformers.pytorch_utils``; :mod:`gradstore.capture.rules`
-imports it only when transformers is installed (an optional dependency).
+Importing this module imports ``transformers.pytorch_utils``; the registry imports it only once
+transformers is imported (``register_lazy`` in :mod:`gradstore.capture.rules`).
 """
 
 from __future__ import annotations
