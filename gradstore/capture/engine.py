@@ -386,14 +386,18 @@ def capture(
                 factor = factors.get(name)
                 if factor is None:  # parameter did not influence the loss
                     factor = factors[name] = Dense(param.new_zeros((m, *param.shape)))
-                total = None
-                if needs_total:
-                    total = sums[name] if name in sums else factor.sum()
+                total = norms = None
+                if needs_total and name in sums:
+                    total = sums[name]
+                elif needs_total and sq_norms:  # both from one pass where that is cheaper
+                    total, norms = factor.sum_and_sq_norms()
+                elif needs_total:
+                    total = factor.sum()
                 if grad_sum:
                     result.grad_sum[name] = total
                 vector = total if dot_with == "sum" else (dot_with or {}).get(name)
                 _quantities(result, name, param, factor, sq_norms=sq_norms, coords=coords,
-                            projection=projection, gram=gram, vector=vector, grads=grads)
+                            projection=projection, gram=gram, vector=vector, grads=grads, norms=norms)
                 if not verify:
                     del factors[name]
 
@@ -509,10 +513,10 @@ def _reaches(node, below: dict, outputs: set, asked_ids: set) -> bool:
     return below[node]
 
 
-def _quantities(result, name, param, factor, *, sq_norms, coords, projection, gram, vector, grads):
+def _quantities(result, name, param, factor, *, sq_norms, coords, projection, gram, vector, grads, norms=None):
     with torch.no_grad():
         if sq_norms:
-            result.sq_norms[name] = factor.sq_norms()
+            result.sq_norms[name] = factor.sq_norms() if norms is None else norms
         if name in coords:
             result.coords[name] = factor.coords(coords[name])
         if projection is not None:

@@ -34,9 +34,20 @@ import torch.nn.functional as F
 BLOCK_ELEMENTS = 1 << 24
 
 
-def _blocks(n: int, per_example: int):
-    """Slices of ``range(n)`` whose blocks hold at most ``BLOCK_ELEMENTS`` intermediate elements."""
-    size = max(1, BLOCK_ELEMENTS // max(1, per_example))
+#: Blocks of materialized gradients in :meth:`Outer.sum_and_sq_norms` stay this small (cache-sized:
+#: the block is summed and reduced right after it is formed).
+JOINT_BLOCK_ELEMENTS = 1 << 20
+
+#: :meth:`Outer.sum_and_sq_norms` materializes when the Gram form's t²(r + c) per example exceeds
+#: this many multiples of t·r·c (the per-example products' cost, over the one weight-gradient
+#: product they replace); measured by ``python -m pipelines.bench.layers joint-form``.
+JOINT_BREAK_EVEN = 0.6
+
+
+def _blocks(n: int, per_example: int, limit: int | None = None):
+    """Slices of ``range(n)`` whose blocks hold at most ``limit`` (default ``BLOCK_ELEMENTS``)
+    intermediate elements."""
+    size = max(1, (BLOCK_ELEMENTS if limit is None else limit) // max(1, per_example))
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
 
@@ -163,6 +174,10 @@ class Dense:
         flat = self._flat()
         return flat @ flat.T
 
+    def sum_and_sq_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_n g_n, ||g_n||²) together (see :meth:`Outer.sum_and_sq_norms`)."""
+        return self.sum(), self.sq_norms()
+
     def dots(self, v: torch.Tensor) -> torch.Tensor:
         """(n,) g_n · v for ``v`` of the parameter's shape."""
         return self._flat() @ v.reshape(-1).to(self.g.dtype)
@@ -254,6 +269,44 @@ class Outer:
             out = right.new_zeros(self.left.size, right.shape[-1])
             return out.index_add_(0, self.left.index.reshape(-1), right.reshape(-1, right.shape[-1])).reshape(self.shape)
         return torch.einsum("ntgr,ntgc->grc", self.left, right).reshape(self.shape)
+
+    def _joint_materialize_cheaper(self) -> bool:
+        """With Σ_n g_n wanted too, materializing g_n in blocks gives both from one product.
+
+        Apart: Σ g is one weight-gradient product (t·r·c per example) and ||g_n||² costs the Gram
+        form's t²(r + c), or a second t·r·c where materializing is cheaper anyway. Together: the
+        per-example products, t·r·c, in place of the weight-gradient product (a batched product
+        of small matrices runs slower than one large one, which ``JOINT_BREAK_EVEN`` prices), and
+        Σ g from the blocks (r·c per example). Never for t = 1 (the norms are then products of
+        the sides' norms) nor for a one-hot side (its Σ g is a scatter of n·t rows).
+        """
+        t, _, r, c = self._dims
+        if t == 1 or isinstance(self.left, OneHot):
+            return False
+        return t * (r + c) > JOINT_BREAK_EVEN * r * c
+
+    def sum_and_sq_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_n g_n, (n,) ||g_n||²) from one pass where that is cheaper than :meth:`sum` and
+        :meth:`sq_norms` apart (:meth:`_joint_materialize_cheaper`): g_n materialized in
+        cache-sized blocks, each reduced to its norms and added to the sum at once."""
+        if not self._joint_materialize_cheaper():
+            return self.sum(), self.sq_norms()
+        _, h, r, c = self._dims
+        if self.n == 0:
+            return self.sum(), self.right.new_zeros(0)
+        total, norms, buffer = None, [], None
+        for rows in _blocks(self.n, h * r * c, JOINT_BLOCK_ELEMENTS):
+            size = rows.stop - rows.start
+            if h == 1:  # one buffer for every block: fresh large tensors cost page faults (2x here)
+                if buffer is None:
+                    buffer = self.right.new_empty(size, r, c)
+                g = torch.bmm(self.left[rows, :, 0].transpose(1, 2), self.right[rows, :, 0], out=buffer[:size])
+            else:
+                g = self.materialize(rows)
+            g = g.reshape(size, -1)
+            norms.append(_sq_rows(g))
+            total = g.sum(0) if total is None else total.add_(g.sum(0))
+        return total.reshape(self.shape), torch.cat(norms)
 
     def sq_norms(self) -> torch.Tensor:
         """(n,) ||g_n||², by the Gram form sum_ts (L_t·L_s)(R_t·R_s) or by materializing."""
@@ -480,6 +533,9 @@ class Sum:
         for item in self.items[1:]:
             out = out + item.sum()
         return out
+
+    def sum_and_sq_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sum(), self.sq_norms()
 
     def sq_norms(self) -> torch.Tensor:
         out = self.items[0].sq_norms()

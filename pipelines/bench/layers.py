@@ -8,6 +8,12 @@ variant once, interleaved):
   materializing g_n, over t at fixed r = c, with the same einsums the factor uses; prints the
   time of each and the ratio t(r + c)/(rc) the rule compares with 1. ``--quantity gram``: the
   (n, n) Gram block instead (pairs of examples: Σ_ts (L_nt·L_ms)(R_nt·R_ms) against G Gᵀ).
+* ``joint-form`` -- Σ_n g_n and ||g_n||² together (what exact m-coherence needs) of
+  g_n = Σ_t L_t R_tᵀ: apart (one weight-gradient product for the sum, the Gram form or
+  materializing for the norms, as :class:`~gradstore.capture.factors.Outer` picks) against
+  materializing g_n in cache-sized blocks and reducing each block to both
+  (``Outer.sum_and_sq_norms``), over t and the layer shapes of the language-model benchmark;
+  prints the ratio t²(r + c)/(t·r·c) the rule compares with ``JOINT_BREAK_EVEN``.
 * ``lstm`` -- an LSTM classifier on MNIST-shaped rows (28 steps of 28 features, hidden 128, a
   linear head on the last state; random inputs): a plain forward+backward against per-example
   ||g_n||² of every parameter. Through ``capture`` when the engine takes the LSTM's tuple output;
@@ -74,6 +80,43 @@ def gram_form(repeats: int, width: int, n: int, quantity: str) -> None:
         ratio = t * 2 * width / (width * width)
         faster = "gram" if med["gram"] < med["mat"] else "materialize"
         print(f"{t:<4} {ratio:<12.3f} {med['gram'] * 1e3:<13.3f} {med['mat'] * 1e3:<15.3f} {faster}")
+
+
+def joint_form(repeats: int, n: int) -> None:
+    import torch
+
+    from gradstore.capture import factors
+
+    print(f"joint-form: sum_n g_n and ||g_n||^2 of g_n = sum_t L_t R_t^T, n = {n}, "
+          f"{torch.get_num_threads()} thread(s); the rule materializes where ratio > {factors.JOINT_BREAK_EVEN}")
+    print("r    c    t    t(r+c)/(rc)  apart ms  joint ms  faster  rule picks")
+    gen = torch.Generator().manual_seed(0)
+    for r, c in ((128, 128), (384, 128), (512, 128), (128, 512), (256, 128), (64, 64)):
+        for t in (2, 4, 8, 16, 32, 64, 128):
+            left = torch.randn(n, t, 1, r, generator=gen)
+            right = torch.randn(n, t, 1, c, generator=gen)
+            f = factors.Outer(left, right, (r, c))
+
+            def joint():
+                before = factors.JOINT_BREAK_EVEN
+                factors.JOINT_BREAK_EVEN = 0.0  # the joint form, whatever the rule picks
+                try:
+                    return f.sum_and_sq_norms()
+                finally:
+                    factors.JOINT_BREAK_EVEN = before
+
+            def apart():
+                return f.sum(), f.sq_norms()
+
+            (s1, n1), (s2, n2) = apart(), joint()
+            torch.testing.assert_close(s2, s1, rtol=1e-3, atol=1e-3 * float(s1.abs().max()))
+            torch.testing.assert_close(n2, n1, rtol=1e-3, atol=0.0)
+            med = _median_rounds({"apart": apart, "joint": joint}, repeats)
+            ratio = t * (r + c) / (r * c)
+            picks = "joint" if f._joint_materialize_cheaper() else "apart"
+            faster = "joint" if med["joint"] < med["apart"] else "apart"
+            print(f"{r:<4} {c:<4} {t:<4} {ratio:<12.3f} {med['apart'] * 1e3:<9.2f} {med['joint'] * 1e3:<9.2f} "
+                  f"{faster:<7} {picks}")
 
 
 def lstm(repeats: int, m: int) -> None:
@@ -260,7 +303,7 @@ def main(argv=None) -> None:
     import torch
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench.layers", description=__doc__.splitlines()[0])
-    parser.add_argument("case", choices=["gram-form", "lstm", "hf-conv1d", "decoder", "conv3d", "mha-bias-kv"])
+    parser.add_argument("case", choices=["gram-form", "joint-form", "lstm", "hf-conv1d", "decoder", "conv3d", "mha-bias-kv"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--m", type=int, default=256)
@@ -270,6 +313,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args.case == "gram-form":
         gram_form(args.repeats, args.width, args.m, args.quantity)
+    elif args.case == "joint-form":
+        joint_form(args.repeats, args.m)
     elif args.case == "lstm":
         lstm(args.repeats, args.m)
     else:

@@ -30,6 +30,8 @@ def check_factors(factors, ref: dict, *, rtol: float, seed: int = 0, k: int = 3)
             "materialize": (factor.materialize(), flat),
             "sum": (factor.sum(), g.sum(0)),
             "sq_norms": (factor.sq_norms(), (flat * flat).sum(1)),
+            "sum_and_sq_norms": (torch.cat([t.reshape(-1) for t in factor.sum_and_sq_norms()]),
+                                 torch.cat([g.sum(0).reshape(-1), (flat * flat).sum(1)])),
             "gram": (factor.gram(), flat @ flat.T),
             "dots": (factor.dots(v), flat @ v.reshape(-1)),
             "coords": (factor.coords(coords), flat[:, coords]),

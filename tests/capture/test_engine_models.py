@@ -400,3 +400,24 @@ def test_a_rule_modules_parameter_used_inside_its_child_is_refused():
         capture(model, sq_loss, torch.randn(M, 4, dtype=torch.float64), torch.randn(M, 2, dtype=torch.float64))
     message = str(info.value)
     assert "'0.weight'" in message and "'0.helper'" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("break_even", [0.0, float("inf")])
+@pytest.mark.parametrize("t, r, c, groups", [(1, 5, 3, 1), (7, 5, 3, 1), (4, 6, 2, 3), (0, 4, 4, 1)])
+def test_sum_and_sq_norms_take_either_form_exactly(monkeypatch, break_even, t, r, c, groups):
+    """Σ g and ||g_n||² from one pass of blocks (blocks of 2 examples here) or apart: both equal the
+    materialized gradients' (float64), whichever form the rule picks."""
+    from gradstore.capture import factors
+
+    monkeypatch.setattr(factors, "JOINT_BREAK_EVEN", break_even)
+    monkeypatch.setattr(factors, "JOINT_BLOCK_ELEMENTS", 2 * groups * r * c)
+    gen = torch.Generator().manual_seed(t + r)
+    n = 5
+    left = torch.randn(n, t, groups, r, generator=gen, dtype=torch.float64)
+    right = torch.randn(n, t, groups, c, generator=gen, dtype=torch.float64)
+    factor = Outer(left, right, (groups * r, c))
+    g = torch.einsum("ntgr,ntgc->ngrc", left, right).reshape(n, -1)
+    total, norms = factor.sum_and_sq_norms()
+    assert factor._joint_materialize_cheaper() == (t > 1 and break_even == 0.0)
+    torch.testing.assert_close(total.reshape(-1), g.sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norms, (g * g).sum(1), rtol=1e-12, atol=1e-12)
