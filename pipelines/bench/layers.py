@@ -14,6 +14,10 @@ variant once, interleaved):
   materializing g_n in cache-sized blocks and reducing each block to both
   (``Outer.sum_and_sq_norms``), over t and the layer shapes of the language-model benchmark;
   prints the ratio t²(r + c)/(t·r·c) the rule compares with ``JOINT_BREAK_EVEN``.
+* ``lm-joint`` -- the language models of ``gradstore bench capture --only lm`` (m sequences of
+  T = 64 stdlib bytes, 2 threads unless ``--threads``): exact m-coherence moments
+  (``coherence_moments``) with the joint form on and off (``JOINT_BREAK_EVEN`` = its value / ∞),
+  each paired with a plain forward+backward, pairs interleaved; medians of the CPU-time ratios.
 * ``lstm`` -- an LSTM classifier on MNIST-shaped rows (28 steps of 28 features, hidden 128, a
   linear head on the last state; random inputs): a plain forward+backward against per-example
   ||g_n||² of every parameter. Through ``capture`` when the engine takes the LSTM's tuple output;
@@ -117,6 +121,47 @@ def joint_form(repeats: int, n: int) -> None:
             faster = "joint" if med["joint"] < med["apart"] else "apart"
             print(f"{r:<4} {c:<4} {t:<4} {ratio:<12.3f} {med['apart'] * 1e3:<9.2f} {med['joint'] * 1e3:<9.2f} "
                   f"{faster:<7} {picks}")
+
+
+def lm_joint(repeats: int, m: int) -> None:
+    import statistics
+
+    import torch
+
+    from gradstore.capture import coherence_moments, factors
+    from pipelines.bench.capture import LM, _gpt2_model, _lm_model, _sequence_loss, _text_windows
+
+    x, y, _ = _text_windows(m, LM["t"], "cpu")
+    on = factors.JOINT_BREAK_EVEN
+    print(f"lm-joint: m = {m}, T = {LM['t']}, {torch.get_num_threads()} thread(s), {repeats} interleaved pairs; "
+          f"ratio = capture / plain forward+backward (CPU time), joint form off (break-even inf) and on ({on})")
+    print("case     off    on     on: min-max")
+    for kind in ("untied", "tied", "encoder", "gpt2"):
+        model = (_gpt2_model() if kind == "gpt2" else _lm_model(kind)).eval()
+
+        def plain():
+            model.zero_grad(set_to_none=True)
+            _sequence_loss(model(x), y).sum().backward()
+
+        def ours():
+            return coherence_moments(model, _sequence_loss, x, y, chunk_size=m)
+
+        plain(), ours()
+        ratios = {"off": [], "on": []}
+        try:
+            for _ in range(repeats):
+                for name, value in (("off", float("inf")), ("on", on)):
+                    factors.JOINT_BREAK_EVEN = value
+                    start = time.process_time()
+                    plain()
+                    p = time.process_time() - start
+                    start = time.process_time()
+                    ours()
+                    ratios[name].append((time.process_time() - start) / p)
+        finally:
+            factors.JOINT_BREAK_EVEN = on
+        med = {k: statistics.median(v) for k, v in ratios.items()}
+        print(f"{kind:<8} {med['off']:<6.3f} {med['on']:<6.3f} {min(ratios['on']):.2f}-{max(ratios['on']):.2f}")
 
 
 def lstm(repeats: int, m: int) -> None:
@@ -303,7 +348,7 @@ def main(argv=None) -> None:
     import torch
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench.layers", description=__doc__.splitlines()[0])
-    parser.add_argument("case", choices=["gram-form", "joint-form", "lstm", "hf-conv1d", "decoder", "conv3d", "mha-bias-kv"])
+    parser.add_argument("case", choices=["gram-form", "joint-form", "lm-joint", "lstm", "hf-conv1d", "decoder", "conv3d", "mha-bias-kv"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--m", type=int, default=256)
@@ -315,6 +360,8 @@ def main(argv=None) -> None:
         gram_form(args.repeats, args.width, args.m, args.quantity)
     elif args.case == "joint-form":
         joint_form(args.repeats, args.m)
+    elif args.case == "lm-joint":
+        lm_joint(args.repeats, args.m)
     elif args.case == "lstm":
         lstm(args.repeats, args.m)
     else:

@@ -174,10 +174,19 @@ def test_cli_hugging_face_gpt2():
 
 @pytest.mark.parametrize("argv", [["gram-form", "--m", "2", "--width", "4", "--repeats", "1"],
                                   ["lstm", "--m", "2", "--repeats", "1"], ["decoder", "--m", "2", "--repeats", "1"],
-                                  ["mha-bias-kv", "--m", "2", "--repeats", "1"]])
+                                  ["mha-bias-kv", "--m", "2", "--repeats", "1"],
+                                  ["joint-form", "--m", "2", "--repeats", "1"]])
 def test_layer_benchmarks_run(argv, capsys):
     """The benchmark cases of docs/layers.md still run (tiny sizes; no timing is asserted)."""
     from pipelines.bench.layers import main
 
     main([*argv, "--threads", str(torch.get_num_threads())])  # leave the process's thread count as it is
     assert " ms" in capsys.readouterr().out
+
+
+def test_the_joint_form_benchmark_runs_every_language_model(capsys):
+    from pipelines.bench.layers import main
+
+    main(["lm-joint", "--m", "2", "--repeats", "1", "--threads", str(torch.get_num_threads())])
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["untied", "tied", "encoder", "gpt2"]
