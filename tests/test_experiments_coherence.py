@@ -177,8 +177,9 @@ def test_coherence_evolution_quick_outputs(coherence_run):
     assert "## Claims tested" in report and "real labels" in report and "rises from a low start" in report
     assert "starts high" not in report and report.startswith("**Not at the paper's settings:**")
     for name in ("m_coherence.png", "layers_cnn-bn_noise-0.00.png", "layers_cnn-bn_noise-1.00.png", "summary.csv",
-                 "figure_1_cnn-bn.png", "claims.json", "provenance.json"):
+                 "figure_1_cnn-bn.png", "figure_5_cnn-bn.png", "claims.json", "provenance.json"):
         assert (out / name).exists(), name
+    assert "figure_5_cnn-bn.png" in report
     evidence = json.loads((out / "claims.json").read_text())
     assert {"rises", "slope_falls", "peak_real", "train_over_test", "conv_over_fc"} <= set(evidence)
     # one seed: these curve statistics have no within-run test, so they are inconclusive, not read descriptively
@@ -320,3 +321,18 @@ def test_primed_capture_leaves_training_unchanged(tmp_path, mnist_subset):
     assert recorder.committed == 3
     for key, value in plain.items():
         assert torch.equal(value, watched[key]), key
+
+
+def test_alpha_parts_are_the_numerator_and_denominator_of_the_analysed_m_coherence(coherence_run):
+    """Fig. 5's curves, from the raw store, times m are the m-coherence the analysis computed."""
+    from pipelines.experiments.coherence_evolution import alpha_parts
+
+    out = coherence_run
+    parts = alpha_parts(out / "cnn-bn-noise-1.00" / "store.zarr")
+    table = [r for r in _read_csv(out / "cnn-bn-noise-1.00" / "analysis" / "coherence.csv")
+             if r["sample"] == "tracked_train" and r["layer"] == "(model)" and r["source"] == "exact"]
+    by_step = {int(r["step"]): float(r["m_coherence"]) for r in table}
+    assert sorted(by_step) == parts["step"].tolist()
+    assert (parts["mean_gradient_sq"] > 0).all() and (parts["mean_sq_norm"] > 0).all()
+    got = 100 * parts["mean_gradient_sq"] / parts["mean_sq_norm"]  # m = 100 tracked examples
+    np.testing.assert_allclose(got, [by_step[s] for s in parts["step"]], rtol=1e-9)

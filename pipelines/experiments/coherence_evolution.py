@@ -216,6 +216,38 @@ def summary_figure(models, noise_levels, results: dict, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
+def alpha_parts(store: Path, sample: str = "tracked_train") -> dict[str, np.ndarray]:
+    """The numerator and denominator of alpha of the whole model against step, from the raw store:
+    ``mean_gradient_sq`` = ||E g||² = ||Σ g||²/m² and ``mean_sq_norm`` = E||g||² = Σ||g||²/m (each
+    summed over the layers, whose parameter blocks are disjoint); alpha is their ratio."""
+    from analysis.report import open_store
+
+    ds = open_store(store).sel(sample=sample)
+    m = ds["m"].max("layer").values.astype(np.float64)
+    return {"step": ds["step"].values,
+            "mean_gradient_sq": ds["norm_sq_of_sum"].sum("layer").values / m ** 2,
+            "mean_sq_norm": ds["sum_of_norm_sq"].sum("layer").values / m}
+
+
+def figure_5(model_name: str, noise_levels, parts: dict, path: Path) -> None:
+    """Making Coherence Fig. 5: the numerator ||E g||² and the denominator E||g||² of alpha of the
+    whole model against step (log-log), a colour per noise level, tracked training sample."""
+    from analysis.plots import save
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    for k, noise in enumerate(noise_levels):
+        part = parts[(model_name, noise)]
+        steps = np.maximum(part["step"], 0.5)
+        axes[0][0].plot(steps, part["mean_gradient_sq"], color=f"C{k}", label=f"{noise:.0%} noise")
+        axes[0][1].plot(steps, part["mean_sq_norm"], color=f"C{k}")
+    for ax, what in zip(axes[0], ("numerator ||E g||²", "denominator E||g||²")):
+        ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)", title=f"alpha's {what}")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{model_name}: alpha = ||E g||² / E||g||² of the whole model, training sample")
+    save(fig, path, dpi=110)
+
+
 def figure_1(model_name: str, noise_levels, results: dict, histories: dict, steps_per_epoch: int, path: Path) -> None:
     """Making Coherence Fig. 1's rows for one model: train loss, accuracy (train solid, test dashed), and
     m-coherence of the whole model and of the first, a middle and the last layer (lines at 1 and m),
@@ -273,15 +305,15 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     folder.claim_all([run_dir for run_dir, _ in dirs.values()], RECORDED)
     folder.claim_all([folder.out], [(png.name, "file") for _, png in dirs.values()] + [
         (name, "file") for name in ("m_coherence.png", "summary.csv", "summary.json")] + [
-        (f"figure_1_{m}.png", "file") for m in config["models"]])
+        (f"figure_{k}_{m}.png", "file") for m in config["models"] for k in (1, 5)])
     mnist = subsample(load_mnist(ctx.data_dir), config["train_examples"], config["test_examples"], config["seed"])
-    rows, results, all_kinds, histories, per_epoch = [], {}, {}, {}, {}
+    rows, results, all_kinds, histories, per_epoch, parts = [], {}, {}, {}, {}, {}
     for model_name in config["models"]:
         for noise in config["noise_levels"]:
             run_dir, layers_png = dirs[(model_name, noise)]
             result, store, spe, kinds = train_one(config, model_name, noise, mnist, run_dir, ctx)
             res = analyse(store, folder.claim(run_dir, "analysis", kind="dir"), replace=ctx.resume)
-            results[(model_name, noise)] = res
+            results[(model_name, noise)], parts[(model_name, noise)] = res, alpha_parts(store)
             all_kinds[model_name], histories[(model_name, noise)], per_epoch[model_name] = kinds, result.history, spe
             rows.append(summarise(model_name, noise, result, res, spe))
             with folder.writing(layers_png.name) as path:
@@ -291,6 +323,8 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     for model_name in config["models"]:
         with folder.writing(f"figure_1_{model_name}.png") as path:
             figure_1(model_name, config["noise_levels"], results, histories, per_epoch[model_name], path)
+        with folder.writing(f"figure_5_{model_name}.png") as path:
+            figure_5(model_name, config["noise_levels"], parts, path)
     with folder.writing("summary.csv") as path:
         write_csv(path, rows)
     with folder.writing("summary.json") as path:
@@ -299,7 +333,9 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     report.figures[:0] = [(f"{m}: Fig. 1's rows (loss, accuracy, m-coherence of the whole model and of the first, a "
                            f"middle and the last layer, solid; of their weights alone, dashed), first epoch and after",
                            f"figure_1_{m}.png")
-                          for m in config["models"]]
+                          for m in config["models"]] + [
+        (f"{m}: Fig. 5, alpha's numerator ||E g||² and denominator E||g||² of the whole model against step",
+         f"figure_5_{m}.png") for m in config["models"]]
     return Outcome(report, claim_inputs(config, results, all_kinds, rows), mnist.source)
 
 
