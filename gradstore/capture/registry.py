@@ -58,9 +58,10 @@ def register_lazy(package: str, rules_module: str) -> None:
     """Register the rules of ``rules_module`` (which imports ``package``) without importing either.
 
     A module of ``package`` can only be in a model once ``package`` was imported, so the rules are
-    imported the first time a lookup misses while ``package`` is in ``sys.modules`` (or when
-    :func:`registered_types` lists every rule): importing gradstore never imports an optional
-    package (transformers takes 0.7 s to import).
+    imported the first time a lookup misses, or a rule is registered or removed, while ``package``
+    is in ``sys.modules`` (and when :func:`registered_types` lists every rule): importing gradstore
+    never imports an optional package (transformers takes 0.7 s to import), and a user's own rule
+    for one of its types needs ``overwrite=True`` as if the rule had been there all along.
     """
     _LAZY[package] = rules_module
 
@@ -103,6 +104,7 @@ def register_rule(*module_types: type, overwrite: bool = False, kwargs: bool = F
         raise CaptureError("register_rule needs at least one module type, e.g. @register_rule(nn.Linear)")
 
     def decorate(rule: Rule) -> Rule:
+        _load_lazy()  # the rules of imported packages first, so that they never replace this one
         for module_type in module_types:
             if not isinstance(module_type, type):
                 raise CaptureError(f"register_rule expects module classes, got {module_type!r}")
@@ -122,6 +124,7 @@ def register_rule(*module_types: type, overwrite: bool = False, kwargs: bool = F
 
 def unregister_rule(module_type: type) -> None:
     """Remove the rule registered for exactly ``module_type`` (no error if there is none)."""
+    _load_lazy()  # else a lazy rule loaded later would come back
     _RULES.pop(module_type, None)
 
 

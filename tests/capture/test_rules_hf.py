@@ -28,6 +28,18 @@ def test_gradstore_does_not_import_transformers_and_conv1d_still_has_its_rule():
             "assert c.lookup_rule(Conv1D).__name__ == 'hf_conv1d_rule'; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr
+    # a user's rule for Conv1D, before anything looked it up: it replaces ours only with overwrite=True,
+    # and stays once our rules load; removing it removes the rule for good
+    code = ("import gradstore.capture as c; from gradstore.errors import CaptureError; "
+            "from transformers.pytorch_utils import Conv1D\n"
+            "def mine(module, inputs, grad_output): return {}\n"
+            "try:\n    c.register_rule(Conv1D)(mine); print('registered')\nexcept CaptureError: pass\n"
+            "c.register_rule(Conv1D, overwrite=True)(mine)\n"
+            "class Other(c.Dense.__mro__[-1]): pass\n"
+            "assert c.lookup_rule(Other) is None and c.lookup_rule(Conv1D) is mine\n"
+            "c.unregister_rule(Conv1D); assert c.lookup_rule(Conv1D) is None; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr
 
 
 @settings(max_examples=15, deadline=None)
