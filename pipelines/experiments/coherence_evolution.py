@@ -218,15 +218,16 @@ def summary_figure(models, noise_levels, results: dict, path: Path) -> None:
 
 def alpha_parts(store: Path, sample: str = "tracked_train") -> dict[str, np.ndarray]:
     """The numerator and denominator of alpha of the whole model against step, from the raw store:
-    ``mean_gradient_sq`` = ||E g||² = ||Σ g||²/m² and ``mean_sq_norm`` = E||g||² = Σ||g||²/m (each
-    summed over the layers, whose parameter blocks are disjoint); alpha is their ratio."""
+    ``mean_gradient_sq`` = ||E g||² = ||Σ g||²/m² and ``mean_sq_norm`` = E||g||² = Σ||g||²/m, of the
+    whole model as :func:`analysis.sources.layer_moments` sums it; alpha is their ratio."""
     from analysis.report import open_store
+    from analysis.sources import MODEL, layer_moments
 
-    ds = open_store(store).sel(sample=sample)
-    m = ds["m"].max("layer").values.astype(np.float64)
-    return {"step": ds["step"].values,
-            "mean_gradient_sq": ds["norm_sq_of_sum"].sum("layer").values / m ** 2,
-            "mean_sq_norm": ds["sum_of_norm_sq"].sum("layer").values / m}
+    moments = layer_moments(open_store(store)).sel(sample=sample, layer=MODEL).compute()
+    m = moments["m"].values
+    return {"step": moments["step"].values,
+            "mean_gradient_sq": moments["norm_sq_of_sum"].values / m ** 2,
+            "mean_sq_norm": moments["sum_of_norm_sq"].values / m}
 
 
 def figure_5(model_name: str, noise_levels, parts: dict, path: Path) -> None:
