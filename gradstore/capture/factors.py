@@ -291,6 +291,10 @@ class Outer:
         cache-sized blocks, each reduced to its norms and added to the sum at once."""
         if not self._joint_materialize_cheaper():
             return self.sum(), self.sq_norms()
+        return self._sum_and_sq_norms_by_blocks()
+
+    def _sum_and_sq_norms_by_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The joint form of :meth:`sum_and_sq_norms`, whatever the rule would pick."""
         _, h, r, c = self._dims
         if self.n == 0:
             return self.sum(), self.right.new_zeros(0)
