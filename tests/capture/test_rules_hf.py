@@ -35,7 +35,7 @@ def test_gradstore_does_not_import_transformers_and_conv1d_still_has_its_rule():
             "def mine(module, inputs, grad_output): return {}\n"
             "try:\n    c.register_rule(Conv1D)(mine); print('registered')\nexcept CaptureError: pass\n"
             "c.register_rule(Conv1D, overwrite=True)(mine)\n"
-            "class Other(c.Dense.__mro__[-1]): pass\n"
+            "class Other: pass\n"
             "assert c.lookup_rule(Other) is None and c.lookup_rule(Conv1D) is mine\n"
             "c.unregister_rule(Conv1D); assert c.lookup_rule(Conv1D) is None; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
