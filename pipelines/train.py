@@ -116,6 +116,9 @@ class TrainConfig:
     device: str = "cpu"
     eval_batch: int = 2000
     optimizer_options: dict = field(default_factory=dict)  # e.g. {"c": 2} for winsorized-sgd
+    #: evaluate (every training and test example) at each step an observer records, besides every
+    #: ``eval_every`` steps and the last; False leaves a capture's metrics NaN where no evaluation falls
+    evaluate_captures: bool = True
 
     def validate(self) -> None:
         if not 0.0 <= self.noise <= 1.0:
@@ -301,6 +304,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: TrainConfig fields added since checkpoints were first written, with the value older runs had
+_CONFIG_ADDED = {"evaluate_captures": True}
+
+
 def _load_checkpoint(path: Path, device: torch.device) -> dict:
     """The checkpoint at ``path``, loaded with ``weights_only=True``; one line for anything else.
 
@@ -450,7 +457,7 @@ def train(
     state = None
     if ckpt_path is not None and (ckpt_path.exists() or ckpt_path.is_symlink()):
         state = _load_checkpoint(ckpt_path, device)
-        if state["config"] != asdict(config):
+        if {**_CONFIG_ADDED, **state["config"]} != asdict(config):
             raise RunFolderError(f"checkpoint {ckpt_path} belongs to another configuration; use a new --out or drop --resume")
         _restore(ckpt_path, state, model=model, optimizer=optimizer, gen=gen, n=n, steps=config.steps)
         _check_observers(ckpt_path, state["observers"], observers)
@@ -479,12 +486,15 @@ def train(
             for obs in wanted:
                 obs(step, model, {"step": step})
             return
-        if not (wanted or step % config.eval_every == 0 or step == config.steps):
+        scheduled = step % config.eval_every == 0 or step == config.steps
+        if not (wanted or scheduled):
             return
-        metrics, correct = evaluate(model, data, batch=config.eval_batch)
-        result.learned.update(step, correct)
-        metrics = {"step": step, "lr": config.lr, **metrics}
-        result.history.append(metrics)
+        metrics = {"step": step, "lr": config.lr}
+        if scheduled or config.evaluate_captures:
+            evaluated, correct = evaluate(model, data, batch=config.eval_batch)
+            result.learned.update(step, correct)
+            metrics.update(evaluated)
+            result.history.append(metrics)
         for obs in wanted:
             with _recording_errors(step):
                 obs(step, model, metrics)

@@ -161,3 +161,11 @@ def test_winsorize_c_values_are_checked_before_any_folder_is_made(tmp_path, caps
         main(["run", "winsorize", "--quick", "--no-progress", "--config", str(bad), "--out", str(out)])
     assert exc.value.code == 2 and "each an integer >= 0" in capsys.readouterr().err
     assert list(work.iterdir()) == [] and not list(tmp_path.rglob("ESCAPED"))
+
+
+def test_coherence_evolution_without_evaluation_at_captures_needs_eval_every(tmp_path):
+    message = _refused(tmp_path, "coherence-evolution", "evaluate_captures = false")
+    assert "do not fit together" in message and "eval_every must be at least 1" in message, message
+    path = tmp_path / "ok.toml"
+    path.write_text("evaluate_captures = false\neval_every = 20\n")
+    assert load_config("coherence-evolution", path=path)["evaluate_captures"] is False

@@ -95,3 +95,42 @@ def test_evaluate_restores_training_mode(clean_data):
     model = build_model("cnn-bn").train()
     evaluate(model, clean_data)
     assert model.training
+
+
+class _Watcher:
+    """An observer wanting fixed steps; keeps the metrics it is called with."""
+
+    def __init__(self, steps):
+        self.steps, self.seen = set(steps), {}
+
+    def wants(self, step):
+        return step in self.steps
+
+    def __call__(self, step, model, metrics):
+        self.seen[step] = dict(metrics)
+
+
+@pytest.mark.parametrize("evaluate_captures", [True, False])
+def test_captures_are_evaluated_only_when_asked(clean_data, evaluate_captures):
+    watcher = _Watcher([0, 3, 10, 13])
+    result = train(TrainConfig(steps=20, eval_every=10, evaluate_captures=evaluate_captures), clean_data,
+                   observers=[watcher])
+    evaluated = [0, 3, 10, 13, 20] if evaluate_captures else [0, 10, 20]
+    assert [row["step"] for row in result.history] == evaluated
+    assert sorted(watcher.seen) == [0, 3, 10, 13]
+    for step, metrics in watcher.seen.items():  # an observer gets the evaluation exactly where one ran
+        assert ("train_acc" in metrics) == (step in evaluated), (step, metrics)
+        assert metrics["step"] == step and metrics["lr"] == 0.1
+
+
+def test_checkpoint_written_before_evaluate_captures_existed_resumes(clean_data, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    train(TrainConfig(steps=5, eval_every=5), clean_data, checkpoint=ckpt, checkpoint_every=5)
+    state = torch.load(ckpt, weights_only=False)
+    del state["config"]["evaluate_captures"]  # as an older version wrote it
+    state["config"]["steps"] = 10
+    torch.save(state, ckpt)
+    resumed = train(TrainConfig(steps=10, eval_every=5), clean_data, checkpoint=ckpt)
+    assert [r["step"] for r in resumed.history] == [0, 5, 10]
+    with pytest.raises(GradstoreError, match="another configuration"):  # the old value was True
+        train(TrainConfig(steps=10, eval_every=5, evaluate_captures=False), clean_data, checkpoint=ckpt)

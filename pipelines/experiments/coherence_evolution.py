@@ -122,7 +122,8 @@ def train_one(config, model_name: str, noise: float, mnist, run_dir: Path, ctx: 
     result, _, store = train_recorded(config, noise, mnist, run_dir, ctx, desc=f"{model_name}, {noise:.0%} noise",
                                       model_name=model_name, steps=steps[-1],
                                       eval_every=config["eval_every"] or steps[-1], schedule=Schedule.at(steps),
-                                      prime=priming, checkpoint_every=max(steps_per_epoch, 1))
+                                      prime=priming, checkpoint_every=max(steps_per_epoch, 1),
+                                      evaluate_captures=config["evaluate_captures"])
     kinds = {name: type(module).__name__ for name, module in result.model.named_modules()}
     return result, store, steps_per_epoch, kinds
 
@@ -393,7 +394,11 @@ def build_report(config, ctx: Context, rows, results, mnist) -> Report:
         f"examples (training labels) and {cap['tracked_test']} held-out test examples (true labels), every "
         f"{cap['first_epoch_every']} steps in the first epoch and at the end of every epoch. Before each capture the "
         f"BatchNorm statistics are reset and primed on {cap['prime_batches']} fixed training batches of "
-        f"{cap['prime_batch_size']} at the current weights (restored afterwards)."
+        f"{cap['prime_batch_size']} at the current weights (restored afterwards). Loss and accuracy on every training "
+        f"and test example are evaluated "
+        + ("at every capture" if config["evaluate_captures"] else f"every {config['eval_every']} steps")
+        + (f" and every {config['eval_every']} steps" if config["evaluate_captures"] and config["eval_every"] else "")
+        + " and at the end."
         + (" This is the `--quick` variant: far shorter than the paper's runs." if ctx.quick else "")
     )
     report = Report("Coherence evolution (Making Coherence Out of Nothing At All)", intro)

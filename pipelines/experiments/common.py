@@ -325,7 +325,7 @@ def schedule_from(capture: dict[str, Any], steps: int | None = None):
 def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, ctx: Context, *, desc: str,
                    optimizer: str = "sgd", optimizer_options: dict | None = None, model_name: str | None = None,
                    steps: int | None = None, eval_every: int | None = None, schedule=None, prime=None,
-                   checkpoint_every: int | None = None):
+                   checkpoint_every: int | None = None, evaluate_captures: bool = True):
     """Train one model at one noise level with a Recorder on the tracked sample: the one recorded
     training of every experiment (so ``--nproc`` and ``--autocast`` apply to all of them).
 
@@ -335,6 +335,8 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
     Recorder primes BatchNorm on before each capture (``Recorder(prime_batches=...)``). Returns the
     :class:`~pipelines.train.TrainResult`, the :class:`~pipelines.train.TrainData` and the store
     path. A resumed run continues from its checkpoint and its last committed store step.
+    ``evaluate_captures=False`` evaluates only every ``eval_every`` steps, not at every capture
+    (:attr:`~pipelines.train.TrainConfig.evaluate_captures`).
 
     Under ``gradstore run --nproc N`` (or ``torchrun``) this runs on rank 0, which sends the other
     ranks (waiting in :func:`pipelines.distributed.follow`) what to train; every rank then runs
@@ -350,7 +352,8 @@ def train_recorded(config: dict[str, Any], noise: float, mnist, run_dir: Path, c
     tc = TrainConfig(model=model_name, noise=noise, seed=seed, lr=config["lr"], batch_size=config["batch_size"],
                      steps=config["steps"] if steps is None else steps,
                      eval_every=config["eval_every"] if eval_every is None else eval_every,
-                     optimizer=optimizer, optimizer_options=dict(optimizer_options or {}), device=ctx.device)
+                     optimizer=optimizer, optimizer_options=dict(optimizer_options or {}), device=ctx.device,
+                     evaluate_captures=evaluate_captures)
     tc.validate()
     data = TrainData.from_mnist(mnist, noise=noise, seed=seed, device=ctx.device)
     tracked_samples(config["capture"], len(data.y_train), len(data.y_test), seed)  # sizes refused before any claim

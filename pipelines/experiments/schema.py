@@ -292,6 +292,7 @@ COHERENCE_EVOLUTION = Schema(keys={
     "batch_size": BATCH_SIZE,
     "epochs": integer(1),
     "eval_every": integer(0, note="(0: evaluate only where a capture runs)"),
+    "evaluate_captures": boolean(),
     "train_examples": integer(0, N_TRAIN_MAX, note="(0: the whole training set)"),
     "test_examples": integer(0, N_TEST_MAX, note="(0: the whole test set)"),
     "capture": {
@@ -301,7 +302,11 @@ COHERENCE_EVOLUTION = Schema(keys={
         "prime_batches": integer(1),
         "prime_batch_size": integer(2, N_TRAIN_MAX, note="(BatchNorm statistics need 2 examples or more)"),
     },
-})
+}, relations=(Relation(
+    keys=(("eval_every",), ("evaluate_captures",)),
+    must="be at least 1 when evaluate_captures = false (else the run is evaluated only at its end)",
+    holds=lambda config: config["evaluate_captures"] or config["eval_every"] >= 1,
+),))
 
 #: experiment name -> its schema (``demo`` runs the label-noise experiment)
 SCHEMAS: dict[str, Schema] = {
