@@ -177,9 +177,10 @@ def test_coherence_evolution_quick_outputs(coherence_run):
     assert "## Claims tested" in report and "real labels" in report and "rises from a low start" in report
     assert "starts high" not in report and report.startswith("**Not at the paper's settings:**")
     for name in ("m_coherence.png", "layers_cnn-bn_noise-0.00.png", "layers_cnn-bn_noise-1.00.png", "summary.csv",
-                 "figure_1_cnn-bn.png", "figure_5_cnn-bn.png", "claims.json", "provenance.json"):
+                 "figure_1_cnn-bn.png", "figure_5_cnn-bn.png", "figure_6_cnn-bn.png", "claims.json",
+                 "provenance.json"):
         assert (out / name).exists(), name
-    assert "figure_5_cnn-bn.png" in report
+    assert "figure_5_cnn-bn.png" in report and "figure_6_cnn-bn.png" in report
     evidence = json.loads((out / "claims.json").read_text())
     assert {"rises", "slope_falls", "peak_real", "train_over_test", "conv_over_fc"} <= set(evidence)
     # one seed: these curve statistics have no within-run test, so they are inconclusive, not read descriptively
@@ -201,7 +202,7 @@ def test_coherence_evolution_quick_outputs(coherence_run):
     rows = json.loads((out / "summary.json").read_text())
     assert [(r["model"], r["noise"]) for r in rows] == [("cnn-bn", 0.0), ("cnn-bn", 1.0)]
     for r in rows:
-        assert r["train_m"] == r["test_m"] == 100
+        assert r["train_m"] == r["test_m"] == 100 and r["second_m"] == 200
         for key in ("train", "test"):
             values = [r[f"{key}_initial"], r[f"{key}_peak"], r[f"{key}_final"]]
             assert all(np.isfinite(values)) and all(0 <= v <= 100 for v in values)
@@ -267,14 +268,30 @@ def test_coherence_evolution_last_capture_matches_torch_func(coherence_run):
         out_ = functional_call(model, (p, buffers), (xi[None],))
         return nn.functional.cross_entropy(out_, yi[None])
 
-    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    flat = torch.cat([v.flatten(1) for v in g.values()], 1).double()
-    expected = float(flat.sum(0).square().sum() / flat.square().sum())
     table = _read_csv(out / "cnn-bn-noise-0.00" / "analysis" / "coherence.csv")
     last = max(int(r["step"]) for r in table)
-    stored = [float(r["m_coherence"]) for r in table if int(r["step"]) == last and r["layer"] == "(model)"
-              and r["sample"] == "tracked_train"]
-    assert stored == [pytest.approx(expected, rel=1e-4)]
+    second = tracked_indices(n, cap["moments_examples"], config["seed"] + 300)  # Fig. 6's second sample
+    assert len(second) == 2 * len(tr) and len(np.intersect1d(second, tr)) < len(tr)
+    for sample, idx in (("tracked_train", tr), (ce.SECOND, second)):
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, data.x_train[idx], data.y_train[idx])
+        flat = torch.cat([v.flatten(1) for v in g.values()], 1).double()
+        expected = float(flat.sum(0).square().sum() / flat.square().sum())
+        stored = [float(r["m_coherence"]) for r in table if int(r["step"]) == last and r["layer"] == "(model)"
+                  and r["sample"] == sample]
+        assert stored == [pytest.approx(expected, rel=1e-4)], sample
+
+
+def test_scaled_guide_is_the_ratio_of_expectations():
+    """m-coherence ≈ 1 + (m − 1)ρ: orthogonal gradients stay at 1, identical ones scale to m."""
+    assert ce.scaled_guide(np.array([1.0]), 100, 200)[0] == 1.0
+    assert ce.scaled_guide(np.array([100.0]), 100, 200)[0] == pytest.approx(200.0)
+    rng = np.random.default_rng(0)  # and on data: gradients with a common part, two sample sizes
+    g = rng.normal(size=(40000, 50)) + 0.3
+    def mcoh(x):
+        return float(np.square(x.sum(0)).sum() / np.square(x).sum())
+    small = np.mean([mcoh(g[i:i + 100]) for i in range(0, 20000, 100)])
+    large = np.mean([mcoh(g[i:i + 200]) for i in range(20000, 40000, 200)])
+    assert ce.scaled_guide(np.array([small]), 100, 200)[0] == pytest.approx(large, rel=0.05)
 
 
 def test_coherence_evolution_resnet_with_user_config(tmp_path):

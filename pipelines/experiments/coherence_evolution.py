@@ -65,6 +65,8 @@ PAPER: tuple = ()
 FIXED_DEVIATIONS = ("the paper's own settings are not encoded for this experiment, so no run of it is claimed to be "
                     "at them",)
 MODEL_LAYER = "(model)"
+#: the store's sample of the second training sample (``[capture] moments_examples``, Fig. 6)
+SECOND = "moments_train"
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -150,7 +152,7 @@ def summarise(model_name: str, noise: float, result, res, steps_per_epoch: int) 
     row: dict[str, Any] = {"model": model_name, "noise": noise, "steps_per_epoch": steps_per_epoch,
                            "train_acc": result.final["train_acc"], "test_acc": result.final["test_acc"]}
     steps = res["step"].values
-    for sample, key in (("tracked_train", "train"), ("tracked_test", "test")):
+    for sample, key in (("tracked_train", "train"), ("tracked_test", "test"), (SECOND, "second")):
         if sample not in res["sample"].values:
             continue
         mc = res["m_coherence"].sel(sample=sample, layer=MODEL_LAYER).values
@@ -250,6 +252,39 @@ def figure_5(model_name: str, noise_levels, parts: dict, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
+def scaled_guide(mc_small: np.ndarray, m_small: int, m_large: int) -> np.ndarray:
+    """The m-coherence a sample of ``m_large`` would show at the same ratio ρ = ||E g||² / E||g||² as a
+    sample of ``m_small`` with m-coherence ``mc_small``: m-coherence ≈ 1 + (m − 1)·ρ (ratio of the
+    expectations of ||Σ g||² = m(m − 1)·||E g||² + m·E||g||² and Σ||g||² = m·E||g||²)."""
+    return 1 + (m_large - 1) / (m_small - 1) * (np.asarray(mc_small, dtype=np.float64) - 1)
+
+
+def figure_6(model_name: str, noise_levels, results: dict, path: Path) -> None:
+    """Making Coherence Fig. 6: whole-model m-coherence of the tracked training sample (m) and of the
+    second training sample (``[capture] moments_examples``, e.g. 2m) against step, a panel per noise
+    level, with the second sample's curve expected from the first one's ρ (:func:`scaled_guide`)."""
+    from analysis.plots import save
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(noise_levels), figsize=(4.6 * len(noise_levels), 3.8), squeeze=False,
+                             sharey=True)
+    for ax, noise in zip(axes[0], noise_levels):
+        res = results[(model_name, noise)]
+        steps = np.maximum(res["step"].values, 0.5)
+        counts = {s: int(res["m"].sel(sample=s, layer=MODEL_LAYER).values[0]) for s in ("tracked_train", SECOND)}
+        curves = {s: res["m_coherence"].sel(sample=s, layer=MODEL_LAYER).values for s in counts}
+        ax.plot(steps, curves["tracked_train"], color="C0", label=f"tracked sample, m = {counts['tracked_train']}")
+        ax.plot(steps, curves[SECOND], color="C3", label=f"second sample, m = {counts[SECOND]}")
+        ax.plot(steps, scaled_guide(curves["tracked_train"], counts["tracked_train"], counts[SECOND]), color="C3",
+                ls=":", lw=1, label=f"m = {counts[SECOND]} expected from the first sample's ρ")
+        ax.axhline(1, color="grey", ls="--", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)", title=f"{noise:.0%} noise")
+    axes[0][0].set_ylabel("m-coherence of the whole model")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{model_name}: m-coherence of two training samples of different size")
+    save(fig, path, dpi=110)
+
+
 def figure_1(model_name: str, noise_levels, results: dict, histories: dict, steps_per_epoch: int, path: Path) -> None:
     """Making Coherence Fig. 1's rows for one model: train loss, accuracy (train solid, test dashed), and
     m-coherence of the whole model and of the first, a middle and the last layer (lines at 1 and m),
@@ -307,7 +342,7 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     folder.claim_all([run_dir for run_dir, _ in dirs.values()], RECORDED)
     folder.claim_all([folder.out], [(png.name, "file") for _, png in dirs.values()] + [
         (name, "file") for name in ("m_coherence.png", "summary.csv", "summary.json")] + [
-        (f"figure_{k}_{m}.png", "file") for m in config["models"] for k in (1, 5)])
+        (f"figure_{k}_{m}.png", "file") for m in config["models"] for k in (1, 5, 6)])
     mnist = subsample(load_mnist(ctx.data_dir), config["train_examples"], config["test_examples"], config["seed"])
     rows, results, all_kinds, histories, per_epoch, parts = [], {}, {}, {}, {}, {}
     for model_name in config["models"]:
@@ -327,6 +362,9 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
             figure_1(model_name, config["noise_levels"], results, histories, per_epoch[model_name], path)
         with folder.writing(f"figure_5_{model_name}.png") as path:
             figure_5(model_name, config["noise_levels"], parts, path)
+        if config["capture"]["moments_examples"]:
+            with folder.writing(f"figure_6_{model_name}.png") as path:
+                figure_6(model_name, config["noise_levels"], results, path)
     with folder.writing("summary.csv") as path:
         write_csv(path, rows)
     with folder.writing("summary.json") as path:
@@ -337,7 +375,11 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
                            f"figure_1_{m}.png")
                           for m in config["models"]] + [
         (f"{m}: Fig. 5, alpha's numerator ||E g||² and denominator E||g||² of the whole model against step",
-         f"figure_5_{m}.png") for m in config["models"]]
+         f"figure_5_{m}.png") for m in config["models"]] + [
+        (f"{m}: Fig. 6, whole-model m-coherence of the tracked training sample and of a second training sample of "
+         f"{config['capture']['moments_examples']} examples (dotted: the second curve expected from the first one's "
+         f"ratio ||E g||² / E||g||²)", f"figure_6_{m}.png")
+        for m in config["models"] if config["capture"]["moments_examples"]]
     return Outcome(report, claim_inputs(config, results, all_kinds, rows), mnist.source)
 
 
@@ -404,13 +446,14 @@ def build_report(config, ctx: Context, rows, results, mnist) -> Report:
     report = Report("Coherence evolution (Making Coherence Out of Nothing At All)", intro)
     header = ["model", "noise", "train acc", "test acc", "train m", "train m-coh step 0", "train peak", "peak step",
               "train last", "train peak, weights only", "test m", "test m-coh step 0", "test peak", "test peak step",
-              "test last"]
+              "test last", "second m", "second peak", "second peak step"]
     nan = float("nan")
     report.tables.append(("Whole-model m-coherence per model and noise level", header, [
         [r["model"], f"{r['noise']:.0%}", r["train_acc"], r["test_acc"], r.get("train_m", 0),
          r.get("train_initial", nan), r.get("train_peak", nan), r.get("train_peak_step", "–"), r.get("train_final", nan),
          r.get("train_weights_peak", nan), r.get("test_m", 0), r.get("test_initial", nan), r.get("test_peak", nan), r.get("test_peak_step", "–"),
-         r.get("test_final", nan)] for r in rows]))
+         r.get("test_final", nan), r.get("second_m", 0), r.get("second_peak", nan), r.get("second_peak_step", "–")]
+        for r in rows]))
     report.figures.append(("Whole-model m-coherence against step (solid: training sample, dashed: held-out test "
                            "sample), log-log, lines at 1 and m", "m_coherence.png"))
     report.figures += [(f"{r['model']}, {r['noise']:.0%} noise: m-coherence per layer against step, training and "
@@ -420,8 +463,10 @@ def build_report(config, ctx: Context, rows, results, mnist) -> Report:
         "per layer it uses that layer's parameters only (weight and bias); *weights only* (Fig. 1 dashed, the "
         "table's weights-only peak, `weights_coherence.csv`) uses the parameters of dimension >= 2 alone, as Making "
         "Coherence plots it.",
-        "Test examples are scored with their true labels at every noise level; the training sample with its "
+        "Test examples are scored with their true labels at every noise level; the training samples with their "
         "training labels (random at 100% noise).",
+        "The second training sample (`[capture] moments_examples`, Fig. 6; *second* in the table) is drawn apart "
+        "from the tracked one, and only its exact moments are stored; 0: none.",
         "Per-run stores, analysis (results.zarr, coherence.csv) and histories are in the MODEL-noise-*/ folders.",
     ]
     return report

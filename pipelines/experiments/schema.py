@@ -298,6 +298,7 @@ COHERENCE_EVOLUTION = Schema(keys={
     "capture": {
         "tracked_train": TRACKED_TRAIN,
         "tracked_test": TRACKED_TEST,
+        "moments_examples": integer(0, N_TRAIN_MAX, note="(the full MNIST training set; 0: no second sample)"),
         "first_epoch_every": integer(1),
         "prime_batches": integer(1),
         "prime_batch_size": integer(2, N_TRAIN_MAX, note="(BatchNorm statistics need 2 examples or more)"),
