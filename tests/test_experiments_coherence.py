@@ -260,7 +260,6 @@ def test_coherence_evolution_last_capture_matches_torch_func(coherence_run):
             b.running_mean.copy_(torch.stack([a.mean(1) for a in seen[k]]).mean(0))
             b.running_var.copy_(torch.stack([a.var(1, unbiased=True) for a in seen[k]]).mean(0))
     tr = tracked_indices(n, cap["tracked_train"], config["seed"] + 100)
-    x, y = data.x_train[tr], data.y_train[tr]
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
