@@ -14,10 +14,13 @@ variant once, interleaved):
   materializing g_n in cache-sized blocks and reducing each block to both
   (``Outer.sum_and_sq_norms``), over t and the layer shapes of the language-model benchmark;
   prints the ratio t²(r + c)/(t·r·c) the rule compares with ``JOINT_BREAK_EVEN``.
+* ``lm-products`` -- at the Linear shapes of the GPT-style LM (t = 64): the joint form's block pass
+  (per-example products, norms and sum) against the one weight-gradient product it replaces.
 * ``lm-joint`` -- the language models of ``gradstore bench capture --only lm`` (m sequences of
   T = 64 stdlib bytes, 2 threads unless ``--threads``): exact m-coherence moments
   (``coherence_moments``) with the joint form on and off (``JOINT_BREAK_EVEN`` = its value / ∞),
-  each paired with a plain forward+backward, pairs interleaved; medians of the CPU-time ratios.
+  each paired with a plain forward+backward, pairs interleaved; medians of the CPU-time ratios and
+  of the minor page faults per pass (the fresh pages glibc had to take from the kernel).
 * ``lstm`` -- an LSTM classifier on MNIST-shaped rows (28 steps of 28 features, hidden 128, a
   linear head on the last state; random inputs): a plain forward+backward against per-example
   ||g_n||² of every parameter. Through ``capture`` when the engine takes the LSTM's tuple output;
@@ -118,6 +121,35 @@ def joint_form(repeats: int, n: int) -> None:
                   f"{faster:<7} {picks}")
 
 
+def lm_products(repeats: int, m: int) -> None:
+    """The per-example products of the joint form against the one weight-gradient product they
+    replace, at the Linear shapes of the GPT-style LM (t = 64 tokens per example)."""
+    import torch
+
+    from gradstore.capture import factors
+    from pipelines.bench.capture import LM
+
+    t, d, vocab = LM["t"], LM["d"], LM["vocab"]
+    print(f"lm-products: m = {m}, t = {t}, {torch.get_num_threads()} thread(s); one product B^T A over all m·t rows "
+          f"(the plain pass's weight gradient) against the joint form's block pass (Σ g and ||g_n||²)")
+    print("layer  r    c    one product ms  block pass ms  ratio")
+    gen = torch.Generator().manual_seed(0)
+    total = {"one": 0.0, "blocks": 0.0}
+    for layer, r, c, count in (("qkv", d, 3 * d, LM["layers"]), ("proj", d, d, LM["layers"]),
+                               ("fc", d, 4 * d, LM["layers"]), ("out", 4 * d, d, LM["layers"]), ("head", d, vocab, 1)):
+        left = torch.randn(m, t, 1, r, generator=gen)
+        right = torch.randn(m, t, 1, c, generator=gen)
+        f = factors.Outer(left, right, (r, c))
+        a, b = left.reshape(m * t, r), right.reshape(m * t, c)
+        med = _median_rounds({"one": lambda: a.T @ b, "blocks": f._sum_and_sq_norms_by_blocks}, repeats)
+        for k in total:
+            total[k] += count * med[k]
+        print(f"{layer:<6} {r:<4} {c:<4} {med['one'] * 1e3:<15.2f} {med['blocks'] * 1e3:<14.2f} "
+              f"{med['blocks'] / med['one']:.2f}")
+    print(f"whole model (4 blocks + head): one product {total['one'] * 1e3:.1f} ms, block pass "
+          f"{total['blocks'] * 1e3:.1f} ms, ratio {total['blocks'] / total['one']:.2f}")
+
+
 def lm_joint(repeats: int, m: int) -> None:
     import statistics
 
@@ -130,7 +162,7 @@ def lm_joint(repeats: int, m: int) -> None:
     on = factors.JOINT_BREAK_EVEN
     print(f"lm-joint: m = {m}, T = {LM['t']}, {torch.get_num_threads()} thread(s), {repeats} interleaved pairs; "
           f"ratio = capture / plain forward+backward (CPU time), joint form off (break-even inf) and on ({on})")
-    print("case     off    on     on: min-max")
+    print("case     off    on     on: min-max   minor page faults per pass: plain, capture (on)")
     for kind in ("untied", "tied", "encoder", "gpt2"):
         model = (_gpt2_model() if kind == "gpt2" else _lm_model(kind)).eval()
 
@@ -143,20 +175,32 @@ def lm_joint(repeats: int, m: int) -> None:
 
         plain(), ours()
         ratios = {"off": [], "on": []}
+        faults = {"plain": [], "on": []}  # minor page faults per pass (fresh pages from the kernel)
         try:
             for _ in range(repeats):
                 for name, value in (("off", float("inf")), ("on", on)):
                     factors.JOINT_BREAK_EVEN = value
-                    start = time.process_time()
+                    f0, start = _minor_faults(), time.process_time()
                     plain()
-                    p = time.process_time() - start
+                    p, f1 = time.process_time() - start, _minor_faults()
                     start = time.process_time()
                     ours()
                     ratios[name].append((time.process_time() - start) / p)
+                    if name == "on":
+                        faults["plain"].append(f1 - f0)
+                        faults["on"].append(_minor_faults() - f1)
         finally:
             factors.JOINT_BREAK_EVEN = on
         med = {k: statistics.median(v) for k, v in ratios.items()}
-        print(f"{kind:<8} {med['off']:<6.3f} {med['on']:<6.3f} {min(ratios['on']):.2f}-{max(ratios['on']):.2f}")
+        print(f"{kind:<8} {med['off']:<6.3f} {med['on']:<6.3f} {min(ratios['on']):.2f}-{max(ratios['on']):.2f}   "
+              f"{statistics.median(faults['plain']):>6.0f} {statistics.median(faults['on']):>7.0f}")
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far (pages the kernel had to map and zero for it)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def lstm(repeats: int, m: int) -> None:
@@ -343,7 +387,7 @@ def main(argv=None) -> None:
     import torch
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench.layers", description=__doc__.splitlines()[0])
-    parser.add_argument("case", choices=["gram-form", "joint-form", "lm-joint", "lstm", "hf-conv1d", "decoder", "conv3d", "mha-bias-kv"])
+    parser.add_argument("case", choices=["gram-form", "joint-form", "lm-products", "lm-joint", "lstm", "hf-conv1d", "decoder", "conv3d", "mha-bias-kv"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--m", type=int, default=256)
@@ -357,6 +401,8 @@ def main(argv=None) -> None:
         joint_form(args.repeats, args.m)
     elif args.case == "lm-joint":
         lm_joint(args.repeats, args.m)
+    elif args.case == "lm-products":
+        lm_products(args.repeats, args.m)
     elif args.case == "lstm":
         lstm(args.repeats, args.m)
     else:

@@ -175,7 +175,7 @@ def test_cli_hugging_face_gpt2():
 @pytest.mark.parametrize("argv", [["gram-form", "--m", "2", "--width", "4", "--repeats", "1"],
                                   ["lstm", "--m", "2", "--repeats", "1"], ["decoder", "--m", "2", "--repeats", "1"],
                                   ["mha-bias-kv", "--m", "2", "--repeats", "1"],
-                                  ["joint-form", "--m", "2", "--repeats", "1"]])
+                                  ["joint-form", "--m", "2", "--repeats", "1"], ["lm-products", "--m", "2", "--repeats", "1"]])
 def test_layer_benchmarks_run(argv, capsys):
     """The benchmark cases of docs/layers.md still run (tiny sizes; no timing is asserted)."""
     from pipelines.bench.layers import main
