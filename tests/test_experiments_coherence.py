@@ -280,6 +280,11 @@ def test_coherence_evolution_last_capture_matches_torch_func(coherence_run):
         assert stored == [pytest.approx(expected, rel=1e-4)], sample
 
 
+def test_figure_1_has_a_second_column_only_for_steps_after_the_first_epoch():
+    assert ce.epoch_spans(600, 600) == [(0, 600)]  # a one-epoch run: no empty "after" column
+    assert ce.epoch_spans(600, 1200) == [(0, 600), (600, None)]
+
+
 def test_scaled_guide_is_the_ratio_of_expectations():
     """m-coherence ≈ 1 + (m − 1)ρ: orthogonal gradients stay at 1, identical ones scale to m."""
     assert ce.scaled_guide(np.array([1.0]), 100, 200)[0] == 1.0

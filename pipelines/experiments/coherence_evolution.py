@@ -285,11 +285,16 @@ def figure_6(model_name: str, noise_levels, results: dict, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
+def epoch_spans(steps_per_epoch: int, last_step: int) -> list[tuple[int, int | None]]:
+    """Fig. 1's columns as step spans: the first epoch, and the rest only if the run went past it."""
+    return [(0, steps_per_epoch)] + ([(steps_per_epoch, None)] if last_step > steps_per_epoch else [])
+
+
 def figure_1(model_name: str, noise_levels, results: dict, histories: dict, steps_per_epoch: int, path: Path) -> None:
     """Making Coherence Fig. 1's rows for one model: train loss, accuracy (train solid, test dashed), and
     m-coherence of the whole model and of the first, a middle and the last layer (lines at 1 and m),
     solid, with the m-coherence of the weights alone (no biases) dashed where the store has it;
-    the first epoch (left) and the rest (right); a colour per noise level."""
+    the first epoch (left) and the rest (right, if the run has more); a colour per noise level."""
     from analysis.plots import save
 
     plt = pyplot()
@@ -297,9 +302,11 @@ def figure_1(model_name: str, noise_levels, results: dict, histories: dict, step
     layers = [str(v) for v in first["layer"].values if str(v) != MODEL_LAYER]
     picked = list(dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]])) if layers else []
     rows = ["loss", "accuracy", MODEL_LAYER, *picked]
-    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.2 * len(rows)), squeeze=False)
+    last = max(int(results[(model_name, noise)]["step"].values.max()) for noise in noise_levels)
+    spans = epoch_spans(steps_per_epoch, last)
+    fig, axes = plt.subplots(len(rows), len(spans), figsize=(10 if len(spans) > 1 else 7, 2.2 * len(rows)), squeeze=False)
     m = int(first["m"].sel(sample="tracked_train", layer=MODEL_LAYER).values[0])
-    for col, (lo, hi) in enumerate(((0, steps_per_epoch), (steps_per_epoch, None))):
+    for col, (lo, hi) in enumerate(spans):
         for k, noise in enumerate(noise_levels):
             res, hist = results[(model_name, noise)], histories[(model_name, noise)]
             h = [r for r in hist if r["step"] >= lo and (hi is None or r["step"] <= hi)]
@@ -325,7 +332,7 @@ def figure_1(model_name: str, noise_levels, results: dict, histories: dict, step
     axes[0][0].set_ylabel("train loss")
     axes[1][0].set_ylabel("accuracy (train solid, test dashed)", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{model_name}: m-coherence, solid; of the weights alone, dashed (lines at 1 and m = {m})")
+    fig.suptitle(f"{model_name}: m-coherence, solid; of the weights alone, dashed\n(lines at 1 and m = {m})")
     save(fig, path, dpi=100)
 
 
