@@ -51,6 +51,7 @@ PAPER = (
     PaperSetting(("model",), "mlp-3x256", "§3"),
     PaperSetting(("steps",), 60_000, "§3: 60,000 steps, 100 epochs", "min"),
     PaperSetting(("c_values",), [0, 1, 2, 4, 8], "§3, Fig. 4"),
+    PaperSetting(("noise_levels",), [0.0, 0.25, 0.5, 0.75, 1.0], "§3, Fig. 4: its noise levels"),
     PaperSetting(("lr",), 0.1, "§3, as §2"), PaperSetting(("batch_size",), 100, "§3, as §2"),
 )
 FIXED_DEVIATIONS: tuple[str, ...] = ()
