@@ -81,3 +81,16 @@ def test_sampled_f_p_estimate_matches_the_stored_coordinates(frozen):
     row = next(r for r in json.loads((frozen / "summary.json").read_text()) if r["noise"] == 0.5)
     assert row["f_p_step0_sampled"] == pytest.approx(d[~corrupt].sum() / d.sum(), rel=1e-6)
     assert abs(row["f_p_step0_sampled"] - row["f_p_step0"]) < 0.5  # an estimate of the exact value
+
+
+def test_the_report_draws_fig_2_in_place_of_the_per_level_split_figures(frozen):
+    report = (frozen / "report.md").read_text()
+    assert "(figure_2.png)" in report and (frozen / "figure_2.png").stat().st_size > 10_000
+    assert "loss_split.png" not in report  # Fig. 2 replaces the per-level split figures in the report
+
+
+def test_fig_2_says_when_there_is_nothing_to_draw(tmp_path):
+    from pipelines.experiments.label_noise import figure_2
+
+    drew = figure_2([{"noise": 0.0}, {"noise": 1.0}], [{}, {}], [None, None], tmp_path / "f.png")
+    assert drew is False and (tmp_path / "f.png").exists()

@@ -213,6 +213,50 @@ def figure_1(rows, histories, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
+def figure_2(rows, all_results, inputs, path: Path) -> bool:
+    """Coherent Gradients Fig. 2: f_p (solid) and f_c (dashed) of the whole model against step, a panel
+    per noise level strictly between 0 and 1, with the 95% bands of their permutation nulls (random
+    pristine/corrupt relabelings of the tracked sample, where the paper drew three such worlds by eye),
+    the sample's own pristine share n_p/n, and in each title the one-sided permutation p-value of
+    f_p > n_p/n at step 0 (:func:`verdicts.pristine_share`, the claim's own test). False (and a figure
+    saying so) if there is nothing to draw."""
+    from analysis.plots import save
+
+    levels = [(r, res, i) for r, res, i in zip(rows, all_results, inputs)
+              if 0.0 < r["noise"] < 1.0 and "f_p" in res and i and "f_p" in i]
+    plt = pyplot()
+    if not levels:  # the file is the run's (listed in its marker): say why it is empty
+        fig, ax = plt.subplots(figsize=(4.2, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no noise level strictly between 0 and 1 with the loss_split metric", ha="center",
+                va="center", fontsize=8)
+        save(fig, path, dpi=110)
+        return False
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.4 * len(levels), 3.6), squeeze=False, sharey=True)
+    for ax, (row, res, given) in zip(axes[0], levels):
+        ds = res.sel(layer=MODEL_LAYER)
+        steps = np.maximum(ds["step"].values, 0.5)  # step 0 drawn at 0.5 on the log axis
+        for name, color, ls in (("f_p", "C0", "-"), ("f_c", "C3", "--")):
+            ax.plot(steps, ds[name].values, color=color, ls=ls, lw=1.6, label=name)
+            if f"{name}_null_low" in ds:
+                ax.fill_between(steps, ds[f"{name}_null_low"].values, ds[f"{name}_null_high"].values, color=color,
+                                alpha=0.18, lw=0, label=f"{name}, null 95%")
+        share = row["pristine_share"]
+        ax.axhline(share, color="C0", ls=":", lw=0.9, label=f"n_p/n = {share:.3f}")
+        ax.axhline(1 - share, color="C3", ls=":", lw=0.9, label=f"n_c/n = {1 - share:.3f}")
+        (cond,) = verdicts.pristine_share([given["f_p"]])
+        p = f"p = {cond.p_claim:.2g}" if np.isfinite(cond.p_claim) else "no null"
+        ax.set(xscale="log", xlabel="training step (log; step 0 at 0.5)",
+               title=f"{row['noise']:.0%} noise: f_p(0) = {given['f_p']['f_p']:.3f}, {p}")
+        ax.title.set_fontsize(9)
+    axes[0][0].set_ylabel("share of the loss reduction")
+    axes[0][0].legend(fontsize=6, loc="best")
+    fig.suptitle("Fig. 2: share of the first-order loss reduction from pristine (f_p) and corrupt (f_c) examples;\n"
+                 "p: one-sided permutation test of f_p > n_p/n at step 0", fontsize=9)
+    save(fig, path, dpi=110)
+    return True
+
+
 def figure_3(rows, all_results, path: Path, window: int = verdicts.EARLY_WINDOW) -> bool:
     """Coherent Gradients Fig. 3: r_p and r_c (per-example cumulative loss reduction of the pristine and
     corrupt groups) over steps 0..``window``, gap-weighted between captures (exact where every step is
@@ -253,7 +297,7 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     dirs = noise_dirs(folder, config["noise_levels"])
     folder.claim_all(dirs.values(), RECORDED)  # refused now, not after training, if not the run's own
     folder.claim_all([folder.out], [(name, "file") for name in ("m_coherence.png", "accuracy.png", "figure_1.png",
-                                                                "figure_3.png", "summary.json")])
+                                                                "figure_2.png", "figure_3.png", "summary.json")])
     mnist = load_mnist(ctx.data_dir)
     rows, all_results, histories, inputs = [], [], [], []
     for noise, run_dir in dirs.items():
@@ -274,6 +318,8 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
         accuracy_figure(rows, histories, path)
     with folder.writing("figure_1.png") as path:
         figure_1(rows, histories, path)
+    with folder.writing("figure_2.png") as path:
+        drew_2 = figure_2(rows, all_results, inputs, path)
     with folder.writing("figure_3.png") as path:
         drew_3 = figure_3(rows, all_results, path)
     with folder.writing("summary.json") as path:
@@ -283,8 +329,11 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     report = build_report("Label noise (Coherent Gradients §2)", config, ctx, rows, mnist.source)
     report.figures.insert(0, ("Fig. 1 (a)–(d): train accuracy, test accuracy, train loss and the fraction of pristine "
                               "(solid) and corrupt (dashed) examples fitted, against step", "figure_1.png"))
+    if drew_2:
+        report.figures.insert(1, ("Fig. 2: f_p and f_c against step with their permutation-null bands, the sample's "
+                                  "pristine share and the p-value of f_p > n_p/n at step 0", "figure_2.png"))
     if drew_3:
-        report.figures.insert(1, (f"Fig. 3: r_p and r_c over steps 0–{W}", "figure_3.png"))
+        report.figures.insert(1 + drew_2, (f"Fig. 3: r_p and r_c over steps 0–{W}", "figure_3.png"))
     return Outcome(report, claim_inputs(rows, inputs, curves), mnist.source)
 
 
@@ -318,7 +367,6 @@ def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:
         + (" This is the `--quick` variant: far shorter than the paper's runs." if ctx.quick else "")
     )
     report = Report(title, intro)
-    noisy = [r for r in rows if 0.0 < r["noise"] < 1.0]
     w = verdicts.EARLY_WINDOW
     header = ["noise", "proper acc", "train acc", "pristine acc", "corrupt acc", "test acc", "peak m-coherence",
               "peak step", "final m-coherence", "f_p at step 0", f"f_p at step 0, estimated from "
@@ -334,9 +382,6 @@ def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:
         ("m-coherence of the whole model against step (log-log), lines at 1 and m", "m_coherence.png"),
         ("Accuracy on pristine and corrupt training examples and on the test set", "accuracy.png"),
     ]
-    report.figures += [(f"Loss-reduction split f_p / f_c with permutation null bands, {r['noise']:.0%} noise",
-                        f"noise-{r['noise']:.2f}/analysis/loss_split.png")
-                       for r in noisy if (ctx.out / f"noise-{r['noise']:.2f}/analysis/loss_split.png").exists()]
     report.notes.append("m-coherence is exact (from the stored moments) over the tracked training sample. The f_p "
                         "claim is tested at step 0 (the gradient the first update uses) by a one-sided permutation "
                         "test against random pristine/corrupt relabelings of the tracked sample, whose mean is the "
