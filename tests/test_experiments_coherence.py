@@ -177,10 +177,11 @@ def test_coherence_evolution_quick_outputs(coherence_run):
     assert "## Claims tested" in report and "real labels" in report and "rises from a low start" in report
     assert "starts high" not in report and report.startswith("**Not at the paper's settings:**")
     for name in ("m_coherence.png", "layers_cnn-bn_noise-0.00.png", "layers_cnn-bn_noise-1.00.png", "summary.csv",
-                 "figure_1_cnn-bn.png", "figure_5_cnn-bn.png", "figure_6_cnn-bn.png", "claims.json",
+                 "figure_1_cnn-bn.png", "figure_4_cnn-bn.png", "figure_5_cnn-bn.png", "figure_6_cnn-bn.png",
+                 "claims.json",
                  "provenance.json"):
         assert (out / name).exists(), name
-    assert "figure_5_cnn-bn.png" in report and "figure_6_cnn-bn.png" in report
+    assert all(f"figure_{k}_cnn-bn.png" in report for k in (1, 4, 5, 6)) and "figure_7" not in report
     evidence = json.loads((out / "claims.json").read_text())
     assert {"rises", "slope_falls", "peak_real", "train_over_test", "conv_over_fc"} <= set(evidence)
     # one seed: these curve statistics have no within-run test, so they are inconclusive, not read descriptively
@@ -283,6 +284,12 @@ def test_coherence_evolution_last_capture_matches_torch_func(coherence_run):
 def test_figure_1_has_a_second_column_only_for_steps_after_the_first_epoch():
     assert ce.epoch_spans(600, 600) == [(0, 600)]  # a one-epoch run: no empty "after" column
     assert ce.epoch_spans(600, 1200) == [(0, 600), (600, None)]
+
+
+def test_fig_1_draws_real_and_random_labels_and_fig_7_the_levels_between():
+    assert ce.figure_levels([0.0, 0.25, 0.5, 0.75, 1.0]) == {1: [0.0, 1.0], 7: [0.25, 0.5, 0.75]}
+    assert ce.figure_levels([0.0, 1.0]) == {1: [0.0, 1.0]}  # nothing between: no Fig. 7
+    assert ce.figure_levels([0.25, 0.75]) == {1: [0.25, 0.75]}  # neither end: all levels in Fig. 1
 
 
 def test_scaled_guide_is_the_ratio_of_expectations():

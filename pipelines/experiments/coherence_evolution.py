@@ -233,6 +233,35 @@ def alpha_parts(store: Path, sample: str = "tracked_train") -> dict[str, np.ndar
             "mean_sq_norm": moments["sum_of_norm_sq"].values / m}
 
 
+def figure_4(model_name: str, noise_levels, results: dict, path: Path) -> None:
+    """Making Coherence Fig. 4: whole-model m-coherence of the tracked training sample (training
+    labels, solid) and of the held-out test sample (true labels, dashed) against step, a panel per
+    noise level, log-log, lines at 1 and m."""
+    from analysis.plots import save
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(noise_levels), figsize=(4.6 * len(noise_levels), 3.8), squeeze=False,
+                             sharey=True)
+    for ax, noise in zip(axes[0], noise_levels):
+        res = results[(model_name, noise)]
+        steps = np.maximum(res["step"].values, 0.5)
+        m = 1
+        for sample, ls, what in (("tracked_train", "-", "training sample"), ("tracked_test", "--", "test sample")):
+            if sample in res["sample"].values:
+                count = int(res["m"].sel(sample=sample, layer=MODEL_LAYER).values[0])
+                ax.plot(steps, _curve(res, sample), color="C0" if sample == "tracked_train" else "C1", ls=ls,
+                        label=f"{what}, m = {count}")
+                m = max(m, count)
+        ax.axhline(1, color="grey", ls="--", lw=0.8)
+        ax.axhline(m, color="black", ls=":", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)", title=f"{noise:.0%} noise")
+    axes[0][0].set_ylabel("m-coherence of the whole model")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{model_name}: m-coherence of training examples (their training labels) and of held-out test "
+                 f"examples (true labels)", fontsize=9)
+    save(fig, path, dpi=110)
+
+
 def figure_5(model_name: str, noise_levels, parts: dict, path: Path) -> None:
     """Making Coherence Fig. 5: the numerator ||E g||² and the denominator E||g||² of alpha of the
     whole model against step (log-log), a colour per noise level, tracked training sample."""
@@ -290,7 +319,16 @@ def epoch_spans(steps_per_epoch: int, last_step: int) -> list[tuple[int, int | N
     return [(0, steps_per_epoch)] + ([(steps_per_epoch, None)] if last_step > steps_per_epoch else [])
 
 
-def figure_1(model_name: str, noise_levels, results: dict, histories: dict, steps_per_epoch: int, path: Path) -> None:
+def figure_levels(noise_levels) -> dict[int, list[float]]:
+    """The noise levels Fig. 1 (0% and 100%: real and random labels) and Fig. 7 (the levels between,
+    25% and 75% in the paper) draw; a run without 0% or 100% draws all its levels in Fig. 1."""
+    ends = [p for p in noise_levels if p in (0.0, 1.0)]
+    between = [p for p in noise_levels if 0.0 < p < 1.0]
+    return {1: ends, 7: between} if ends and between else {1: list(noise_levels)}
+
+
+def figure_1(model_name: str, noise_levels, results: dict, histories: dict, steps_per_epoch: int, path: Path,
+             *, figure: int = 1) -> None:
     """Making Coherence Fig. 1's rows for one model: train loss, accuracy (train solid, test dashed), and
     m-coherence of the whole model and of the first, a middle and the last layer (lines at 1 and m),
     solid, with the m-coherence of the weights alone (no biases) dashed where the store has it;
@@ -332,7 +370,8 @@ def figure_1(model_name: str, noise_levels, results: dict, histories: dict, step
     axes[0][0].set_ylabel("train loss")
     axes[1][0].set_ylabel("accuracy (train solid, test dashed)", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{model_name}: m-coherence, solid; of the weights alone, dashed\n(lines at 1 and m = {m})")
+    fig.suptitle(f"Fig. {figure}, {model_name}: m-coherence, solid; of the weights alone, dashed\n"
+                 f"(lines at 1 and m = {m})")
     save(fig, path, dpi=100)
 
 
@@ -349,7 +388,7 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     folder.claim_all([run_dir for run_dir, _ in dirs.values()], RECORDED)
     folder.claim_all([folder.out], [(png.name, "file") for _, png in dirs.values()] + [
         (name, "file") for name in ("m_coherence.png", "summary.csv", "summary.json")] + [
-        (f"figure_{k}_{m}.png", "file") for m in config["models"] for k in (1, 5, 6)])
+        (f"figure_{k}_{m}.png", "file") for m in config["models"] for k in (1, 4, 5, 6, 7)])
     mnist = subsample(load_mnist(ctx.data_dir), config["train_examples"], config["test_examples"], config["seed"])
     rows, results, all_kinds, histories, per_epoch, parts = [], {}, {}, {}, {}, {}
     for model_name in config["models"]:
@@ -364,9 +403,15 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
                 layer_figure(res, kinds, path, title=f"{model_name}, {noise:.0%} label noise: m-coherence per layer")
     with folder.writing("m_coherence.png") as path:
         summary_figure(config["models"], config["noise_levels"], results, path)
+    with_test = {m: any("tracked_test" in results[(m, p)]["sample"].values for p in config["noise_levels"])
+                 for m in config["models"]}
     for model_name in config["models"]:
-        with folder.writing(f"figure_1_{model_name}.png") as path:
-            figure_1(model_name, config["noise_levels"], results, histories, per_epoch[model_name], path)
+        for k, levels in figure_levels(config["noise_levels"]).items():
+            with folder.writing(f"figure_{k}_{model_name}.png") as path:
+                figure_1(model_name, levels, results, histories, per_epoch[model_name], path, figure=k)
+        if with_test[model_name]:
+            with folder.writing(f"figure_4_{model_name}.png") as path:
+                figure_4(model_name, config["noise_levels"], results, path)
         with folder.writing(f"figure_5_{model_name}.png") as path:
             figure_5(model_name, config["noise_levels"], parts, path)
         if config["capture"]["moments_examples"]:
@@ -377,16 +422,22 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     with folder.writing("summary.json") as path:
         dump_json(path, rows)
     report = build_report(config, ctx, rows, results, mnist)
-    report.figures[:0] = [(f"{m}: Fig. 1's rows (loss, accuracy, m-coherence of the whole model and of the first, a "
-                           f"middle and the last layer, solid; of their weights alone, dashed), first epoch and after",
-                           f"figure_1_{m}.png")
-                          for m in config["models"]] + [
-        (f"{m}: Fig. 5, alpha's numerator ||E g||² and denominator E||g||² of the whole model against step",
-         f"figure_5_{m}.png") for m in config["models"]] + [
-        (f"{m}: Fig. 6, whole-model m-coherence of the tracked training sample and of a second training sample of "
-         f"{config['capture']['moments_examples']} examples (dotted: the second curve expected from the first one's "
-         f"ratio ||E g||² / E||g||²)", f"figure_6_{m}.png")
-        for m in config["models"] if config["capture"]["moments_examples"]]
+    figures = []
+    for m in config["models"]:
+        for k, levels in figure_levels(config["noise_levels"]).items():
+            figures.append((f"{m}: Fig. {k}'s rows at {', '.join(f'{p:.0%}' for p in levels)} noise (loss, accuracy, "
+                            f"m-coherence of the whole model and of the first, a middle and the last layer, solid; of "
+                            f"their weights alone, dashed), first epoch and after", f"figure_{k}_{m}.png"))
+        if with_test[m]:
+            figures.append((f"{m}: Fig. 4, whole-model m-coherence of the training sample (training labels) and of "
+                            f"held-out test examples (true labels)", f"figure_4_{m}.png"))
+        figures.append((f"{m}: Fig. 5, alpha's numerator ||E g||² and denominator E||g||² of the whole model against "
+                        f"step", f"figure_5_{m}.png"))
+        if config["capture"]["moments_examples"]:
+            figures.append((f"{m}: Fig. 6, whole-model m-coherence of the tracked training sample and of a second "
+                            f"training sample of {config['capture']['moments_examples']} examples (dotted: the second "
+                            f"curve expected from the first one's ratio ||E g||² / E||g||²)", f"figure_6_{m}.png"))
+    report.figures[:0] = sorted(figures, key=lambda f: int(f[1].split("_")[1]))
     return Outcome(report, claim_inputs(config, results, all_kinds, rows), mnist.source)
 
 
