@@ -99,11 +99,9 @@ def test_frozen_median_of_means_supports_no_directional_fitting_claim(frozen_mom
     _report_shows(frozen_mom, judged)
 
 
-@pytest.mark.xfail(strict=True, reason="ra3_like_sgd (kind 'fitting', TOST within ±0.02) is supported by a run "
-                   "that cannot learn: SGD and RA3 both stay at the initialisation, so their difference is exactly 0 "
-                   "with a binomial SE of ~0.01 and the equivalence test passes")
 def test_frozen_median_of_means_supports_no_fitting_claim(frozen_mom):
     judged, _ = _judged(frozen_mom, median_of_means.CLAIMS)
     fitting = [c for c in judged.values() if c.kind == "fitting"]
     assert "ra3_like_sgd" in {c.key for c in fitting}
     assert all(c.supported is not True for c in fitting), [(c.key, c.measured) for c in fitting]
+    assert judged["ra3_like_sgd"].supported is None  # inconclusive: SGD never moved, so "like SGD" says nothing

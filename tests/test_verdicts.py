@@ -208,3 +208,14 @@ def test_registry_declarations_are_complete():
         assert exp.NAME == name and exp.CLAIMS and set(engine.REGISTRY[name]) == {c.key for c in exp.CLAIMS}
         for spec in exp.CLAIMS:
             assert spec.statement and spec.paper and spec.where and spec.statistic and spec.window and spec.test
+
+
+def test_an_equivalence_to_a_reference_that_never_moved_cannot_decide():
+    """RA3 "behaves like SGD" is vacuous where SGD stayed at its start (a run that cannot learn)."""
+    moved, still = v.differences_from_a_moved_reference(
+        [("moved", 0.40, 0.41, 0.01, 0.10), ("still", 0.10, 0.10, 0.01, 0.105)], margin=0.02)
+    assert moved.estimate == pytest.approx(-0.01) and moved.reason == "" and "0.100 at step 0" in moved.detail
+    assert math.isnan(still.estimate) and "moved 0.005" in still.reason
+    spec = _spec("equivalent", 0.02, v.differences_from_a_moved_reference)
+    assert engine.judge(spec, spec.measure([("moved", 0.40, 0.41, 0.005, 0.10)])).supported is True
+    assert engine.judge(spec, spec.measure([("still", 0.10, 0.10, 0.005, 0.10)])).supported is None

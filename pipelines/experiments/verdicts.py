@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -154,6 +155,26 @@ def differences(cases: Sequence[tuple[str, float, float, float]], *, margin: flo
         ok = all(math.isfinite(x) for x in (a, b, se)) and se > 0
         out.append(Condition(label, a - b if ok else math.nan, f"{a:.3f} vs {b:.3f}, difference {a - b:+.3f}", se=se,
                              reason="" if ok else "a value or its standard error is missing"))
+    return out
+
+
+def differences_from_a_moved_reference(cases: Sequence[tuple[str, float, float, float, float]], *,
+                                       margin: float = 0.0) -> list[Condition]:
+    """``a − b`` per case as :func:`differences`, for an equivalence claim whose reference ``b`` must
+    have moved from its start: ``cases`` (label, a, b, se of a − b, b at step 0). A case where ``b``
+    moved by no more than ``margin`` from its start cannot decide, since two runs that both stayed
+    where they began are "equivalent within ±margin" whatever the claim (a run that cannot learn)."""
+    out = []
+    for cond, (_, _, b, _, start) in zip(differences([c[:4] for c in cases], margin=margin), cases):
+        if not cond.reason:
+            detail = f"{cond.detail}; reference {start:.3f} at step 0"
+            if math.isfinite(start) and abs(b - start) > margin:
+                cond = replace(cond, detail=detail)
+            else:
+                cond = replace(cond, detail=detail, estimate=math.nan,
+                               reason=f"the reference moved {abs(b - start):.3f} from its start, not more than the "
+                                      f"margin {margin}: the equivalence would say nothing")
+        out.append(cond)
     return out
 
 
