@@ -250,7 +250,8 @@ def claim_inputs(split_rows, acc_rows, coh_rows) -> dict[str, Any]:
         rule = split["rule"]
         by = {r["trained_on"]: r for r in acc_rows if r["rule"] == rule}
         ok = all(by.get(g, {}).get("n_fit", 0) >= 1 for g in GROUPS)
-        heldout.append({"label": f"rule {rule}, fit on {by['easy']['n_fit'] if ok else 0} each",
+        heldout.append({"label": f"rule {rule}", "n_fit": by["easy"]["n_fit"] if ok else 0,  # the label names the
+                        # condition, the same in every seed (the fit size depends on the seed's split)
                         "easy_correct": by["easy"]["held_easy_correct"] if ok else 0,
                         "easy_n": by["easy"]["held_easy_n"] if ok else 0,
                         "hard_correct": by["hard"]["held_hard_correct"] if ok else 0,

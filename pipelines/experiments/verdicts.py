@@ -337,7 +337,7 @@ def per_step(rows: Sequence[dict], *, margin: float = 0.0) -> list[Condition]:
 def heldout(cases: Sequence[dict], *, margin: float = 0.0) -> list[Condition]:
     """Held-out accuracy of the easy-trained model on easy against the hard-trained on hard, by
     one-sided Fisher exact tests (``cases``: ``label``, ``easy_correct``, ``easy_n``, ``hard_correct``,
-    ``hard_n``)."""
+    ``hard_n``, and optionally ``n_fit``, the examples each model was fitted on)."""
     from scipy.stats import fisher_exact
 
     out = []
@@ -348,7 +348,8 @@ def heldout(cases: Sequence[dict], *, margin: float = 0.0) -> list[Condition]:
         table = [[c["easy_correct"], c["easy_n"] - c["easy_correct"]],
                  [c["hard_correct"], c["hard_n"] - c["hard_correct"]]]
         a, b = c["easy_correct"] / c["easy_n"], c["hard_correct"] / c["hard_n"]
-        out.append(Condition(c["label"], a - b, f"easy→held-out easy {a:.3f} (n = {c['easy_n']}) vs hard→held-out "
+        fit = f"fit on {c['n_fit']} each: " if "n_fit" in c else ""
+        out.append(Condition(c["label"], a - b, f"{fit}easy→held-out easy {a:.3f} (n = {c['easy_n']}) vs hard→held-out "
                              f"hard {b:.3f} (n = {c['hard_n']}), Fisher exact",
                              float(fisher_exact(table, alternative="greater").pvalue),
                              float(fisher_exact(table, alternative="less").pvalue)))
