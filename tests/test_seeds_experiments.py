@@ -46,12 +46,23 @@ def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_RUNS = {}
+
+
+def _two_seeds(name, tmp_path_factory):
+    """``--quick --seeds 2`` of ``name`` on its tiny overlay, run once per test session."""
+    if name not in _RUNS:
+        tmp = tmp_path_factory.mktemp(name)
+        cfg = tmp / "tiny.toml"
+        cfg.write_text(OVERLAYS[name])
+        main(["run", name, "--quick", "--seeds", "2", "--no-progress", "--config", str(cfg), "--out", str(tmp / "run")])
+        _RUNS[name] = tmp / "run"
+    return _RUNS[name]
+
+
 @pytest.mark.parametrize("name", sorted(OVERLAYS))
-def test_two_seeds_of_every_quick_variant(tmp_path, name):
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(OVERLAYS[name])
-    out = tmp_path / "run"
-    main(["run", name, "--quick", "--seeds", "2", "--no-progress", "--config", str(cfg), "--out", str(out)])
+def test_two_seeds_of_every_quick_variant(tmp_path_factory, name):
+    out = _two_seeds(name, tmp_path_factory)
     seeds = [json.loads((out / f"seed-{s}" / "summary.json").read_text()) for s in (0, 1)]
     assert all((out / f"seed-{s}" / "report.md").exists() for s in (0, 1))
     across = json.loads((out / "summary.json").read_text())
@@ -76,3 +87,21 @@ def test_two_seeds_of_every_quick_variant(tmp_path, name):
     for claim in judged:
         line = next(r for r in report.splitlines() if r.startswith(f"| {claim.statement} |"))
         assert "over 2 seeds" in line and line.rsplit("|", 2)[-2].strip() in VERDICT_WORDS.values(), line
+
+
+def test_coherence_evolution_draws_its_curves_across_seeds(tmp_path_factory):
+    from pipelines.experiments import coherence_evolution as ce
+
+    out = _two_seeds("coherence-evolution", tmp_path_factory)
+    report = (out / "report.md").read_text()
+    assert "(seeds_m_coherence_cnn-bn.png)" in report and (out / "seeds_m_coherence_cnn-bn.png").stat().st_size > 0
+    dirs = [out / f"seed-{s}" for s in (0, 1)]
+    rows = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    for noise in (0.0, 1.0):
+        for sample, key in (("tracked_train", "train"), ("tracked_test", "test")):
+            steps, curves = ce.seed_curves(dirs, "cnn-bn", noise, sample)
+            assert steps[0] == 0 and curves.shape == (2, len(steps))
+            for curve, seed_rows in zip(curves, rows):  # each seed's own peak and first value, as it reported them
+                (row,) = [r for r in seed_rows if r["noise"] == noise]
+                assert curve.max() == pytest.approx(row[f"{key}_peak"], rel=1e-9)
+                assert curve[0] == pytest.approx(row[f"{key}_initial"], rel=1e-9)

@@ -375,14 +375,19 @@ def figure_1(model_name: str, noise_levels, results: dict, histories: dict, step
     save(fig, path, dpi=100)
 
 
+def noise_labels(noise_levels) -> dict[float, str]:
+    """The folder label of each noise level's run (``noise-0.25``), distinct or refused."""
+    return distinct_dirs({noise: f"noise-{number_label(noise, 'noise_levels')}" for noise in noise_levels},
+                         "noise_levels")
+
+
 def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     """Train every (model, noise), analyse each store and draw the figures; the runner judges and reports."""
     from pipelines.data import load_mnist
 
     check_config(config)
     folder = ctx.folder
-    labels = distinct_dirs({noise: f"noise-{number_label(noise, 'noise_levels')}" for noise in config["noise_levels"]},
-                           "noise_levels")
+    labels = noise_labels(config["noise_levels"])
     dirs = {(m, p): (folder.path(f"{m}-{label}"), folder.path(f"layers_{m}_{label}.png"))
             for m in config["models"] for p, label in labels.items()}  # checked before any work
     folder.claim_all([run_dir for run_dir, _ in dirs.values()], RECORDED)
@@ -442,6 +447,60 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
 
 
 run = bind(__name__)
+
+
+def seed_curves(seed_dirs, model_name: str, noise: float, sample: str) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-model m-coherence against step of every seed (rows), from each seed's analysis table;
+    the steps every seed captured."""
+    import csv
+
+    label = noise_labels([noise])[noise]
+    curves = []
+    for d in seed_dirs:
+        with open(Path(d) / f"{model_name}-{label}" / "analysis" / "coherence.csv", newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["sample"] == sample and r["layer"] == MODEL_LAYER
+                    and r["source"] == "exact"]
+        curves.append({int(r["step"]): float(r["m_coherence"]) for r in rows})
+    steps = np.array(sorted(set.intersection(*(set(c) for c in curves))), dtype=int)
+    return steps, np.array([[c[s] for s in steps] for c in curves])
+
+
+def seed_figures(config: dict[str, Any], seed_dirs, folder) -> list[tuple[str, str]]:
+    """Across seeds, per model: whole-model m-coherence against step, a panel per noise level, the
+    mean over seeds of log10 m-coherence (training sample solid, test dashed) with its 95% t-interval
+    as a band; lines at 1 and m."""
+    from analysis.plots import save
+    from pipelines.experiments.claims import t_interval
+
+    out = []
+    for model_name in config["models"]:
+        plt = pyplot()
+        levels = config["noise_levels"]
+        fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 3.8), squeeze=False, sharey=True)
+        for ax, noise in zip(axes[0], levels):
+            for sample, ls, color in (("tracked_train", "-", "C0"), ("tracked_test", "--", "C1")):
+                if sample == "tracked_test" and not config["capture"]["tracked_test"]:
+                    continue
+                steps, curves = seed_curves(seed_dirs, model_name, noise, sample)
+                logs = np.log10(np.maximum(curves, 1e-12))
+                mean, half = np.array([t_interval(list(col))[:2] for col in logs.T]).T
+                x = np.maximum(steps, 0.5)
+                ax.plot(x, 10 ** mean, color=color, ls=ls, label=f"{sample.split('_')[1]} sample, mean of log10")
+                ax.fill_between(x, 10 ** (mean - half), 10 ** (mean + half), color=color, alpha=0.2, lw=0,
+                                label="95% t-interval over seeds")
+            ax.axhline(1, color="grey", ls="--", lw=0.8)
+            ax.axhline(config["capture"]["tracked_train"], color="black", ls=":", lw=0.8)
+            ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)", title=f"{noise:.0%} noise")
+        axes[0][0].set_ylabel("m-coherence of the whole model")
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle(f"{model_name}: m-coherence over {len(seed_dirs)} seeds (geometric mean, 95% t-interval of "
+                     f"log10)", fontsize=9)
+        name = f"seeds_m_coherence_{model_name}.png"
+        with folder.writing(name) as path:
+            save(fig, path, dpi=110)
+        out.append((f"{model_name}: whole-model m-coherence over {len(seed_dirs)} seeds, training (solid) and held-out "
+                    f"test (dashed) samples: geometric mean and the 95% t-interval of log10 m-coherence", name))
+    return out
 
 
 def _curve(res, sample: str = "tracked_train", layer: str = MODEL_LAYER, *, weights: bool = False):

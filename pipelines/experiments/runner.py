@@ -14,7 +14,9 @@ ctx)``, which trains, analyses, draws its figures and returns an :class:`Outcome
 - with ``seeds > 1`` runs each seed (``seed``, ``seed + 1``, ...) as its own process, at most
   ``os.cpu_count()`` at a time, in its own run folder ``seed-S`` (so ``--resume`` works per seed),
   and writes a report across seeds: every number of the seeds' summaries as mean ± 95% t-interval,
-  and every verdict from the across-seed tests.
+  every verdict from the across-seed tests, and the figures of the experiment's optional
+  ``seed_figures(config, seed_dirs, folder)`` (drawn from the seeds' folders into the run's own,
+  returning their (caption, file name)s).
 
 Experiment modules never import one another; what several share lives in
 :mod:`pipelines.experiments.common`.
@@ -56,6 +58,9 @@ class Experiment(Protocol):
     FIXED_DEVIATIONS: tuple
 
     def execute(self, config: dict, ctx: Context) -> Outcome: ...
+
+    # optional: figures across seeds, drawn from the seed folders with ``folder.writing(name)``
+    # def seed_figures(self, config: dict, seed_dirs: list[Path], folder: RunFolder) -> list[tuple[str, str]]: ...
 
 
 def load(module: str) -> Experiment:
@@ -164,6 +169,8 @@ def run_seeds(module: str, config: dict, ctx: Context, seeds: int, *, title: str
         summaries = [json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else None
                      for d in dirs]
         report = across_seeds_report(exp, config, values, reports, summaries, ctx)
+        if hasattr(exp, "seed_figures"):
+            report.figures += exp.seed_figures(config, dirs, folder)
         with folder.writing("summary.json") as path:
             path.write_text(json.dumps(aggregate(summaries), indent=1, default=float) + "\n")
         judged = claims_engine.judge_all(exp.CLAIMS, evidence)
