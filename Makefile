@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/gradstore demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The optional `bench` extra (BackPACK, Opacus) without BackPACK's torchvision requirement, which
 # would replace the CPU torch with a multi-GB build; only `gradstore bench capture` uses it.
