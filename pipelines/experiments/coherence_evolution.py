@@ -11,6 +11,7 @@ training sample and on held-out test examples (sample ``tracked_test``).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from pipelines.experiments.common import (
     pyplot,
     RECORDED,
     Context,
+    Figure,
     Report,
     distinct_dirs,
     dump_json,
@@ -395,7 +397,7 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
         (name, "file") for name in ("m_coherence.png", "summary.csv", "summary.json")] + [
         (f"figure_{k}_{m}.png", "file") for m in config["models"] for k in (1, 4, 5, 6, 7)])
     mnist = subsample(load_mnist(ctx.data_dir), config["train_examples"], config["test_examples"], config["seed"])
-    rows, results, all_kinds, histories, per_epoch, parts = [], {}, {}, {}, {}, {}
+    rows, results, all_kinds, histories, per_epoch, parts, layer_figures = [], {}, {}, {}, {}, {}, []
     for model_name in config["models"]:
         for noise in config["noise_levels"]:
             run_dir, layers_png = dirs[(model_name, noise)]
@@ -404,46 +406,41 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
             results[(model_name, noise)], parts[(model_name, noise)] = res, alpha_parts(store)
             all_kinds[model_name], histories[(model_name, noise)], per_epoch[model_name] = kinds, result.history, spe
             rows.append(summarise(model_name, noise, result, res, spe))
-            with folder.writing(layers_png.name) as path:
-                layer_figure(res, kinds, path, title=f"{model_name}, {noise:.0%} label noise: m-coherence per layer")
-    with folder.writing("m_coherence.png") as path:
-        summary_figure(config["models"], config["noise_levels"], results, path)
+            layer_figures.append(Figure(
+                layers_png.name, f"{model_name}, {noise:.0%} noise: m-coherence per layer against step, training and "
+                f"held-out test samples", partial(layer_figure, res, kinds,
+                                                  title=f"{model_name}, {noise:.0%} label noise: m-coherence per layer")))
     with_test = {m: any("tracked_test" in results[(m, p)]["sample"].values for p in config["noise_levels"])
                  for m in config["models"]}
-    for model_name in config["models"]:
-        for k, levels in figure_levels(config["noise_levels"]).items():
-            with folder.writing(f"figure_{k}_{model_name}.png") as path:
-                figure_1(model_name, levels, results, histories, per_epoch[model_name], path, figure=k)
-        if with_test[model_name]:
-            with folder.writing(f"figure_4_{model_name}.png") as path:
-                figure_4(model_name, config["noise_levels"], results, path)
-        with folder.writing(f"figure_5_{model_name}.png") as path:
-            figure_5(model_name, config["noise_levels"], parts, path)
-        if config["capture"]["moments_examples"]:
-            with folder.writing(f"figure_6_{model_name}.png") as path:
-                figure_6(model_name, config["noise_levels"], results, path)
     with folder.writing("summary.csv") as path:
         write_csv(path, rows)
     with folder.writing("summary.json") as path:
         dump_json(path, rows)
     report = build_report(config, ctx, rows, results, mnist)
-    figures = []
+    levels, figures = config["noise_levels"], []
     for m in config["models"]:
-        for k, levels in figure_levels(config["noise_levels"]).items():
-            figures.append((f"{m}: Fig. {k}'s rows at {', '.join(f'{p:.0%}' for p in levels)} noise (loss, accuracy, "
-                            f"m-coherence of the whole model and of the first, a middle and the last layer, solid; of "
-                            f"their weights alone, dashed), first epoch and after", f"figure_{k}_{m}.png"))
+        for k, shown in figure_levels(levels).items():
+            figures.append(Figure(
+                f"figure_{k}_{m}.png", f"{m}: Fig. {k}'s rows at {', '.join(f'{p:.0%}' for p in shown)} noise (loss, "
+                f"accuracy, m-coherence of the whole model and of the first, a middle and the last layer, solid; of "
+                f"their weights alone, dashed), first epoch and after",
+                partial(figure_1, m, shown, results, histories, per_epoch[m], figure=k)))
         if with_test[m]:
-            figures.append((f"{m}: Fig. 4, whole-model m-coherence of the training sample (training labels) and of "
-                            f"held-out test examples (true labels)", f"figure_4_{m}.png"))
-        figures.append((f"{m}: Fig. 5, alpha's numerator ||E g||² and denominator E||g||² of the whole model against "
-                        f"step", f"figure_5_{m}.png"))
+            figures.append(Figure(f"figure_4_{m}.png", f"{m}: Fig. 4, whole-model m-coherence of the training sample "
+                                  f"(training labels) and of held-out test examples (true labels)",
+                                  partial(figure_4, m, levels, results)))
+        figures.append(Figure(f"figure_5_{m}.png", f"{m}: Fig. 5, alpha's numerator ||E g||² and denominator E||g||² "
+                              f"of the whole model against step", partial(figure_5, m, levels, parts)))
         if config["capture"]["moments_examples"]:
-            figures.append((f"{m}: Fig. 6, whole-model m-coherence of the tracked training sample and of a second "
-                            f"training sample of {config['capture']['moments_examples']} examples (dotted: the second "
-                            f"curve expected from the first one's ratio ||E g||² / E||g||²)", f"figure_6_{m}.png"))
-    report.figures[:0] = sorted(figures, key=lambda f: int(f[1].split("_")[1]))
-    return Outcome(report, claim_inputs(config, results, all_kinds, rows), mnist.source)
+            figures.append(Figure(
+                f"figure_6_{m}.png", f"{m}: Fig. 6, whole-model m-coherence of the tracked training sample and of a "
+                f"second training sample of {config['capture']['moments_examples']} examples (dotted: the second "
+                f"curve expected from the first one's ratio ||E g||² / E||g||²)", partial(figure_6, m, levels, results)))
+    figures.sort(key=lambda f: int(f.name.split("_")[1]))  # by the paper's figure number, then model
+    figures.append(Figure("m_coherence.png", "Whole-model m-coherence against step (solid: training sample, dashed: "
+                          "held-out test sample), log-log, lines at 1 and m",
+                          partial(summary_figure, config["models"], levels, results)))
+    return Outcome(report, claim_inputs(config, results, all_kinds, rows), mnist.source, figures + layer_figures)
 
 
 run = bind(__name__)
@@ -465,42 +462,42 @@ def seed_curves(seed_dirs, model_name: str, noise: float, sample: str) -> tuple[
     return steps, np.array([[c[s] for s in steps] for c in curves])
 
 
-def seed_figures(config: dict[str, Any], seed_dirs, folder) -> list[tuple[str, str]]:
-    """Across seeds, per model: whole-model m-coherence against step, a panel per noise level, the
+def seed_figure(config: dict[str, Any], seed_dirs, model_name: str, path: Path) -> None:
+    """Across seeds, one model: whole-model m-coherence against step, a panel per noise level, the
     mean over seeds of log10 m-coherence (training sample solid, test dashed) with its 95% t-interval
     as a band; lines at 1 and m."""
     from analysis.plots import save
     from pipelines.experiments.claims import t_interval
 
-    out = []
-    for model_name in config["models"]:
-        plt = pyplot()
-        levels = config["noise_levels"]
-        fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 3.8), squeeze=False, sharey=True)
-        for ax, noise in zip(axes[0], levels):
-            for sample, ls, color in (("tracked_train", "-", "C0"), ("tracked_test", "--", "C1")):
-                if sample == "tracked_test" and not config["capture"]["tracked_test"]:
-                    continue
-                steps, curves = seed_curves(seed_dirs, model_name, noise, sample)
-                logs = np.log10(np.maximum(curves, 1e-12))
-                mean, half = np.array([t_interval(list(col))[:2] for col in logs.T]).T
-                x = np.maximum(steps, 0.5)
-                ax.plot(x, 10 ** mean, color=color, ls=ls, label=f"{sample.split('_')[1]} sample, mean of log10")
-                ax.fill_between(x, 10 ** (mean - half), 10 ** (mean + half), color=color, alpha=0.2, lw=0,
-                                label="95% t-interval over seeds")
-            ax.axhline(1, color="grey", ls="--", lw=0.8)
-            ax.axhline(config["capture"]["tracked_train"], color="black", ls=":", lw=0.8)
-            ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)", title=f"{noise:.0%} noise")
-        axes[0][0].set_ylabel("m-coherence of the whole model")
-        axes[0][0].legend(fontsize=6)
-        fig.suptitle(f"{model_name}: m-coherence over {len(seed_dirs)} seeds (geometric mean, 95% t-interval of "
-                     f"log10)", fontsize=9)
-        name = f"seeds_m_coherence_{model_name}.png"
-        with folder.writing(name) as path:
-            save(fig, path, dpi=110)
-        out.append((f"{model_name}: whole-model m-coherence over {len(seed_dirs)} seeds, training (solid) and held-out "
-                    f"test (dashed) samples: geometric mean and the 95% t-interval of log10 m-coherence", name))
-    return out
+    plt = pyplot()
+    levels = config["noise_levels"]
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 3.8), squeeze=False, sharey=True)
+    for ax, noise in zip(axes[0], levels):
+        for sample, ls, color in (("tracked_train", "-", "C0"), ("tracked_test", "--", "C1")):
+            if sample == "tracked_test" and not config["capture"]["tracked_test"]:
+                continue
+            steps, curves = seed_curves(seed_dirs, model_name, noise, sample)
+            logs = np.log10(np.maximum(curves, 1e-12))
+            mean, half = np.array([t_interval(list(col))[:2] for col in logs.T]).T
+            x = np.maximum(steps, 0.5)
+            ax.plot(x, 10 ** mean, color=color, ls=ls, label=f"{sample.split('_')[1]} sample, mean of log10")
+            ax.fill_between(x, 10 ** (mean - half), 10 ** (mean + half), color=color, alpha=0.2, lw=0,
+                            label="95% t-interval over seeds")
+        ax.axhline(1, color="grey", ls="--", lw=0.8)
+        ax.axhline(config["capture"]["tracked_train"], color="black", ls=":", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)", title=f"{noise:.0%} noise")
+    axes[0][0].set_ylabel("m-coherence of the whole model")
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"{model_name}: m-coherence over {len(seed_dirs)} seeds (geometric mean, 95% t-interval of log10)",
+                 fontsize=9)
+    save(fig, path, dpi=110)
+
+
+def seed_figures(config: dict[str, Any], seed_dirs) -> list[Figure]:
+    """The runner's figures across seeds: :func:`seed_figure` per model."""
+    return [Figure(f"seeds_m_coherence_{m}.png", f"{m}: whole-model m-coherence over {len(seed_dirs)} seeds, training "
+                   f"(solid) and held-out test (dashed) samples: geometric mean and the 95% t-interval of log10 "
+                   f"m-coherence", partial(seed_figure, config, seed_dirs, m)) for m in config["models"]]
 
 
 def _curve(res, sample: str = "tracked_train", layer: str = MODEL_LAYER, *, weights: bool = False):
@@ -571,10 +568,6 @@ def build_report(config, ctx: Context, rows, results, mnist) -> Report:
          r.get("train_weights_peak", nan), r.get("test_m", 0), r.get("test_initial", nan), r.get("test_peak", nan), r.get("test_peak_step", "–"),
          r.get("test_final", nan), r.get("second_m", 0), r.get("second_peak", nan), r.get("second_peak_step", "–")]
         for r in rows]))
-    report.figures.append(("Whole-model m-coherence against step (solid: training sample, dashed: held-out test "
-                           "sample), log-log, lines at 1 and m", "m_coherence.png"))
-    report.figures += [(f"{r['model']}, {r['noise']:.0%} noise: m-coherence per layer against step, training and "
-                        f"held-out test samples", f"layers_{r['model']}_noise-{r['noise']:.2f}.png") for r in rows]
     report.notes += [
         "m-coherence is 1 when the per-example gradients are pairwise orthogonal and m when they are all equal; "
         "per layer it uses that layer's parameters only (weight and bias); *weights only* (Fig. 1 dashed, the "

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import socket
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -516,6 +517,18 @@ class Claim:
 
 
 VERDICT_WORDS = {True: "supported", False: "**not supported**", None: "inconclusive"}
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure an experiment declares (in :class:`~pipelines.experiments.runner.Outcome`): the runner
+    draws it into the run folder's ``name`` and captions it in the report, in the declared order.
+    ``draw(path)`` returns False when there is nothing to draw (the file then says why, and the report
+    leaves it out)."""
+
+    name: str
+    caption: str
+    draw: Callable[[Path], Any]
 
 
 @dataclass

@@ -16,6 +16,7 @@ permutation p-value for "easy more coherent than hard" (:func:`analysis.nulls.co
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from pipelines.experiments.common import (
     pyplot,
     RECORDED,
     Context,
+    Figure,
     Report,
     dump_json,
     train_recorded,
@@ -206,7 +208,7 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
     ds_ids = _tracked_train_ids(store)
     position = {int(i): k for k, i in enumerate(data.train_ids.cpu().numpy())}
     tracked = np.array([position[int(i)] for i in ds_ids])
-    split_rows, acc_rows, coh_rows = [], [], []
+    split_rows, acc_rows, coh_rows, coherence_figures = [], [], [], []
     for rule, easy in masks.items():
         split_rows.append({"rule": rule, "n_easy": int(easy.sum()), "n_hard": int((~easy).sum()),
                            "tracked_easy": int(easy[tracked].sum()), "tracked_hard": int((~easy[tracked]).sum())})
@@ -226,10 +228,8 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
         with folder.writing("analysis", f"easy_hard_{rule}.csv") as path:
             res.drop_vars([v for v in res.data_vars if "group_" in res[v].dims]).to_dataframe().to_csv(path)
         coh_rows += coherence_rows(res, rule)
-        with folder.writing(f"coherence_{rule}.png") as path:
-            coherence_figure(res, path, rule=rule)
-    with folder.writing("heldout_accuracy.png") as path:
-        accuracy_figure(acc_rows, path)
+        coherence_figures.append(Figure(f"coherence_{rule}.png", f"Coherence within easy, within hard and across "
+                                        f"({rule})", partial(coherence_figure, res, rule=rule)))
     with folder.writing("heldout_accuracy.csv") as path:
         write_csv(path, acc_rows)
     with folder.writing("coherence_by_step.csv") as path:
@@ -238,7 +238,9 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
         dump_json(path, {"split": split_rows, "heldout": acc_rows, "coherence": coh_rows,
                          "phase1_final": result.final})
     report = build_report(config, ctx, mnist.source, result.final, split_rows, acc_rows, coh_rows)
-    return Outcome(report, claim_inputs(split_rows, acc_rows, coh_rows), mnist.source)
+    figures = [Figure("heldout_accuracy.png", "Held-out accuracy of models retrained on easy or on hard examples",
+                      partial(accuracy_figure, acc_rows)), *coherence_figures]
+    return Outcome(report, claim_inputs(split_rows, acc_rows, coh_rows), mnist.source, figures)
 
 
 run = bind(__name__)
@@ -350,9 +352,6 @@ def build_report(config, ctx: Context, source: str, phase1, split_rows, acc_rows
                            "m-coh gap", "p (gap > null)"],
                           [[r["rule"], r["step"], r["m_coherence_easy"], r["m_coherence_hard"], r["alpha_easy"],
                             r["alpha_hard"], r["alpha_across"], r["gap"], r["gap_p"]] for r in coh_rows]))
-    report.figures.append(("Held-out accuracy of models retrained on easy or on hard examples", "heldout_accuracy.png"))
-    report.figures += [(f"Coherence within easy, within hard and across ({r['rule']})", f"coherence_{r['rule']}.png")
-                       for r in split_rows if (ctx.out / f"coherence_{r['rule']}.png").exists()]
     hard_counts = ", ".join(f"{r['rule']}: {r['tracked_hard']}" for r in split_rows)
     report.notes += [
         "pairwise alpha = mean over pairs i ≠ j of g_i·g_j divided by the mean ||g||² (0: orthogonal, 1: identical); "

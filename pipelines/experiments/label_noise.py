@@ -8,6 +8,7 @@ and the accuracy of pristine and corrupt examples against step.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from pipelines.experiments.common import (
     pyplot,
     RECORDED,
     Context,
+    Figure,
     Report,
     analyse_store,
     dump_json,
@@ -290,7 +292,7 @@ def figure_3(rows, all_results, path: Path, window: int = verdicts.EARLY_WINDOW)
 
 
 def execute(config: dict[str, Any], ctx: Context) -> Outcome:
-    """Run every noise level, analyse each store and draw the figures; the runner judges and reports."""
+    """Run every noise level and analyse each store; the runner draws the figures, judges and reports."""
     from pipelines.data import load_mnist
 
     folder = ctx.folder
@@ -312,29 +314,24 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
         inputs.append(verdict_inputs)
         all_results.append(results)
         histories.append(result.history)
-    with folder.writing("m_coherence.png") as path:
-        coherence_figure(rows, all_results, path)
-    with folder.writing("accuracy.png") as path:
-        accuracy_figure(rows, histories, path)
-    with folder.writing("figure_1.png") as path:
-        figure_1(rows, histories, path)
-    with folder.writing("figure_2.png") as path:
-        drew_2 = figure_2(rows, all_results, inputs, path)
-    with folder.writing("figure_3.png") as path:
-        drew_3 = figure_3(rows, all_results, path)
     with folder.writing("summary.json") as path:
         dump_json(path, rows)
     curves = {r["noise"]: {"steps": res["step"].values, "values": res["m_coherence"].sel(
         source="exact", sample="tracked_train", layer=MODEL_LAYER).values} for r, res in zip(rows, all_results)}
     report = build_report("Label noise (Coherent Gradients §2)", config, ctx, rows, mnist.source)
-    report.figures.insert(0, ("Fig. 1 (a)–(d): train accuracy, test accuracy, train loss and the fraction of pristine "
-                              "(solid) and corrupt (dashed) examples fitted, against step", "figure_1.png"))
-    if drew_2:
-        report.figures.insert(1, ("Fig. 2: f_p and f_c against step with their permutation-null bands, the sample's "
-                                  "pristine share and the p-value of f_p > n_p/n at step 0", "figure_2.png"))
-    if drew_3:
-        report.figures.insert(1 + drew_2, (f"Fig. 3: r_p and r_c over steps 0–{W}", "figure_3.png"))
-    return Outcome(report, claim_inputs(rows, inputs, curves), mnist.source)
+    figures = [
+        Figure("figure_1.png", "Fig. 1 (a)–(d): train accuracy, test accuracy, train loss and the fraction of pristine "
+               "(solid) and corrupt (dashed) examples fitted, against step", partial(figure_1, rows, histories)),
+        Figure("figure_2.png", "Fig. 2: f_p and f_c against step with their permutation-null bands, the sample's "
+               "pristine share and the p-value of f_p > n_p/n at step 0",
+               partial(figure_2, rows, all_results, inputs)),
+        Figure("figure_3.png", f"Fig. 3: r_p and r_c over steps 0–{W}", partial(figure_3, rows, all_results)),
+        Figure("m_coherence.png", "m-coherence of the whole model against step (log-log), lines at 1 and m",
+               partial(coherence_figure, rows, all_results)),
+        Figure("accuracy.png", "Accuracy on pristine and corrupt training examples and on the test set",
+               partial(accuracy_figure, rows, histories)),
+    ]
+    return Outcome(report, claim_inputs(rows, inputs, curves), mnist.source, figures)
 
 
 run = bind(__name__)
@@ -378,10 +375,6 @@ def build_report(title: str, config, ctx: Context, rows, source: str) -> Report:
          r.get("f_p_step0_sampled", float("nan")), r["pristine_share"],
          r["crossing_step"] if r["crossing_step"] is not None else "never", r["R_p_early"], r["R_c_early"]]
         for r in rows]))
-    report.figures += [
-        ("m-coherence of the whole model against step (log-log), lines at 1 and m", "m_coherence.png"),
-        ("Accuracy on pristine and corrupt training examples and on the test set", "accuracy.png"),
-    ]
     report.notes.append("m-coherence is exact (from the stored moments) over the tracked training sample. The f_p "
                         "claim is tested at step 0 (the gradient the first update uses) by a one-sided permutation "
                         "test against random pristine/corrupt relabelings of the tracked sample, whose mean is the "

@@ -10,6 +10,7 @@ where pristine accuracy reaches the highest level every optimizer reaches at tha
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from pipelines.experiments.common import (
     pyplot,
     RECORDED,
     Context,
+    Figure,
     Report,
     binomial_se,
     coherence_table,
@@ -125,11 +127,13 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
         write_csv(path, rows)
     with folder.writing("summary.json") as path:
         dump_json(path, rows)
-    with folder.writing("accuracy_curves.png") as path:
-        curves_figure(histories, config, path)
-    with folder.writing("corrupt_vs_pristine.png") as path:
-        tradeoff_figure(histories, config, path)
-    return Outcome(build_report(config, ctx, rows, mnist.source), claim_inputs(config, rows), mnist.source)
+    figures = [
+        Figure("accuracy_curves.png", "Accuracy on pristine and corrupt training examples and on the test set against "
+               "step", partial(curves_figure, histories, config)),
+        Figure("corrupt_vs_pristine.png", "Corrupt against pristine training accuracy along training",
+               partial(tradeoff_figure, histories, config)),
+    ]
+    return Outcome(build_report(config, ctx, rows, mnist.source), claim_inputs(config, rows), mnist.source, figures)
 
 
 run = bind(__name__)
@@ -225,10 +229,6 @@ def build_report(config, ctx: Context, rows, source: str) -> Report:
     report.tables.append(("Final accuracies, and at matched pristine accuracy", header, [
         [f"{r['noise']:.0%}", LABELS[r["optimizer"]], r["train_acc"], r["pristine_acc"], r["corrupt_acc"], r["test_acc"],
          r["matched_pristine"], r["matched_step"], r["matched_corrupt_acc"], r["matched_test_acc"]] for r in rows]))
-    report.figures += [
-        ("Accuracy on pristine and corrupt training examples and on the test set against step", "accuracy_curves.png"),
-        ("Corrupt against pristine training accuracy along training", "corrupt_vs_pristine.png"),
-    ]
     report.notes += [
         "Matched comparison: at each noise level, the pristine-accuracy level is the highest every optimizer reaches; "
         "each optimizer's corrupt and test accuracy are read at its first evaluation at or above that level.",

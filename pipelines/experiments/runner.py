@@ -2,10 +2,12 @@
 
 An experiment is a module following :class:`Experiment`: its ``NAME``, its ``CLAIMS`` (declared
 with :func:`pipelines.experiments.claims.declare`), its ``PAPER`` settings, and ``execute(config,
-ctx)``, which trains, analyses, draws its figures and returns an :class:`Outcome`: the report
-(without claims), the inputs of each claim's evidence and the data source. The runner
+ctx)``, which trains and analyses each condition and returns an :class:`Outcome`: the report
+(without claims and figures), its figures (:class:`~pipelines.experiments.common.Figure`), the
+inputs of each claim's evidence and the data source. The runner
 
 - opens ``--out`` as a :class:`~pipelines.experiments.common.RunFolder` (marker, lock, resume);
+- draws the outcome's figures into the run folder and captions them in the report;
 - judges every declared claim on the outcome (:mod:`pipelines.experiments.claims`) and writes the
   evidence to ``claims.json``;
 - writes ``report.md``: its first line says whether the run is at the paper's settings, its last
@@ -15,8 +17,7 @@ ctx)``, which trains, analyses, draws its figures and returns an :class:`Outcome
   ``os.cpu_count()`` at a time, in its own run folder ``seed-S`` (so ``--resume`` works per seed),
   and writes a report across seeds: every number of the seeds' summaries as mean ± 95% t-interval,
   every verdict from the across-seed tests, and the figures of the experiment's optional
-  ``seed_figures(config, seed_dirs, folder)`` (drawn from the seeds' folders into the run's own,
-  returning their (caption, file name)s).
+  ``seed_figures(config, seed_dirs)`` (read from the seeds' folders, drawn into the run's own).
 
 Experiment modules never import one another; what several share lives in
 :mod:`pipelines.experiments.common`.
@@ -35,7 +36,7 @@ from typing import Any, Protocol
 from gradstore.errors import GradstoreError
 from pipelines.experiments import claims as claims_engine
 from pipelines.experiments import provenance
-from pipelines.experiments.common import Context, Report, RunFolder
+from pipelines.experiments.common import Context, Figure, Report, RunFolder
 
 RUNNER_FILES = ("report.md", "claims.json", "provenance.json")
 
@@ -47,6 +48,7 @@ class Outcome:
     report: Report
     inputs: dict[str, Any] = field(default_factory=dict)  # claim key -> its evidence's inputs
     source: str = "bundled subset"  # the data source (MNIST.source)
+    figures: list[Figure] = field(default_factory=list)  # drawn by the runner, in this order
 
 
 class Experiment(Protocol):
@@ -59,8 +61,8 @@ class Experiment(Protocol):
 
     def execute(self, config: dict, ctx: Context) -> Outcome: ...
 
-    # optional: figures across seeds, drawn from the seed folders with ``folder.writing(name)``
-    # def seed_figures(self, config: dict, seed_dirs: list[Path], folder: RunFolder) -> list[tuple[str, str]]: ...
+    # optional: figures across seeds, read from the seed folders
+    # def seed_figures(self, config: dict, seed_dirs: list[Path]) -> list[Figure]: ...
 
 
 def load(module: str) -> Experiment:
@@ -113,6 +115,16 @@ def _finish(exp, config, ctx: Context, report: Report, source: str, claims: list
         return report.write(path)
 
 
+def draw_figures(folder: RunFolder, figures: list[Figure]) -> list[tuple[str, str]]:
+    """Draw each figure into the run folder; the (caption, file name) of those drawn, in order."""
+    drawn = []
+    for fig in figures:
+        with folder.writing(fig.name) as path:
+            if fig.draw(path) is not False:
+                drawn.append((fig.caption, fig.name))
+    return drawn
+
+
 def run_one(exp: Experiment, config: dict, ctx: Context, *, title: str | None = None) -> Path:
     """One seed: execute the experiment in ``ctx.out``, judge its claims, write the report."""
     folder, opened = _open(ctx, exp.NAME)
@@ -120,6 +132,7 @@ def run_one(exp: Experiment, config: dict, ctx: Context, *, title: str | None = 
     try:
         folder.claim_all([folder.out], [(name, "file") for name in RUNNER_FILES])
         outcome = exp.execute(config, ctx)
+        outcome.report.figures[:0] = draw_figures(folder, outcome.figures)
         evidence = claims_engine.measure_all(exp.CLAIMS, outcome.inputs)
         with folder.writing("claims.json") as path:
             path.write_text(json.dumps({k: [c.to_dict() for c in v] for k, v in evidence.items()}, indent=1) + "\n")
@@ -170,7 +183,7 @@ def run_seeds(module: str, config: dict, ctx: Context, seeds: int, *, title: str
                      for d in dirs]
         report = across_seeds_report(exp, config, values, reports, summaries, ctx)
         if hasattr(exp, "seed_figures"):
-            report.figures += exp.seed_figures(config, dirs, folder)
+            report.figures += draw_figures(folder, exp.seed_figures(config, dirs))
         with folder.writing("summary.json") as path:
             path.write_text(json.dumps(aggregate(summaries), indent=1, default=float) + "\n")
         judged = claims_engine.judge_all(exp.CLAIMS, evidence)

@@ -15,6 +15,7 @@ corrupt labels). This accounts for the test labels not being randomized; with A 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from pipelines.experiments.common import (
     pyplot,
     RECORDED,
     Context,
+    Figure,
     Report,
     binomial_se,
     coherence_table,
@@ -112,13 +114,15 @@ def execute(config: dict[str, Any], ctx: Context) -> Outcome:
         write_csv(path, rows)
     with folder.writing("summary.json") as path:
         dump_json(path, rows)
-    with folder.writing("winsorize.png") as path:
-        figure_4(rows, config, path)
-    with folder.writing("accuracy_curves.png") as path:
-        curves_figure(histories, config, path)
-    with folder.writing("figure_4.png") as path:
-        figure_4_grid(histories, rows, config, path)
-    return Outcome(build_report(config, ctx, rows, mnist.source), claim_inputs(config, rows), mnist.source)
+    figures = [
+        Figure("winsorize.png", "Train accuracy, test accuracy and overfit against label noise, one line per c "
+               "(cf. Figure 4)", partial(figure_4, rows, config)),
+        Figure("accuracy_curves.png", "Train (solid) and test (dashed) accuracy against step",
+               partial(curves_figure, histories, config)),
+        Figure("figure_4.png", "Fig. 4's grid: a row per c, a column per noise level; train accuracy, test accuracy "
+               "and overfit against step", partial(figure_4_grid, histories, rows, config)),
+    ]
+    return Outcome(build_report(config, ctx, rows, mnist.source), claim_inputs(config, rows), mnist.source, figures)
 
 
 run = bind(__name__)
@@ -220,12 +224,6 @@ def build_report(config, ctx: Context, rows, source: str) -> Report:
     report.tables.append(("Final accuracies per condition", header, [
         [f"{r['noise']:.0%}", r["c"], r["proper_acc"], r["train_acc"], r["pristine_acc"], r["corrupt_acc"],
          r["test_acc"], r["expected_train_acc"], r["overfit"], r["overfit_se"], r["train_minus_test"]] for r in rows]))
-    report.figures += [
-        ("Train accuracy, test accuracy and overfit against label noise, one line per c (cf. Figure 4)", "winsorize.png"),
-        ("Train (solid) and test (dashed) accuracy against step", "accuracy_curves.png"),
-        ("Fig. 4's grid: a row per c, a column per noise level; train accuracy, test accuracy and overfit against step",
-         "figure_4.png"),
-    ]
     report.notes += [
         "overfit = train accuracy − q·A − (1 − q)(1 − A)/9, with A the test accuracy and q the fraction of training "
         "labels equal to the true label (≈ 1 − p + p/10): the train accuracy a model generalizing perfectly would "
