@@ -384,7 +384,7 @@ def noise_labels(noise_levels) -> dict[float, str]:
 
 
 def execute(config: dict[str, Any], ctx: Context) -> Outcome:
-    """Train every (model, noise), analyse each store and draw the figures; the runner judges and reports."""
+    """Train every (model, noise) and analyse each store; the runner draws the figures, judges and reports."""
     from pipelines.data import load_mnist
 
     check_config(config)

@@ -85,7 +85,7 @@ def matched(history: list[dict[str, float]], level: float) -> dict[str, float]:
 
 
 def execute(config: dict[str, Any], ctx: Context) -> Outcome:
-    """Train every (noise, optimizer) condition, write ``results.csv`` and the figures; the runner reports."""
+    """Train every (noise, optimizer) condition and write ``results.csv``; the runner draws the figures and reports."""
     from gradstore.errors import GradstoreError
     from pipelines.data import load_mnist
 

@@ -72,7 +72,7 @@ def condition_dirs(folder, config) -> dict[tuple[float, int], Path]:
 
 
 def execute(config: dict[str, Any], ctx: Context) -> Outcome:
-    """Train every (noise, c) condition, write ``results.csv`` and the figures; the runner reports."""
+    """Train every (noise, c) condition and write ``results.csv``; the runner draws the figures and reports."""
     from gradstore.errors import GradstoreError
     from pipelines.data import load_mnist
 
