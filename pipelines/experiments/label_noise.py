@@ -215,6 +215,18 @@ def figure_1(rows, histories, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
+def _nothing_to_draw(path: Path) -> bool:
+    """A small figure saying that no noise level has the loss split to draw (False: not in the report)."""
+    from analysis.plots import save
+
+    fig, ax = pyplot().subplots(figsize=(4.2, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, "no noise level strictly between 0 and 1 with the loss_split metric", ha="center",
+            va="center", fontsize=8)
+    save(fig, path, dpi=110)
+    return False
+
+
 def figure_2(rows, all_results, inputs, path: Path) -> bool:
     """Coherent Gradients Fig. 2: f_p (solid) and f_c (dashed) of the whole model against step, a panel
     per noise level strictly between 0 and 1, with the 95% bands of their permutation nulls (random
@@ -228,12 +240,7 @@ def figure_2(rows, all_results, inputs, path: Path) -> bool:
               if 0.0 < r["noise"] < 1.0 and "f_p" in res and i and "f_p" in i]
     plt = pyplot()
     if not levels:  # the file is the run's (listed in its marker): say why it is empty
-        fig, ax = plt.subplots(figsize=(4.2, 1.2))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no noise level strictly between 0 and 1 with the loss_split metric", ha="center",
-                va="center", fontsize=8)
-        save(fig, path, dpi=110)
-        return False
+        return _nothing_to_draw(path)
     fig, axes = plt.subplots(1, len(levels), figsize=(4.4 * len(levels), 3.6), squeeze=False, sharey=True)
     for ax, (row, res, given) in zip(axes[0], levels):
         ds = res.sel(layer=MODEL_LAYER)
@@ -269,12 +276,7 @@ def figure_3(rows, all_results, path: Path, window: int = verdicts.EARLY_WINDOW)
     levels = [(r, res) for r, res in zip(rows, all_results) if 0.0 < r["noise"] < 1.0 and "r_p" in res]
     plt = pyplot()
     if not levels:  # the file is the run's (listed in its marker): say why it is empty
-        fig, ax = plt.subplots(figsize=(4.2, 1.2))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no noise level strictly between 0 and 1 with the loss_split metric", ha="center",
-                va="center", fontsize=8)
-        save(fig, path, dpi=110)
-        return False
+        return _nothing_to_draw(path)
     fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.4), squeeze=False)
     for ax, (row, res) in zip(axes[0], levels):
         steps = res["step"].values
