@@ -6,7 +6,7 @@ rules (:func:`plan`); run the model in eval mode under a :class:`~gradstore.capt
 consuming a parameter, wherever it runs: parent forwards, ``F.multi_head_attention_forward``,
 ``loss_fn``); pick each parameter's sources -- module rules, op rules, the torch.func fallbacks --
 or refuse (:mod:`gradstore.capture.sources`); differentiate the summed loss with
-``torch.autograd.grad`` (which never touches ``.grad``) with respect to the recorded outputs, so
+``torch.autograd.grad`` (which never touches ``.grad``) at the recorded outputs' autograd edges, so
 that the hooks see every output gradient and autograd forms no weight gradient (Σ_n g_n comes from
 the factors; see :func:`_backward`); merge each parameter's factors over its uses (exact cross
 terms) and turn them into the requested quantities (:mod:`gradstore.capture.factors`). With
@@ -16,6 +16,7 @@ terms) and turn them into the requested quantities (:mod:`gradstore.capture.fact
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -347,6 +348,11 @@ def capture(
                 losses = call_loss(loss_fn, outputs, targets, m)
             tracker.recording = tap.recording = False  # fallbacks re-run modules: record nothing more
             sources = assign(pl, tap, tracker, rule_paths, m)
+            needed = {path for src in sources.values() for path, _ in src.modules}
+            needed |= {src.fallback[0] for src in sources.values() if src.fallback is not None}
+            for path in tap.uses:  # calls of modules no source reads (their parameters used by op rules)
+                if path not in needed:
+                    tap.release(path)
             result = CaptureResult(m, losses.detach(), _detach(outputs), pl.layer_of)
             needs_total = grad_sum or dot_with == "sum"
             factors: dict[str, object] = {}
@@ -401,37 +407,51 @@ def capture(
                 if not verify:
                     del factors[name]
 
-            # A module used once, covered by a rule, owning parameters used nowhere else, is finished
-            # inside the backward pass as soon as its output gradient arrives; its input and output
-            # gradient are released then, as autograd releases its own, so the pass holds about one
-            # layer's extra tensors, not every layer's. (Needing Σ g from autograd -- an output
-            # rewritten in place -- several uses, an op use or verify defers it.)
-            by_path: dict[str, list[str]] = {}
+            # Each parameter is finished inside the backward pass as soon as the output gradients of
+            # all its uses (module calls and recorded operations) have arrived, and a use's recorded
+            # input and output gradient are released once every parameter it serves is finished, as
+            # autograd releases its own: the pass holds about one layer's extra tensors, not every
+            # layer's (holding them all faulted in 150 MB of fresh pages per pass on the benchmark LM).
+            # Deferred to the end: a parameter with a fallback or a batch-constant use, and every
+            # parameter under verify.
+            uses_of = {name: [u for path, _ in sources[name].modules for u in tap.uses[path]] + list(sources[name].ops)
+                       for name in names}
+            serves: dict[int, list[str]] = {}  # id(use) -> the parameters whose factors it gives
+            release: dict[int, object] = {}  # id(use) -> how to free its recorded tensors
             for name in names:
-                src = sources[name]
-                if len(src.modules) == 1 and not src.ops and src.fallback is None and len(pl.owners[name]) == 1:
-                    by_path.setdefault(src.modules[0][0], []).append(name)
-                else:
-                    by_path.setdefault(None, []).append(name)
-            early = {
-                path for path, owned in by_path.items()
-                if path is not None and not verify and len(tap.uses[path]) == 1 and tap.uses[path][0].single
-                and tap.uses[path][0].batched and (tap.uses[path][0].intact or not needs_total)
-                and len(owned) == sum(1 for n in names if any(p == path for p, _ in pl.owners[n]))
-            }
+                for path, _ in sources[name].modules:
+                    for u in tap.uses[path]:
+                        serves.setdefault(id(u), []).append(name)
+                        release[id(u)] = partial(_release_module_use, tap, path, module_cache)
+                for u in sources[name].ops:
+                    serves.setdefault(id(u), []).append(name)
+                    release[id(u)] = partial(_release_op_use, u, op_cache)
+            expected = {id(u): [i for i, edge in enumerate(u.edges) if edge is not None]
+                        for us in uses_of.values() for u in us}
+            early = {name for name in names
+                     if not verify and sources[name].fallback is None and uses_of[name]
+                     and all(u.batched for u in uses_of[name])}
+            complete: set[int] = set()
 
-            finished_paths: set[str] = set()
-
-            def on_grad(path: str) -> None:
-                if path in early and path not in finished_paths:
-                    finished_paths.add(path)
-                    for name in by_path[path]:
+            def arrived(use) -> None:
+                key = id(use)
+                if key in complete or key not in expected or any(use.grads[i] is None for i in expected[key]):
+                    return
+                complete.add(key)
+                for name in list(serves.get(key, ())):
+                    if name in early and name not in done and all(id(u) in complete for u in uses_of[name]):
                         finish(name)
-                    tap.release(path)
+                        for u in uses_of[name]:
+                            left = serves[id(u)]
+                            if name in left:
+                                left.remove(name)
+                                if not left:
+                                    release.pop(id(u))()
 
-            tap.on_grad = on_grad
+            tap.on_grad = lambda path, use: arrived(use)
+            tracker.on_grad = arrived
             sums.update(_backward(losses.sum(), tap.uses, tracker.uses, sources, pl, names, retain=verify))
-            tap.on_grad = None
+            tap.on_grad = tracker.on_grad = None
             for name in names:
                 if name not in done:
                     finish(name)
@@ -450,16 +470,16 @@ def _backward(loss, module_uses: dict, op_uses: list, sources: dict, pl: Plan, n
               retain: bool = False):
     """Run the backward pass; return Σ_n g_n of the parameters it had to form.
 
-    A parameter all of whose uses returned outputs that are still intact (no in-place op rewrote
-    them) gets its Σ_n g_n from its factors (``factor.sum()``, the product autograd would do), so
-    autograd is not asked for it and never forms its weight gradient -- a grouped per-example
-    convolution then replaces that work instead of adding to it. Other parameters are asked for.
-    Every recorded output's tensor hook must still fire: it does when autograd runs the node that
-    made the output, i.e. when something asked for lies below that node. Only for the outputs with
-    nothing asked below them (typically the first layer's, or a batch-constant use's expanded
-    outputs) is autograd asked for the output gradient itself, which it then holds until the pass
-    ends (asking for every output held every layer's output gradient: +26% peak memory on cnn-bn,
-    m = 4000).
+    A parameter with recorded uses gets its Σ_n g_n from its factors (``factor.sum()``, the product
+    autograd would do), so autograd is not asked for it and never forms its weight gradient -- a
+    grouped per-example convolution then replaces that work instead of adding to it. Only a
+    parameter without uses is asked for (its gradient is zero). Every recorded output's tensor hook
+    must still fire: it does when autograd runs the node that made the output, i.e. when something
+    asked for lies below that node. Only for the outputs with nothing asked below them (typically
+    the first layer's, or a batch-constant use's expanded outputs) is autograd asked for the output
+    gradient itself, at the output's recorded edge (the value the module returned, even if an
+    in-place op rewrote the tensor since), which it then holds until the pass ends (asking for
+    every output held every layer's output gradient: +26% peak memory on cnn-bn, m = 4000).
     """
     def uses_of(name):
         src = sources[name]
@@ -469,19 +489,20 @@ def _backward(loss, module_uses: dict, op_uses: list, sources: dict, pl: Plan, n
         return out
 
     records = [u for uses in module_uses.values() for u in uses] + list(op_uses)
-    asked = [n for n in names if not uses_of(n) or not all(u.intact for u in uses_of(n))]
-    leaves = [leaf for r in records for leaf in r.leaves if leaf is not None]
-    outputs = {leaf.grad_fn for leaf in leaves if leaf.grad_fn is not None}
+    asked = [n for n in names if not uses_of(n)]
+    edges = [edge for r in records for edge in r.edges if edge is not None]
+    outputs = {edge.node for edge in edges}
     below: dict = {}
     asked_ids = {id(pl.params[n]) for n in asked}
-    captured = []
-    for leaf in leaves:
-        if leaf.grad_fn is None or not _reaches(leaf.grad_fn, below, outputs, asked_ids):
-            if not any(leaf is c for c in captured):
-                captured.append(leaf)
-    del leaves, outputs, below
+    captured, seen = [], set()
+    for edge in edges:
+        key = (id(edge.node), edge.output_nr)
+        if key not in seen and not _reaches(edge.node, below, outputs, asked_ids):
+            seen.add(key)
+            captured.append(edge)
+    del edges, outputs, below
     for record in records:
-        record.leaves = [None] * len(record.leaves)  # the graph keeps what backward needs
+        record.edges = [None] * len(record.edges)  # the graph keeps what backward needs
     wanted = [pl.params[n] for n in asked] + captured
     del captured
     grads = torch.autograd.grad(loss, wanted, allow_unused=True, retain_graph=retain) if wanted else []
@@ -489,6 +510,19 @@ def _backward(loss, module_uses: dict, op_uses: list, sources: dict, pl: Plan, n
         name: torch.zeros_like(pl.params[name]) if g is None else (g.to_dense() if g.is_sparse else g)
         for name, g in zip(asked, grads)
     }
+
+
+def _release_module_use(tap, path: str, module_cache: dict) -> None:
+    """Free the recorded tensors of module ``path``'s calls and the factors made from them."""
+    for use in tap.uses[path]:
+        module_cache.pop(id(use), None)
+    tap.release(path)
+
+
+def _release_op_use(use, op_cache: dict) -> None:
+    """Free the recorded tensors of one operation and the factors made from them."""
+    op_cache.pop(id(use), None)
+    use.release()
 
 
 def _reaches(node, below: dict, outputs: set, asked_ids: set) -> bool:

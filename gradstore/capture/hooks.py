@@ -16,9 +16,15 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from gradstore.errors import CaptureError
+
+
+def edges_of(leaves: list) -> list:
+    """The autograd edge of each tensor (None stays None): where its gradient arrives."""
+    return [None if leaf is None else get_gradient_edge(leaf) for leaf in leaves]
 
 
 def detached(value):
@@ -38,18 +44,19 @@ def detached(value):
 class Use:
     """One call of a module: its (detached) positional inputs, keyword inputs and output gradients.
 
-    ``leaves`` are the output's tensor leaves until the backward pass (then dropped), ``versions``
-    their version counters when the module returned them: a later in-place op
-    (``ReLU(inplace=True)``) bumps a counter, and :attr:`intact` is then False. ``single``: the
-    output was one tensor. ``axis``: where the example axis of the call's tensors lies (1 inside a
-    ``batch_first=False`` transformer). ``batched``: some input carried example data.
+    ``edges`` are the autograd edges of the output's tensor leaves when the module returned them
+    (``torch.autograd.graph.get_gradient_edge``; None for a leaf without gradient): they, not the
+    tensors, are kept, so an output autograd does not save is freed as in a plain pass, and
+    the gradient asked for at an edge is that of the value the module returned even after an
+    in-place op (``ReLU(inplace=True)``) rewrote the tensor. ``single``: the output was one tensor.
+    ``axis``: where the example axis of the call's tensors lies (1 inside a ``batch_first=False``
+    transformer). ``batched``: some input carried example data.
     """
 
     inputs: tuple
     kwargs: dict
     grads: list = field(default_factory=list)
-    leaves: list = field(default_factory=list)
-    versions: list = field(default_factory=list)
+    edges: list = field(default_factory=list)
     single: bool = True
     axis: int = 0
     batched: bool = True
@@ -65,17 +72,6 @@ class Use:
     @property
     def reached(self) -> bool:
         return any(g is not None for g in self.grads)
-
-    @property
-    def intact(self) -> bool:
-        """Every output tensor still holds what the module returned (no in-place op since)."""
-        return bool(self.leaves) and all(
-            leaf is not None and leaf._version == v for leaf, v in zip(self.leaves, self.versions))
-
-    @property
-    def output(self):
-        """The first output tensor (None after the backward pass)."""
-        return self.leaves[0] if self.leaves else None
 
 
 class Tap:
@@ -93,7 +89,7 @@ class Tap:
         self.recording = True
         #: hooks ignore gradients (the self-check's extra backward passes)
         self.muted = False
-        #: called with a module's name when one of its uses receives an output gradient
+        #: called with a module's name and the use when one of its uses receives an output gradient
         self.on_grad = None
         self._handles: list = []
 
@@ -117,8 +113,7 @@ class Tap:
         if not any(leaf is not None for leaf in leaves):
             return None
         tracker = self.tracker
-        use = Use(detached(tuple(args)), detached(dict(kwargs)), grads=[None] * len(leaves), leaves=leaves,
-                  versions=[leaf._version if leaf is not None else 0 for leaf in leaves],
+        use = Use(detached(tuple(args)), detached(dict(kwargs)), grads=[None] * len(leaves), edges=edges_of(leaves),
                   single=isinstance(output, torch.Tensor),
                   axis=tracker.axis if tracker is not None else 0,
                   batched=tracker.is_data((args, kwargs)) if tracker is not None else True)
@@ -135,15 +130,15 @@ class Tap:
     def release(self, name: str) -> None:
         """Forget the recorded tensors of module ``name`` (the graph's hooks still hold each Use)."""
         for use in self.uses[name]:
-            use.inputs, use.kwargs, use.grads, use.leaves = (), {}, [], []
+            use.inputs, use.kwargs, use.grads, use.edges = (), {}, [], []
         self.uses[name] = []
 
     def _on_grad(self, name: str, use: Use, i: int, grad: torch.Tensor) -> None:
-        if self.muted:
+        if self.muted or not use.grads:  # muted, or the use was released (nothing needs it)
             return
         use.grads[i] = grad if use.grads[i] is None else use.grads[i] + grad
         if self.on_grad is not None:
-            self.on_grad(name)
+            self.on_grad(name, use)
 
 
 def check_rows(path: str, grad, m: int) -> None:

@@ -50,7 +50,7 @@ def _op_coverable(use, m: int) -> bool:
         return _constant_ok(use)
     if lookup_op_rule(use.func) is not None:
         return True
-    return all(leaf is None or example_axis(leaf.shape, m, use.axis) is not None for leaf in use.leaves)
+    return all(shape is None or example_axis(shape, m, use.axis) is not None for shape in use.shapes)
 
 
 def assign(pl, tap, tracker, rule_paths: set, m: int) -> dict[str, Sources]:

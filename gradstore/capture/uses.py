@@ -42,6 +42,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gradstore._nest import tensor_leaves
+from gradstore.capture.hooks import edges_of
 from gradstore.capture.ops import op_name
 
 #: composite functions the tracker enters, with the example axis their tensors use
@@ -80,7 +81,8 @@ class OpUse:
 
     ``args``/``kwargs`` hold the call's arguments, tensors detached, each captured parameter (or
     view) replaced by a :class:`Slot`; ``views[i]`` is ``(parameter name, detached view)``.
-    ``leaves`` are the output's tensor leaves until the backward pass, ``grads`` their output
+    ``edges`` and ``shapes`` are the autograd edges and shapes of the output's tensor leaves (as in
+    :class:`~gradstore.capture.hooks.Use`), ``grads`` their output
     gradients. ``owners_running``: owner paths of the slot parameters that were on the module
     stack. ``batched``: whether any other argument carried example data.
     """
@@ -93,8 +95,8 @@ class OpUse:
     module: str
     owners_running: set
     batched: bool
-    leaves: list = field(default_factory=list)
-    versions: list = field(default_factory=list)
+    edges: list = field(default_factory=list)
+    shapes: list = field(default_factory=list)
     grads: list = field(default_factory=list)
     inputs_versions: list = field(default_factory=list)
     expanded: object = None  # for a batch-constant use: the expansion recovering per-example grads
@@ -104,13 +106,12 @@ class OpUse:
         return op_name(self.func)
 
     @property
-    def intact(self) -> bool:
-        return bool(self.leaves) and all(
-            leaf is not None and leaf._version == v for leaf, v in zip(self.leaves, self.versions))
-
-    @property
     def grad(self):
         return self.grads[0] if len(self.grads) == 1 else tuple(self.grads)
+
+    def release(self) -> None:
+        """Forget the recorded arguments and output gradients (the graph's hooks still hold the use)."""
+        self.args, self.kwargs, self.grads, self.edges, self.inputs_versions = (), {}, [], [], []
 
 
 class _Reentered(TorchFunctionMode):
@@ -186,6 +187,8 @@ class UseTracker(TorchFunctionMode):
         self.constant: dict[int, tuple] = {}
         self.recording = True
         self.muted = False
+        #: called with the use when a recorded operation's output receives a gradient
+        self.on_grad = None
         self._handles: list = []
         for value in data:
             self.tag(value)
@@ -344,10 +347,11 @@ class UseTracker(TorchFunctionMode):
         _walk((s_args, s_kwargs), lambda v: v if isinstance(v, torch.Tensor) else None, inputs, keep=True)
         use.inputs_versions = [(t, t._version) for t in inputs]
         leaves = tensor_leaves(out, dicts=False)
-        use.leaves = [leaf if isinstance(leaf, torch.Tensor) and leaf.requires_grad else None for leaf in leaves]
-        use.versions = [leaf._version if leaf is not None else 0 for leaf in use.leaves]
-        use.grads = [None] * len(use.leaves)
-        for i, leaf in enumerate(use.leaves):
+        leaves = [leaf if isinstance(leaf, torch.Tensor) and leaf.requires_grad else None for leaf in leaves]
+        use.edges = edges_of(leaves)
+        use.shapes = [None if leaf is None else tuple(leaf.shape) for leaf in leaves]
+        use.grads = [None] * len(leaves)
+        for i, leaf in enumerate(leaves):
             if leaf is not None:
                 leaf.register_hook(partial(self._on_grad, use, i))
         self.uses.append(use)
@@ -355,8 +359,10 @@ class UseTracker(TorchFunctionMode):
             self.watch_constant(out, use)
 
     def _on_grad(self, use: OpUse, i: int, grad: torch.Tensor) -> None:
-        if not self.muted:
+        if not self.muted and use.grads:  # not muted, nor released
             use.grads[i] = grad if use.grads[i] is None else use.grads[i] + grad
+            if self.on_grad is not None:
+                self.on_grad(use)
 
     # -- batch-constant uses ----------------------------------------------------------------------
     def watch_constant(self, out, use) -> None:
