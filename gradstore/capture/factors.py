@@ -391,6 +391,8 @@ def _pair_inner_same(a, b, dtype) -> torch.Tensor:
         return torch.gather(dense, 1, index).unsqueeze(1)
     if isinstance(b, OneHot):
         return _pair_inner_same(b, a, dtype).transpose(2, 3)
+    if a.shape[2] == 1:  # one group: a batched matrix product (as in _inner_same)
+        return torch.bmm(a[:, :, 0], b[:, :, 0].transpose(1, 2)).unsqueeze(1)
     return torch.einsum("ntgd,nsgd->ngts", a, b)
 
 
@@ -539,16 +541,27 @@ class Sum:
         return out
 
     def sum_and_sq_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sum(), self.sq_norms()
+        """Each item's (Σ g, ||g_n||²) from its own joint form where that is cheaper (a tied LM
+        head's per-example products then replace its weight-gradient product), plus the cross terms."""
+        total, norms = self.items[0].sum_and_sq_norms()
+        for item in self.items[1:]:
+            s, q = item.sum_and_sq_norms()
+            total, norms = total + s, norms + q
+        return total, norms + self._cross_sq_norms()
 
-    def sq_norms(self) -> torch.Tensor:
-        out = self.items[0].sq_norms()
+    def _cross_sq_norms(self) -> torch.Tensor | float:
+        """Σ_{i<j} 2 g^i_n · g^j_n, the cross terms of ||Σ_i g^i_n||²."""
+        out = 0.0
         for i, a in enumerate(self.items):
-            if i:
-                out = out + a.sq_norms()
             for b in self.items[i + 1:]:
                 out = out + 2 * _pair_dot(a, b)
         return out
+
+    def sq_norms(self) -> torch.Tensor:
+        out = self.items[0].sq_norms()
+        for item in self.items[1:]:
+            out = out + item.sq_norms()
+        return out + self._cross_sq_norms()
 
     def gram(self) -> torch.Tensor:
         out = self.items[0].gram()
