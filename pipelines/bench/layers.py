@@ -21,6 +21,8 @@ variant once, interleaved):
   (``coherence_moments``) with the joint form on and off (``JOINT_BREAK_EVEN`` = its value / ∞),
   each paired with a plain forward+backward, pairs interleaved; medians of the CPU-time ratios and
   of the minor page faults per pass (the fresh pages glibc had to take from the kernel).
+* ``lm-memory`` -- the same models: heap memory in use (glibc ``mallinfo2``) at the end of the
+  forward and of the backward pass, plain forward+backward against a capture.
 * ``lstm`` -- an LSTM classifier on MNIST-shaped rows (28 steps of 28 features, hidden 128, a
   linear head on the last state; random inputs): a plain forward+backward against per-example
   ||g_n||² of every parameter. Through ``capture`` when the engine takes the LSTM's tuple output;
@@ -194,6 +196,70 @@ def lm_joint(repeats: int, m: int) -> None:
         med = {k: statistics.median(v) for k, v in ratios.items()}
         print(f"{kind:<8} {med['off']:<6.3f} {med['on']:<6.3f} {min(ratios['on']):.2f}-{max(ratios['on']):.2f}   "
               f"{statistics.median(faults['plain']):>6.0f} {statistics.median(faults['on']):>7.0f}")
+
+
+def lm_memory(repeats: int, m: int) -> None:
+    """Heap memory in use (glibc ``mallinfo2``) at the end of the forward pass and of the backward
+    pass, above what was in use before the pass: a plain forward+backward against a capture."""
+    import ctypes
+    import statistics
+
+    from gradstore.capture import coherence_moments, engine
+    from pipelines.bench.capture import LM, _gpt2_model, _lm_model, _sequence_loss, _text_windows
+
+    class Info(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = Info
+    except (OSError, AttributeError):
+        print("lm-memory needs glibc's mallinfo2 (glibc 2.33 or later)")
+        return
+
+    def used() -> float:
+        info = libc.mallinfo2()
+        return (info.uordblks + info.hblkhd) / 2**20
+
+    x, y, _ = _text_windows(m, LM["t"], "cpu")
+    print(f"lm-memory: m = {m}, T = {LM['t']}; MiB of heap in use above the start of the pass, medians of {repeats}")
+    print("case     plain: forward end, backward end    capture: forward end, backward end")
+    for kind in ("untied", "tied", "encoder", "gpt2"):
+        model = (_gpt2_model() if kind == "gpt2" else _lm_model(kind)).eval()
+        marks: dict = {}
+        backward = engine._backward
+
+        def timed_backward(*args, **kwargs):  # the capture's forward ends where its backward begins
+            marks["forward"] = used()
+            out = backward(*args, **kwargs)
+            marks["backward"] = used()
+            return out
+
+        def plain():
+            model.zero_grad(set_to_none=True)
+            loss = _sequence_loss(model(x), y).sum()
+            marks["forward"] = used()
+            loss.backward()
+            marks["backward"] = used()
+
+        def ours():
+            coherence_moments(model, _sequence_loss, x, y, chunk_size=m)
+
+        rows: dict = {"plain": [], "capture": []}
+        engine._backward = timed_backward
+        try:
+            plain(), ours()
+            for _ in range(repeats):
+                for name, fn in (("plain", plain), ("capture", ours)):
+                    start = used()
+                    fn()
+                    rows[name].append((marks["forward"] - start, marks["backward"] - start))
+        finally:
+            engine._backward = backward
+        med = {k: [statistics.median(r[i] for r in v) for i in (0, 1)] for k, v in rows.items()}
+        print(f"{kind:<8} {med['plain'][0]:>12.0f} {med['plain'][1]:>13.0f}    "
+              f"{med['capture'][0]:>16.0f} {med['capture'][1]:>13.0f}")
 
 
 def _minor_faults() -> int:
@@ -387,7 +453,7 @@ def main(argv=None) -> None:
     import torch
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench.layers", description=__doc__.splitlines()[0])
-    parser.add_argument("case", choices=["gram-form", "joint-form", "lm-products", "lm-joint", "lstm", "hf-conv1d", "decoder", "conv3d", "mha-bias-kv"])
+    parser.add_argument("case", choices=["gram-form", "joint-form", "lm-products", "lm-joint", "lm-memory", "lstm", "hf-conv1d", "decoder", "conv3d", "mha-bias-kv"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--m", type=int, default=256)
@@ -401,6 +467,8 @@ def main(argv=None) -> None:
         joint_form(args.repeats, args.m)
     elif args.case == "lm-joint":
         lm_joint(args.repeats, args.m)
+    elif args.case == "lm-memory":
+        lm_memory(args.repeats, args.m)
     elif args.case == "lm-products":
         lm_products(args.repeats, args.m)
     elif args.case == "lstm":
