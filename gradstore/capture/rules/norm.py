@@ -22,12 +22,14 @@ from gradstore.errors import CaptureError
 
 
 def _affine(module, x_hat, grad_output, reduce_dims):
+    """Dense weight and bias factors from x̂ and the output gradient; ``x_hat`` must be the rule's own
+    fresh tensor: it is multiplied in place (one allocation of the layer's size less per call)."""
     def reduce(x):  # note: tensor.sum(()) would sum every dim
         return x.sum(reduce_dims) if reduce_dims else x
 
     factors = {}
     if getattr(module, "weight", None) is not None:
-        factors["weight"] = Dense(reduce(x_hat * grad_output))
+        factors["weight"] = Dense(reduce(x_hat.mul_(grad_output)))
     if getattr(module, "bias", None) is not None:
         factors["bias"] = Dense(reduce(grad_output))
     return factors
