@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from capture_harness import ce_loss, check_all, sq_loss
+from capture_harness import ce_loss, check_all, oracle_grads, rel_err, sq_loss
 from torch import nn
 
 from gradstore.capture import Dense, Outer, capture, register_rule, unregister_rule
@@ -421,3 +421,41 @@ def test_sum_and_sq_norms_take_either_form_exactly(monkeypatch, break_even, t, r
     assert factor._joint_materialize_cheaper() == (t > 1 and break_even == 0.0)
     torch.testing.assert_close(total.reshape(-1), g.sum(0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(norms, (g * g).sum(1), rtol=1e-12, atol=1e-12)
+
+
+class EncoderClassifier(nn.Module):
+    """nn.TransformerEncoderLayer (its attention's weights are functional uses of F.linear) and a head."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(VOCAB, D)
+        self.layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h = self.layer(h if self.batch_first else h.transpose(0, 1))
+        return self.head((h if self.batch_first else h.transpose(0, 1)).mean(1))
+
+
+@pytest.mark.parametrize("case", ["none", "module", "functional", "encoder-batch-first", "encoder-seq-first"])
+def test_parameters_finished_inside_the_backward_pass_are_exact(case):
+    """Without verify, each parameter is finished inside the backward pass as soon as its uses'
+    gradients have arrived (tied, functional and attention uses included) and its records are
+    released; check_all runs with verify=True, which defers every parameter to the end, so this
+    checks the in-pass path against the oracle."""
+    torch.manual_seed(0)
+    idx, targets = _lm_batch()
+    if case.startswith("encoder"):
+        model, loss_fn, targets = EncoderClassifier(case == "encoder-batch-first").double().eval(), ce_loss, targets[:, 0] % 3
+    else:
+        model, loss_fn = TinyGPT(case).double(), seq_loss
+    ref = oracle_grads(model, loss_fn, idx, targets)
+    res = capture(model, loss_fn, idx, targets, grad_sum=True, dot_with="sum")
+    for name, g in ref.items():
+        flat = g.flatten(1)
+        total = flat.sum(0)
+        assert rel_err(res.sq_norms[name], flat.square().sum(1)) < 1e-10, name
+        assert rel_err(res.grad_sum[name].flatten(), total) < 1e-10, name
+        assert rel_err(res.dots[name], flat @ total) < 1e-10, name
