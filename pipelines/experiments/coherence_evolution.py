@@ -170,6 +170,28 @@ def summarise(model_name: str, noise: float, result, res, steps_per_epoch: int) 
     return row
 
 
+#: x label of every step axis: log scale, step 0 drawn at 0.5
+STEP_AXIS = "training step (log; step 0 at 0.5)"
+
+
+def on_step_axis(steps):
+    """Steps as drawn on the log step axis: step 0 at 0.5."""
+    return np.maximum(steps, 0.5)
+
+
+def noise_panels(levels):
+    """Figs. 4, 6 and the seed figure's layout: one log-log panel of whole-model m-coherence per noise
+    level, side by side on a shared y axis, each with a line at 1; returns the figure and the
+    (axis, noise level) pairs."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 3.8), squeeze=False, sharey=True)
+    for ax, noise in zip(axes[0], levels):
+        ax.axhline(1, color="grey", ls="--", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel=STEP_AXIS, title=f"{noise:.0%} noise")
+    axes[0][0].set_ylabel("m-coherence of the whole model")
+    return fig, list(zip(axes[0], levels))
+
+
 def layer_figure(res, kinds: dict[str, str], path: Path, *, title: str) -> None:
     """m-coherence against step per layer (log-log), train and test panels, lines at 1 and m."""
     from analysis.plots import save
@@ -177,7 +199,7 @@ def layer_figure(res, kinds: dict[str, str], path: Path, *, title: str) -> None:
     plt = pyplot()
     samples = [s for s in ("tracked_train", "tracked_test") if s in res["sample"].values]
     fig, axes = plt.subplots(1, len(samples), figsize=(6.2 * len(samples), 4.4), squeeze=False, sharey=True)
-    steps = np.maximum(res["step"].values, 0.5)  # step 0 drawn at 0.5 on the log axis
+    steps = on_step_axis(res["step"].values)
     layers = [str(v) for v in res["layer"].values if str(v) != MODEL_LAYER]
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(layers), 1)))
     for ax, sample in zip(axes[0], samples):
@@ -188,7 +210,7 @@ def layer_figure(res, kinds: dict[str, str], path: Path, *, title: str) -> None:
         m = int(res["m"].sel(sample=sample, layer=MODEL_LAYER).values[0])
         ax.axhline(1, color="grey", ls="--", lw=0.8, label="1 (orthogonal)")
         ax.axhline(m, color="black", ls=":", lw=0.8, label=f"m = {m} (identical)")
-        ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)",
+        ax.set(xscale="log", yscale="log", xlabel=STEP_AXIS,
                title=f"{'training' if sample == 'tracked_train' else 'held-out test'} sample (m = {m})")
     axes[0][0].set_ylabel("m-coherence")
     axes[0][-1].legend(fontsize=6, loc="best")
@@ -207,7 +229,7 @@ def summary_figure(models, noise_levels, results: dict, path: Path) -> None:
         m = 1
         for k, noise in enumerate(noise_levels):
             res = results[(model_name, noise)]
-            steps = np.maximum(res["step"].values, 0.5)
+            steps = on_step_axis(res["step"].values)
             for sample, ls in (("tracked_train", "-"), ("tracked_test", "--")):
                 if sample in res["sample"].values:
                     ax.plot(steps, res["m_coherence"].sel(sample=sample, layer=MODEL_LAYER), ls=ls, color=f"C{k}",
@@ -215,7 +237,7 @@ def summary_figure(models, noise_levels, results: dict, path: Path) -> None:
                     m = max(m, int(res["m"].sel(sample=sample, layer=MODEL_LAYER).values[0]))
         ax.axhline(1, color="grey", ls="--", lw=0.8)
         ax.axhline(m, color="black", ls=":", lw=0.8)
-        ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)",
+        ax.set(xscale="log", yscale="log", xlabel=STEP_AXIS,
                ylabel="m-coherence of the whole model", title=f"{model_name} (lines at 1 and m = {m})")
         ax.legend(fontsize=7)
     save(fig, path, dpi=110)
@@ -241,12 +263,10 @@ def figure_4(model_name: str, noise_levels, results: dict, path: Path) -> None:
     noise level, log-log, lines at 1 and m."""
     from analysis.plots import save
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(noise_levels), figsize=(4.6 * len(noise_levels), 3.8), squeeze=False,
-                             sharey=True)
-    for ax, noise in zip(axes[0], noise_levels):
+    fig, panels = noise_panels(noise_levels)
+    for ax, noise in panels:
         res = results[(model_name, noise)]
-        steps = np.maximum(res["step"].values, 0.5)
+        steps = on_step_axis(res["step"].values)
         m = 1
         for sample, ls, what in (("tracked_train", "-", "training sample"), ("tracked_test", "--", "test sample")):
             if sample in res["sample"].values:
@@ -254,11 +274,8 @@ def figure_4(model_name: str, noise_levels, results: dict, path: Path) -> None:
                 ax.plot(steps, _curve(res, sample), color="C0" if sample == "tracked_train" else "C1", ls=ls,
                         label=f"{what}, m = {count}")
                 m = max(m, count)
-        ax.axhline(1, color="grey", ls="--", lw=0.8)
         ax.axhline(m, color="black", ls=":", lw=0.8)
-        ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)", title=f"{noise:.0%} noise")
-    axes[0][0].set_ylabel("m-coherence of the whole model")
-    axes[0][0].legend(fontsize=7)
+    panels[0][0].legend(fontsize=7)
     fig.suptitle(f"{model_name}: m-coherence of training examples (their training labels) and of held-out test "
                  f"examples (true labels)", fontsize=9)
     save(fig, path, dpi=110)
@@ -273,11 +290,11 @@ def figure_5(model_name: str, noise_levels, parts: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
     for k, noise in enumerate(noise_levels):
         part = parts[(model_name, noise)]
-        steps = np.maximum(part["step"], 0.5)
+        steps = on_step_axis(part["step"])
         axes[0][0].plot(steps, part["mean_gradient_sq"], color=f"C{k}", label=f"{noise:.0%} noise")
         axes[0][1].plot(steps, part["mean_sq_norm"], color=f"C{k}")
     for ax, what in zip(axes[0], ("numerator ||E g||²", "denominator E||g||²")):
-        ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)", title=f"alpha's {what}")
+        ax.set(xscale="log", yscale="log", xlabel=STEP_AXIS, title=f"alpha's {what}")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{model_name}: alpha = ||E g||² / E||g||² of the whole model, training sample")
     save(fig, path, dpi=110)
@@ -296,22 +313,17 @@ def figure_6(model_name: str, noise_levels, results: dict, path: Path) -> None:
     level, with the second sample's curve expected from the first one's ρ (:func:`scaled_guide`)."""
     from analysis.plots import save
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(noise_levels), figsize=(4.6 * len(noise_levels), 3.8), squeeze=False,
-                             sharey=True)
-    for ax, noise in zip(axes[0], noise_levels):
+    fig, panels = noise_panels(noise_levels)
+    for ax, noise in panels:
         res = results[(model_name, noise)]
-        steps = np.maximum(res["step"].values, 0.5)
+        steps = on_step_axis(res["step"].values)
         counts = {s: int(res["m"].sel(sample=s, layer=MODEL_LAYER).values[0]) for s in ("tracked_train", SECOND)}
         curves = {s: res["m_coherence"].sel(sample=s, layer=MODEL_LAYER).values for s in counts}
         ax.plot(steps, curves["tracked_train"], color="C0", label=f"tracked sample, m = {counts['tracked_train']}")
         ax.plot(steps, curves[SECOND], color="C3", label=f"second sample, m = {counts[SECOND]}")
         ax.plot(steps, scaled_guide(curves["tracked_train"], counts["tracked_train"], counts[SECOND]), color="C3",
                 ls=":", lw=1, label=f"m = {counts[SECOND]} expected from the first sample's ρ")
-        ax.axhline(1, color="grey", ls="--", lw=0.8)
-        ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)", title=f"{noise:.0%} noise")
-    axes[0][0].set_ylabel("m-coherence of the whole model")
-    axes[0][0].legend(fontsize=7)
+    panels[0][0].legend(fontsize=7)
     fig.suptitle(f"{model_name}: m-coherence of two training samples of different size")
     save(fig, path, dpi=110)
 
@@ -469,25 +481,20 @@ def seed_figure(config: dict[str, Any], seed_dirs, model_name: str, path: Path) 
     from analysis.plots import save
     from pipelines.experiments.claims import t_interval
 
-    plt = pyplot()
-    levels = config["noise_levels"]
-    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 3.8), squeeze=False, sharey=True)
-    for ax, noise in zip(axes[0], levels):
+    fig, panels = noise_panels(config["noise_levels"])
+    for ax, noise in panels:
         for sample, ls, color in (("tracked_train", "-", "C0"), ("tracked_test", "--", "C1")):
             if sample == "tracked_test" and not config["capture"]["tracked_test"]:
                 continue
             steps, curves = seed_curves(seed_dirs, model_name, noise, sample)
             logs = np.log10(np.maximum(curves, 1e-12))
             mean, half = np.array([t_interval(list(col))[:2] for col in logs.T]).T
-            x = np.maximum(steps, 0.5)
+            x = on_step_axis(steps)
             ax.plot(x, 10 ** mean, color=color, ls=ls, label=f"{sample.split('_')[1]} sample, mean of log10")
             ax.fill_between(x, 10 ** (mean - half), 10 ** (mean + half), color=color, alpha=0.2, lw=0,
                             label="95% t-interval over seeds")
-        ax.axhline(1, color="grey", ls="--", lw=0.8)
         ax.axhline(config["capture"]["tracked_train"], color="black", ls=":", lw=0.8)
-        ax.set(xscale="log", yscale="log", xlabel="training step (log; step 0 at 0.5)", title=f"{noise:.0%} noise")
-    axes[0][0].set_ylabel("m-coherence of the whole model")
-    axes[0][0].legend(fontsize=6)
+    panels[0][0].legend(fontsize=6)
     fig.suptitle(f"{model_name}: m-coherence over {len(seed_dirs)} seeds (geometric mean, 95% t-interval of log10)",
                  fontsize=9)
     save(fig, path, dpi=110)
