@@ -56,17 +56,29 @@ def measure(fn, *, repeats: int, device: str = "cpu", warmup: bool = True) -> di
     return {"seconds": statistics.median(times), "times": times, "peak_bytes": _peak_bytes(device) - before}
 
 
-def measure_paired(fn, baseline, *, repeats: int, device: str = "cpu") -> dict:
+#: Untimed pairs before the timed ones. In a fresh process the first passes take fresh pages while
+#: glibc's heap grows to its steady size: an LM capture's first four passes took 101, 183, 233 and
+#: 140 ms against 103-124 ms later, the plain pass's first 460 ms against 321-358 ms
+#: (docs/benchmarks.md, "Steady state", 2026-12-02).
+WARMUP_PAIRS = 3
+
+
+def measure_paired(fn, baseline, *, repeats: int, device: str = "cpu", warmup: int = WARMUP_PAIRS) -> dict:
     """Time ``fn`` and ``baseline`` alternately (so both see the same machine load).
 
-    The first call of ``fn`` (its warm-up) gives its peak memory; then ``repeats`` pairs are timed,
-    by wall clock and by this process's CPU time (less sensitive to other processes on a shared
-    machine). Returns ``{"seconds", "times", "baseline_seconds", "baseline_times", "ratio" (median
-    of the per-pair wall-time ratios), "cpu_ratio" (same for CPU time), "peak_bytes"}``.
+    The first call of ``fn`` gives its peak memory; ``warmup`` more pairs run untimed, so that the
+    timed ones see the steady state a long training run sees (``WARMUP_PAIRS``); then ``repeats``
+    pairs are timed, by wall clock and by this process's CPU time (less sensitive to other
+    processes on a shared machine). Returns ``{"seconds", "times", "baseline_seconds",
+    "baseline_times", "ratio" (median of the per-pair wall-time ratios), "cpu_ratio" (same for CPU
+    time), "peak_bytes"}``.
     """
     first = measure(fn, repeats=1, device=device)
     baseline()
     _sync(device)
+    for _ in range(warmup):
+        baseline(), fn()
+        _sync(device)
     wall: dict = {"fn": [], "base": []}
     cpu: dict = {"fn": [], "base": []}
     for _ in range(repeats):

@@ -21,6 +21,11 @@ variant once, interleaved):
   (``coherence_moments``) with the joint form on and off (``JOINT_BREAK_EVEN`` = its value / ∞),
   each paired with a plain forward+backward, pairs interleaved; medians of the CPU-time ratios and
   of the minor page faults per pass (the fresh pages glibc had to take from the kernel).
+* ``lm-phases`` -- the same models, where the time goes: a plain forward+backward and a capture
+  (``coherence_moments``) alternated ``--repeats`` times, each split into its forward (model and
+  loss) and backward; the capture's backward split further into the engine's rules (the gradient
+  hooks, inclusive) and, inside them, the joint form's block pass; wall clock, lower quartile
+  (the passes least disturbed by the rest of the machine) and median, with the minor page faults.
 * ``lm-memory`` -- the same models: heap memory in use (glibc ``mallinfo2``) at the end of the
   forward and of the backward pass, plain forward+backward against a capture.
 * ``lstm`` -- an LSTM classifier on MNIST-shaped rows (28 steps of 28 features, hidden 128, a
@@ -262,6 +267,90 @@ def lm_memory(repeats: int, m: int) -> None:
               f"{med['capture'][0]:>16.0f} {med['capture'][1]:>13.0f}")
 
 
+def lm_phases(repeats: int, m: int) -> None:
+    import functools
+    import statistics
+
+    from gradstore.capture import coherence_moments, engine, factors, hooks, uses
+    from pipelines.bench.capture import LM, _gpt2_model, _lm_model, _sequence_loss, _text_windows
+
+    x, y, _ = _text_windows(m, LM["t"], "cpu")
+    spent: dict = {}
+
+    def timed(owner, name, label):
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+        setattr(owner, name, wrapper)
+        return owner, name, original
+
+    print(f"lm-phases: m = {m}, T = {LM['t']}, {torch_threads()} thread(s), {repeats} alternated passes each; "
+          "ms of wall clock, lower quartile / median")
+    print("case     plain: forward backward total    capture: forward backward (rules, block pass) other total    "
+          "ratio: lower quartiles, medians   faults: plain, capture")
+    patched = [timed(engine, "call_model", "forward"), timed(engine, "call_loss", "forward"),
+               timed(engine, "_backward", "backward"),
+               timed(hooks.Tap, "_on_grad", "rules"), timed(uses.UseTracker, "_on_grad", "rules"),
+               timed(factors.Outer, "_sum_and_sq_norms_by_blocks", "blocks")]
+    try:
+        for kind in ("untied", "tied", "encoder", "gpt2"):
+            model = (_gpt2_model() if kind == "gpt2" else _lm_model(kind)).eval()
+            rows: dict = {k: [] for k in ("p_fwd", "p_bwd", "p_all", "c_fwd", "c_bwd", "c_rules", "c_blocks",
+                                          "c_other", "c_all", "p_faults", "c_faults")}
+
+            def plain():
+                model.zero_grad(set_to_none=True)
+                f0, start = _minor_faults(), time.perf_counter()
+                loss = _sequence_loss(model(x), y).sum()
+                mid = time.perf_counter()
+                loss.backward()
+                end = time.perf_counter()
+                rows["p_fwd"].append(mid - start), rows["p_bwd"].append(end - mid), rows["p_all"].append(end - start)
+                rows["p_faults"].append(_minor_faults() - f0)
+
+            def ours():
+                spent.clear()
+                f0, start = _minor_faults(), time.perf_counter()
+                coherence_moments(model, _sequence_loss, x, y, chunk_size=m)
+                rows["c_all"].append(time.perf_counter() - start), rows["c_faults"].append(_minor_faults() - f0)
+                rows["c_fwd"].append(spent["forward"]), rows["c_bwd"].append(spent["backward"])
+                rows["c_other"].append(rows["c_all"][-1] - spent["forward"] - spent["backward"])
+                rows["c_rules"].append(spent.get("rules", 0.0)), rows["c_blocks"].append(spent.get("blocks", 0.0))
+
+            for _ in range(2):
+                plain(), ours()
+            for values in rows.values():
+                values.clear()
+            for _ in range(repeats):
+                plain(), ours()
+            low = {k: sorted(v)[len(v) // 4] for k, v in rows.items()}
+            med = {k: statistics.median(v) for k, v in rows.items()}
+
+            def both(key):
+                return f"{low[key] * 1e3:.0f}/{med[key] * 1e3:.0f}"
+
+            print(f"{kind:<8} {both('p_fwd'):>9} {both('p_bwd'):>9} {both('p_all'):>9}    "
+                  f"{both('c_fwd'):>9} {both('c_bwd'):>9} ({both('c_rules')}, {both('c_blocks')}) {both('c_other'):>7} "
+                  f"{both('c_all'):>9}    "
+                  f"{low['c_all'] / low['p_all']:.3f} {med['c_all'] / med['p_all']:.3f}   "
+                  f"{med['p_faults']:>6.0f} {med['c_faults']:>6.0f}")
+    finally:
+        for owner, name, original in patched:
+            setattr(owner, name, original)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _minor_faults() -> int:
     """This process's minor page faults so far (pages the kernel had to map and zero for it)."""
     import resource
@@ -453,7 +542,7 @@ def main(argv=None) -> None:
     import torch
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench.layers", description=__doc__.splitlines()[0])
-    parser.add_argument("case", choices=["gram-form", "joint-form", "lm-products", "lm-joint", "lm-memory", "lstm", "hf-conv1d", "decoder", "conv3d", "mha-bias-kv"])
+    parser.add_argument("case", choices=["gram-form", "joint-form", "lm-products", "lm-joint", "lm-phases", "lm-memory", "lstm", "hf-conv1d", "decoder", "conv3d", "mha-bias-kv"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--m", type=int, default=256)
@@ -467,6 +556,8 @@ def main(argv=None) -> None:
         joint_form(args.repeats, args.m)
     elif args.case == "lm-joint":
         lm_joint(args.repeats, args.m)
+    elif args.case == "lm-phases":
+        lm_phases(args.repeats, args.m)
     elif args.case == "lm-memory":
         lm_memory(args.repeats, args.m)
     elif args.case == "lm-products":
