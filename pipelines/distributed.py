@@ -288,15 +288,22 @@ def _worker(index: int, size: int, rendezvous: str, key: bytes, device: str, thr
     if threads:
         torch.set_num_threads(threads)
     _init(index + 1, size, rendezvous, key)
+    code = 0
     try:
         serve(device)
         dist.barrier()  # with rank 0's, after its close: no rank tears its group down under a peer's traffic
     except GradstoreError as err:  # e.g. a message that failed authentication: one line, exit 2
         print(f"gradstore: error: capture worker {index + 1}: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        code = 2
     finally:
         set_group_key(None)
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: with the group destroyed and nothing left to write,
+    # gloo's threads could still abort it ("terminate called without an active exception", SIGABRT:
+    # seen once in the full suite after the barrier above), which rank 0 reads as a failed worker.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextmanager
