@@ -57,9 +57,9 @@ def measure(fn, *, repeats: int, device: str = "cpu", warmup: bool = True) -> di
 
 
 #: Untimed pairs before the timed ones. In a fresh process the first passes take fresh pages while
-#: glibc's heap grows to its steady size: an LM capture's first four passes took 101, 183, 233 and
-#: 140 ms against 103-124 ms later, the plain pass's first 460 ms against 321-358 ms
-#: (docs/benchmarks.md, "Steady state", 2026-12-02).
+#: glibc's heap grows to its steady size: HF GPT-2's capture took 101, 183, 233 and 140 ms in its
+#: first four timed pairs against 103-124 ms later, the untied LM's plain pass 460 ms in its first
+#: against 321-358 ms (docs/benchmarks.md, "Steady state", 2026-12-02).
 WARMUP_PAIRS = 3
 
 

@@ -271,6 +271,8 @@ def lm_phases(repeats: int, m: int) -> None:
     import functools
     import statistics
 
+    import torch
+
     from gradstore.capture import coherence_moments, engine, factors, hooks, uses
     from pipelines.bench.capture import LM, _gpt2_model, _lm_model, _sequence_loss, _text_windows
 
@@ -290,7 +292,7 @@ def lm_phases(repeats: int, m: int) -> None:
         setattr(owner, name, wrapper)
         return owner, name, original
 
-    print(f"lm-phases: m = {m}, T = {LM['t']}, {torch_threads()} thread(s), {repeats} alternated passes each; "
+    print(f"lm-phases: m = {m}, T = {LM['t']}, {torch.get_num_threads()} thread(s), {repeats} alternated passes each; "
           "ms of wall clock, lower quartile / median")
     print("case     plain: forward backward total    capture: forward backward (rules, block pass) other total    "
           "ratio: lower quartiles, medians   faults: plain, capture")
@@ -311,24 +313,29 @@ def lm_phases(repeats: int, m: int) -> None:
                 mid = time.perf_counter()
                 loss.backward()
                 end = time.perf_counter()
-                rows["p_fwd"].append(mid - start), rows["p_bwd"].append(end - mid), rows["p_all"].append(end - start)
-                rows["p_faults"].append(_minor_faults() - f0)
+                for key, value in (("p_fwd", mid - start), ("p_bwd", end - mid), ("p_all", end - start),
+                                   ("p_faults", _minor_faults() - f0)):
+                    rows[key].append(value)
 
             def ours():
                 spent.clear()
                 f0, start = _minor_faults(), time.perf_counter()
                 coherence_moments(model, _sequence_loss, x, y, chunk_size=m)
-                rows["c_all"].append(time.perf_counter() - start), rows["c_faults"].append(_minor_faults() - f0)
-                rows["c_fwd"].append(spent["forward"]), rows["c_bwd"].append(spent["backward"])
-                rows["c_other"].append(rows["c_all"][-1] - spent["forward"] - spent["backward"])
-                rows["c_rules"].append(spent.get("rules", 0.0)), rows["c_blocks"].append(spent.get("blocks", 0.0))
+                total = time.perf_counter() - start
+                for key, value in (("c_all", total), ("c_faults", _minor_faults() - f0), ("c_fwd", spent["forward"]),
+                                   ("c_bwd", spent["backward"]),
+                                   ("c_other", total - spent["forward"] - spent["backward"]),
+                                   ("c_rules", spent.get("rules", 0.0)), ("c_blocks", spent.get("blocks", 0.0))):
+                    rows[key].append(value)
 
-            for _ in range(2):
-                plain(), ours()
+            for _ in range(2):  # untimed: the heap's growth in a fresh process (measure_paired's warm-up)
+                plain()
+                ours()
             for values in rows.values():
                 values.clear()
             for _ in range(repeats):
-                plain(), ours()
+                plain()
+                ours()
             low = {k: sorted(v)[len(v) // 4] for k, v in rows.items()}
             med = {k: statistics.median(v) for k, v in rows.items()}
 
@@ -343,12 +350,6 @@ def lm_phases(repeats: int, m: int) -> None:
     finally:
         for owner, name, original in patched:
             setattr(owner, name, original)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _minor_faults() -> int:

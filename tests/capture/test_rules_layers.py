@@ -190,3 +190,19 @@ def test_the_joint_form_benchmark_runs_every_language_model(capsys):
     main(["lm-joint", "--m", "2", "--repeats", "1", "--threads", str(torch.get_num_threads())])
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == ["untied", "tied", "encoder", "gpt2"]
+
+
+def test_the_phase_benchmark_splits_every_language_model_and_unpatches_the_engine(capsys):
+    """lm-phases times the engine by wrapping its functions: every model gets a row, and the
+    engine's own functions are back in place afterwards (a capture then runs unwrapped)."""
+    from gradstore.capture import engine, factors, hooks, uses
+    from pipelines.bench.layers import main
+
+    before = (engine.call_model, engine.call_loss, engine._backward, hooks.Tap._on_grad,
+              uses.UseTracker._on_grad, factors.Outer._sum_and_sq_norms_by_blocks)
+    main(["lm-phases", "--m", "2", "--repeats", "1", "--threads", str(torch.get_num_threads())])
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["untied", "tied", "encoder", "gpt2"]
+    after = (engine.call_model, engine.call_loss, engine._backward, hooks.Tap._on_grad,
+             uses.UseTracker._on_grad, factors.Outer._sum_and_sq_norms_by_blocks)
+    assert all(a is b for a, b in zip(before, after))
