@@ -138,6 +138,15 @@ def _gpt2_model():
     return GPT2LMHeadModel(config)
 
 
+#: the language models of the LM benchmarks, in the order the tables list them
+LM_KINDS = ("untied", "tied", "encoder", "gpt2")
+
+
+def _benchmark_lm(kind: str):
+    """The LM benchmark model of ``kind`` (one of ``LM_KINDS``), random weights, eval mode."""
+    return (_gpt2_model() if kind == "gpt2" else _lm_model(kind)).eval()
+
+
 def _sequence_loss(logits, targets):
     """Mean next-byte cross entropy per sequence: the example is the sequence."""
     import torch.nn.functional as F
@@ -151,7 +160,7 @@ def _lm_case(name: str, *, m: int, device: str, repeats: int) -> dict:
     from pipelines.bench import measure_paired
 
     kind = name.split("-")[1] if name.startswith("lm-") else "gpt2"
-    model = (_gpt2_model() if kind == "gpt2" else _lm_model(kind)).to(device).eval()
+    model = _benchmark_lm(kind).to(device)
     x, y, source = _text_windows(m, LM["t"], device)
     loss_fn = _sequence_loss
 

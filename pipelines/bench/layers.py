@@ -163,15 +163,15 @@ def lm_joint(repeats: int, m: int) -> None:
     import torch
 
     from gradstore.capture import coherence_moments, factors
-    from pipelines.bench.capture import LM, _gpt2_model, _lm_model, _sequence_loss, _text_windows
+    from pipelines.bench.capture import LM, LM_KINDS, _benchmark_lm, _sequence_loss, _text_windows
 
     x, y, _ = _text_windows(m, LM["t"], "cpu")
     on = factors.JOINT_BREAK_EVEN
     print(f"lm-joint: m = {m}, T = {LM['t']}, {torch.get_num_threads()} thread(s), {repeats} interleaved pairs; "
           f"ratio = capture / plain forward+backward (CPU time), joint form off (break-even inf) and on ({on})")
     print("case     off    on     on: min-max   minor page faults per pass: plain, capture (on)")
-    for kind in ("untied", "tied", "encoder", "gpt2"):
-        model = (_gpt2_model() if kind == "gpt2" else _lm_model(kind)).eval()
+    for kind in LM_KINDS:
+        model = _benchmark_lm(kind)
 
         def plain():
             model.zero_grad(set_to_none=True)
@@ -210,7 +210,7 @@ def lm_memory(repeats: int, m: int) -> None:
     import statistics
 
     from gradstore.capture import coherence_moments, engine
-    from pipelines.bench.capture import LM, _gpt2_model, _lm_model, _sequence_loss, _text_windows
+    from pipelines.bench.capture import LM, LM_KINDS, _benchmark_lm, _sequence_loss, _text_windows
 
     class Info(ctypes.Structure):
         _fields_ = [(f, ctypes.c_size_t) for f in
@@ -230,8 +230,8 @@ def lm_memory(repeats: int, m: int) -> None:
     x, y, _ = _text_windows(m, LM["t"], "cpu")
     print(f"lm-memory: m = {m}, T = {LM['t']}; MiB of heap in use above the start of the pass, medians of {repeats}")
     print("case     plain: forward end, backward end    capture: forward end, backward end")
-    for kind in ("untied", "tied", "encoder", "gpt2"):
-        model = (_gpt2_model() if kind == "gpt2" else _lm_model(kind)).eval()
+    for kind in LM_KINDS:
+        model = _benchmark_lm(kind)
         marks: dict = {}
         backward = engine._backward
 
@@ -274,7 +274,7 @@ def lm_phases(repeats: int, m: int) -> None:
     import torch
 
     from gradstore.capture import coherence_moments, engine, factors, hooks, uses
-    from pipelines.bench.capture import LM, _gpt2_model, _lm_model, _sequence_loss, _text_windows
+    from pipelines.bench.capture import LM, LM_KINDS, _benchmark_lm, _sequence_loss, _text_windows
 
     x, y, _ = _text_windows(m, LM["t"], "cpu")
     spent: dict = {}
@@ -301,8 +301,8 @@ def lm_phases(repeats: int, m: int) -> None:
                timed(hooks.Tap, "_on_grad", "rules"), timed(uses.UseTracker, "_on_grad", "rules"),
                timed(factors.Outer, "_sum_and_sq_norms_by_blocks", "blocks")]
     try:
-        for kind in ("untied", "tied", "encoder", "gpt2"):
-            model = (_gpt2_model() if kind == "gpt2" else _lm_model(kind)).eval()
+        for kind in LM_KINDS:
+            model = _benchmark_lm(kind)
             rows: dict = {k: [] for k in ("p_fwd", "p_bwd", "p_all", "c_fwd", "c_bwd", "c_rules", "c_blocks",
                                           "c_other", "c_all", "p_faults", "c_faults")}
 
